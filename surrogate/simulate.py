@@ -1,0 +1,311 @@
+"""Training the surrogate on feeding orders: one order by `simulate`, many by `simulate_many`.
+
+Axis legend: N orders, T steps, B batch, S segments (eval intervals), C checkpoints
+(= S + 1, step 0 included), E examples, M evaluated examples, P diagnostic probes,
+F fragments, L length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from surrogate import diagnostics as diag_lib
+from surrogate import model as model_lib
+from surrogate import optim
+from surrogate.tokenize import PAD_ID, Tokenized
+
+if TYPE_CHECKING:
+  from surrogate.fragments import Fragments
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPlan:
+  """What a simulation records (static: it sets loop lengths and shapes).
+
+  Attributes:
+    eval_every: steps between checkpoints; evals are at steps 0, k, 2k, ... and at T.
+    eval_chunk: evaluated examples per forward pass of one order (bounds memory; small
+      chunks keep XLA from fusing the whole eval into one slow kernel).
+    diagnostics: compute the five diagnostics at every checkpoint.
+  """
+  eval_every: int = 20
+  eval_chunk: int = 16
+  diagnostics: bool = True
+
+  def __post_init__(self):
+    if self.eval_every < 1 or self.eval_chunk < 1:
+      raise ValueError("SimPlan.eval_every and eval_chunk must be >= 1")
+
+  def checkpoint_steps(self, steps: int) -> np.ndarray:
+    """The step after which each checkpoint is taken, int [C]."""
+    s = math.ceil(steps / self.eval_every)
+    return np.minimum(np.arange(s + 1) * self.eval_every, steps)
+
+
+class SimData(NamedTuple):
+  """The arrays every order shares: token table, what to evaluate, how to group it.
+
+  tokens_ExL1 / mask_ExL: every example's tokens and target mask (see `Tokenized`).
+  eval_idx_M: the examples whose loss is recorded at each checkpoint (all probes and
+    chosen train examples).
+  probe_weight_FxM / train_weight_FxM: per-fragment averaging weights over the evaluated
+    probe (train) examples; a row sums to 1, or is 0 when the fragment has none.
+  probes: the diagnostic probes (a subsample of each fragment's probes).
+  """
+  tokens_ExL1: jax.Array
+  mask_ExL: jax.Array
+  eval_idx_M: jax.Array
+  probe_weight_FxM: jax.Array
+  train_weight_FxM: jax.Array
+  probes: diag_lib.ProbeSet
+
+
+class Trajectory(NamedTuple):
+  """What one simulated run records (a leading N axis when many orders are simulated).
+
+  eval_loss_CxM: per-example losses of the evaluated examples at each checkpoint.
+  train_loss_T: the training loss of each step (the batch's mean token loss).
+  diagnostics: the five diagnostics, each CxF (None when the plan skips them).
+  diverged_step: the first step whose loss or gradient was not finite, or -1. From then on
+    the simulated run is frozen and its later checkpoints are NaN.
+  """
+  eval_loss_CxM: jax.Array
+  train_loss_T: jax.Array
+  diagnostics: diag_lib.Diagnostics | None
+  diverged_step: jax.Array
+
+
+def build_sim_data(fragments: Fragments, tokenized: Tokenized, *, vocab_size: int,
+                   eval_train: int | Sequence[int] = 4, diag_probes: int = 4,
+                   key: jax.Array) -> SimData:
+  """Chooses what to evaluate and groups it by fragment.
+
+  Args:
+    fragments: the data set.
+    tokenized: `encode_examples` of all its examples, in order.
+    vocab_size: V of the model.
+    eval_train: train examples evaluated per fragment (a random subset), or an explicit
+      list of example positions.
+    diag_probes: probes per fragment used for the diagnostics (a random subset).
+    key: chooses the subsets.
+  """
+  num_f = len(fragments.names)
+  probe_pools = fragments.probe_pools()
+  train_pools = fragments.train_pools()
+  k_train, k_diag = jax.random.split(key)
+  if isinstance(eval_train, int):
+    keys = jax.random.split(k_train, num_f)
+    chosen = [np.sort(np.asarray(jax.random.permutation(k, pool))[:eval_train])
+              for k, pool in zip(keys, train_pools)]
+    train_idx = np.concatenate(chosen).astype(np.int32)
+  else:
+    train_idx = np.asarray(eval_train, np.int32)
+  probe_idx = np.concatenate(probe_pools).astype(np.int32) if probe_pools else np.zeros(0, np.int32)
+  eval_idx = np.concatenate([probe_idx, train_idx]).astype(np.int32)
+  frag_M = fragments.fragment_of[eval_idx]
+  is_probe_M = np.arange(len(eval_idx)) < len(probe_idx)
+
+  def weights(select_M):
+    w = (frag_M[None, :] == np.arange(num_f)[:, None]) & select_M[None, :]
+    return (w / np.maximum(w.sum(1, keepdims=True), 1)).astype(np.float32)
+
+  keys = jax.random.split(k_diag, num_f)
+  diag_idx = np.concatenate(
+      [np.sort(np.asarray(jax.random.permutation(k, pool))[:diag_probes])
+       for k, pool in zip(keys, probe_pools)]).astype(np.int32)
+  toks = tokenized.tokens_ExL1[diag_idx]
+  valid_PxL = toks[:, :-1] != PAD_ID
+  frag_P = fragments.fragment_of[diag_idx]
+  w = (frag_P[None, :, None] == np.arange(num_f)[:, None, None]) & valid_PxL[None]
+  w = w.reshape(num_f, -1).astype(np.float32)
+  w /= np.maximum(w.sum(1, keepdims=True), 1)
+  tokens_FxV = np.zeros((num_f, vocab_size), np.float32)
+  for p, f in enumerate(frag_P):
+    tokens_FxV[f, toks[p, :-1][valid_PxL[p]]] = 1.0
+  probes = diag_lib.ProbeSet(jnp.asarray(toks), jnp.asarray(w), jnp.asarray(tokens_FxV))
+  return SimData(jnp.asarray(tokenized.tokens_ExL1), jnp.asarray(tokenized.mask_ExL),
+                 jnp.asarray(eval_idx), jnp.asarray(weights(is_probe_M)),
+                 jnp.asarray(weights(~is_probe_M)), probes)
+
+
+def _eval_losses(params, data: SimData, cfg: model_lib.ModelConfig, chunk: int) -> jax.Array:
+  """Per-example losses of `data.eval_idx_M`, `chunk` examples per forward pass."""
+  m = data.eval_idx_M.shape[0]
+  pad = -m % chunk
+  idx = jnp.concatenate([data.eval_idx_M, jnp.zeros((pad,), jnp.int32)]).reshape(-1, chunk)
+  losses = jax.lax.map(
+      lambda i: model_lib.example_losses(params, data.tokens_ExL1[i], data.mask_ExL[i], cfg), idx)
+  return losses.reshape(-1)[:m]
+
+
+def _checkpoint(params, data, ref, cfg, plan):
+  loss_M = _eval_losses(params, data, cfg, plan.eval_chunk)
+  if not plan.diagnostics:
+    return loss_M, None
+  now = diag_lib.capture(params, data.probes, cfg)
+  return loss_M, diag_lib.diagnose(now, ref, data.probes, loss_M, data.probe_weight_FxM,
+                                   data.train_weight_FxM)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
+             data: SimData, *, model_cfg: model_lib.ModelConfig,
+             opt_cfg: optim.OptimizerConfig, plan: SimPlan) -> Trajectory:
+  """Trains the surrogate from `params0` on one feeding order. Pure; vmap it for many.
+
+  Args:
+    params0: the initial (pre-trained) parameters.
+    knobs: calibrated scales of the learning rate and weight decay.
+    order_TxB: example positions fed at each step; -1 marks an empty slot, and a step with
+      no example is skipped (the optimizer does not move).
+    lr_T: the learning rate of each step before `knobs.lr_scale` (see
+      `optim.learning_rates`, or a real run's logged rates).
+    data: the shared token table and eval selection.
+    model_cfg, opt_cfg, plan: static configuration.
+
+  Returns:
+    The run's `Trajectory`; checkpoints at `plan.checkpoint_steps(T)`.
+  """
+  steps = order_TxB.shape[0]
+  k = plan.eval_every
+  segs = math.ceil(steps / k)
+  pad = segs * k - steps
+  order_SxKxB = jnp.concatenate(
+      [order_TxB, jnp.full((pad, order_TxB.shape[1]), -1, order_TxB.dtype)]).reshape(segs, k, -1)
+  lr_SxK = jnp.concatenate([lr_T, jnp.zeros((pad,), lr_T.dtype)]).reshape(segs, k)
+  opt = optim.make_optimizer(opt_cfg)
+  wd = opt_cfg.weight_decay * knobs.weight_decay_scale
+  ref = diag_lib.capture(params0, data.probes, model_cfg) if plan.diagnostics else None
+
+  def train_step(carry, xs):
+    params, opt_state, diverged_step, t = carry
+    idx_B, lr = xs
+    valid_B = idx_B >= 0
+    safe_B = jnp.where(valid_B, idx_B, 0)
+    tokens = data.tokens_ExL1[safe_B]
+    mask = data.mask_ExL[safe_B] * valid_B[:, None].astype(jnp.float32)
+    loss, grads = jax.value_and_grad(model_lib.batch_loss)(params, tokens, mask, model_cfg)
+    updates, new_state = opt.update(grads, opt_state, params, lr * knobs.lr_scale, wd)
+    new_params = jax.tree.map(jnp.add, params, updates)
+    finite = jnp.isfinite(loss) & _all_finite(new_params)
+    newly_diverged = (diverged_step < 0) & ~finite & valid_B.any()
+    diverged_step = jnp.where(newly_diverged, t, diverged_step)
+    move = valid_B.any() & (diverged_step < 0)
+    params, opt_state = jax.tree.map(lambda a, b: jnp.where(move, a, b),
+                                     (new_params, new_state), (params, opt_state))
+    return (params, opt_state, diverged_step, t + 1), jnp.where(valid_B.any(), loss, jnp.nan)
+
+  def segment(carry, xs):
+    carry, loss_K = jax.lax.scan(train_step, carry, xs)
+    return carry, (loss_K, _checkpoint(carry[0], data, ref, model_cfg, plan))
+
+  carry0 = (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0))
+  carry, (loss_SxK, (eval_SxM, diag_S)) = jax.lax.scan(segment, carry0, (order_SxKxB, lr_SxK))
+  eval0_M, diag0 = _checkpoint(params0, data, ref, model_cfg, plan)
+  stack = lambda first, rest: jnp.concatenate([first[None], rest])
+  eval_CxM = stack(eval0_M, eval_SxM)
+  diverged_step = carry[2]
+  # A checkpoint taken after the divergence shows a frozen model: report it as NaN.
+  ckpt_C = jnp.minimum(jnp.arange(segs + 1) * k, steps)
+  bad_C = (diverged_step >= 0) & (ckpt_C > diverged_step)
+  eval_CxM = jnp.where(bad_C[:, None], jnp.nan, eval_CxM)
+  diags = None
+  if plan.diagnostics:
+    diags = jax.tree.map(lambda a, b: jnp.where(bad_C[:, None], jnp.nan, stack(a, b)),
+                         diag0, diag_S)
+  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step)
+
+
+_TRACE_COUNT = [0]  # incremented when `_simulate_batch` is traced; tests read it.
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
+def _simulate_batch(params0, knobs, orders_NxTxB, lr_NxT, data, *, model_cfg, opt_cfg, plan):
+  _TRACE_COUNT[0] += 1
+  # Initial parameters and knobs may carry their own leading N axis (ensembles, calibration).
+  p_axis = 0 if params0["embed_VxD"].ndim == 3 else None
+  k_axis = 0 if jnp.ndim(knobs.lr_scale) == 1 else None
+  fn = functools.partial(simulate, data=data, model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
+  return jax.vmap(fn, in_axes=(p_axis, k_axis, 0, 0))(params0, knobs, orders_NxTxB, lr_NxT)
+
+
+def trace_count() -> int:
+  """How many times the many-orders simulator has been traced (compiled) in this process."""
+  return _TRACE_COUNT[0]
+
+
+def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimData, *,
+                  model_cfg: model_lib.ModelConfig, opt_cfg: optim.OptimizerConfig,
+                  plan: SimPlan, chunk_size: int = 64, devices: Sequence[jax.Device] | None = None,
+                  progress: bool = True) -> Trajectory:
+  """Simulates N orders: `simulate` vmapped, in chunks, each chunk sharded over devices.
+
+  Memory is bounded by `chunk_size`, not N. Every chunk has the same shape (the last is
+  padded by repeating its first order), so the function compiles once per shape.
+
+  Args:
+    params0: initial parameters, shared or with a leading N axis (one per order).
+    knobs: shared, or with a leading N axis.
+    orders_NxTxB: int example positions, -1 for empty slots.
+    lr_NxT: base learning rate of each step of each order (or [T], shared).
+    data, model_cfg, opt_cfg, plan: as for `simulate`.
+    chunk_size: orders per compiled call; rounded up to a multiple of the device count.
+    devices: devices to shard the order axis over (default: all local devices).
+    progress: show a progress bar.
+
+  Returns:
+    A `Trajectory` of numpy arrays with a leading N axis.
+  """
+  orders = np.asarray(orders_NxTxB, np.int32)
+  n, steps = orders.shape[:2]
+  lrs = np.broadcast_to(np.asarray(lr_NxT, np.float32), (n, steps))
+  devices = list(devices or jax.local_devices())
+  chunk = max(1, min(chunk_size, n))
+  chunk = -(-chunk // len(devices)) * len(devices)
+  mesh = jax.sharding.Mesh(np.array(devices), ("orders",))
+  sharded = NamedSharding(mesh, PartitionSpec("orders"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  per_order_params = np.ndim(params0["embed_VxD"]) == 3
+  per_order_knobs = np.ndim(knobs.lr_scale) == 1
+  put_rep = lambda t: jax.device_put(t, replicated)
+  data = put_rep(data)
+  if not per_order_params:
+    params0 = put_rep(params0)
+  if not per_order_knobs:
+    knobs = put_rep(knobs)
+
+  def take(tree, sel):
+    return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[sel], tree), sharded)
+
+  results = []
+  bar = _progress(n, progress)
+  for start in range(0, n, chunk):
+    sel = np.arange(start, start + chunk)
+    sel = np.where(sel < n, sel, start)  # pad the last chunk with a copy of its first order
+    out = _simulate_batch(
+        take(params0, sel) if per_order_params else params0,
+        take(knobs, sel) if per_order_knobs else knobs,
+        take(orders, sel), take(lrs, sel), data,
+        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
+    real = min(chunk, n - start)
+    results.append(jax.tree.map(lambda a: np.asarray(a)[:real], out))
+    bar.update(real)
+  bar.close()
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, unit="order", desc="simulating", disable=not enabled, leave=False)

@@ -1,0 +1,91 @@
+"""Compact tokenization for the surrogate: a small byte-level BPE trained on the fragments.
+
+A real tokenizer's 50k vocabulary would make the surrogate's embedding and output head its
+most expensive parts; a BPE of a few hundred tokens trained on the user's own fragments
+keeps every example short and the head small. Axis legend: E examples, L context length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+  from surrogate.fragments import Example
+
+PAD, BOS = "<pad>", "<bos>"
+PAD_ID, BOS_ID = 0, 1
+
+
+class Tokenized(NamedTuple):
+  """Examples as fixed-size arrays.
+
+  tokens_ExL1: int32 [E, L + 1]: BOS, then the example's tokens, then PAD.
+  mask_ExL: float32 [E, L]: 1 where target token j + 1 counts in the loss (every text
+    token; only completion tokens for prompt/completion examples).
+  truncated_E: bool [E]: the example was longer than the context and was cut.
+  """
+  tokens_ExL1: np.ndarray
+  mask_ExL: np.ndarray
+  truncated_E: np.ndarray
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Tokenizer:
+  """Trains a byte-level BPE (so no text is ever out of vocabulary) on `texts`.
+
+  Args:
+    texts: the strings to learn merges from (all of the fragments' texts).
+    vocab_size: final vocabulary including the 256 byte tokens and 2 special tokens.
+
+  Returns:
+    A `tokenizers.Tokenizer`; PAD has id 0 and BOS id 1.
+  """
+  if vocab_size < 258:
+    raise ValueError(f"vocab_size must be >= 258 (256 bytes + PAD + BOS), got {vocab_size}")
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, BOS],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(list(texts), trainer=trainer)
+  assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(BOS) == BOS_ID
+  return tok
+
+
+def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example], length: int) -> Tokenized:
+  """Token rows and loss masks for `examples` at context length `length`.
+
+  A text example is BOS + its tokens, cut to `length` targets. A prompt/completion example
+  is BOS + prompt + completion; when too long the prompt loses tokens from its start, since
+  the completion is what the loss is on (a completion longer than the context is cut at
+  its end).
+  """
+  e = len(examples)
+  tokens = np.full((e, length + 1), PAD_ID, np.int32)
+  mask = np.zeros((e, length), np.float32)
+  truncated = np.zeros(e, bool)
+  texts = [ex.text if ex.text is not None else ex.prompt for ex in examples]
+  first = tokenizer.encode_batch(texts, add_special_tokens=False)
+  completions = [ex.completion or "" for ex in examples]
+  second = tokenizer.encode_batch(completions, add_special_tokens=False)
+  for i, ex in enumerate(examples):
+    a = first[i].ids
+    if ex.text is not None:
+      row, n_prompt = a[:length], 0
+      truncated[i] = len(a) > length
+    else:
+      c = second[i].ids[:length]
+      keep = max(0, length - len(c))
+      truncated[i] = len(a) > keep or len(second[i].ids) > length
+      a = a[len(a) - keep:] if keep else []
+      row, n_prompt = a + c, len(a)
+    tokens[i, 0] = BOS_ID
+    tokens[i, 1:1 + len(row)] = row
+    # Target j is token j + 1: prompt targets are positions < n_prompt.
+    mask[i, n_prompt:len(row)] = 1.0
+  return Tokenized(tokens, mask, truncated)
