@@ -173,38 +173,20 @@ def _epochs(pool_P: np.ndarray, n: int, *, key: jax.Array) -> np.ndarray:
 
 
 def _round_shares(shares_K: np.ndarray, steps: int) -> np.ndarray:
-  """Splits `steps` into K block lengths following `shares_K`.
+  """Splits `steps` into K block lengths following `shares_K` (largest remainders).
 
-  Block i first gets round(shares[i] / sum(shares) * steps) (halves round up).
-  The leftover (|leftover| <= K / 2) is then given, one step each, to the last
-  blocks whose rounding went the other way, so the lengths sum to `steps`
-  exactly and each stays within one step of its ideal share; a zero share
-  always gets zero steps.
+  Block i first gets floor(shares[i] / sum(shares) * steps); the leftover steps go, one
+  each, to the blocks with the largest fractional remainders (ties to later blocks), so
+  the lengths sum to `steps` exactly, each is within one step of its ideal share, and a
+  zero share gets zero steps.
   """
   ideal_K = shares_K / shares_K.sum() * steps
-  counts_K = np.floor(ideal_K + 0.5).astype(np.int64)
+  counts_K = np.floor(ideal_K).astype(np.int64)
   leftover = steps - int(counts_K.sum())
-  sign = 1 if leftover > 0 else -1
-  # Prefer blocks rounded against the leftover's sign, so none moves by more
-  # than one step from its ideal; fall back to any block with a positive share
-  # (and steps to spare) in case floating point hides such blocks.
-  preferred = [i for i in reversed(range(len(counts_K)))
-               if sign * (ideal_K[i] - counts_K[i]) > 0]
-  fallback = [i for i in reversed(range(len(counts_K)))
-              if shares_K[i] > 0 and i not in preferred]
-  candidates = preferred + fallback
-  while leftover != 0:
-    moved = False
-    for i in candidates:
-      if leftover == 0:
-        break
-      if sign < 0 and counts_K[i] == 0:
-        continue
-      counts_K[i] += sign
-      leftover -= sign
-      moved = True
-    if not moved:  # Unreachable with a positive share sum; guards the loop.
-      raise AssertionError("could not split steps among blocks")
+  remainder_K = ideal_K - counts_K
+  # Stable sort on the negated remainders of the reversed blocks: ties go to later blocks.
+  by_remainder = (len(counts_K) - 1 - np.argsort(-remainder_K[::-1], kind="stable"))
+  counts_K[by_remainder[:leftover]] += 1
   return counts_K
 
 
@@ -249,8 +231,7 @@ def blocked(pools: Sequence[np.ndarray], sequence: Sequence[int], *,
   """Fragments fed one after another, one block each.
 
   Feeding rule: block i feeds only fragment `sequence[i]`, for n_i steps,
-  where n_i = round(shares[i] / sum(shares) * steps) (halves up) and the
-  rounding leftover goes one step at a time to the last blocks, so the n_i
+  where n_i is shares[i] / sum(shares) * steps rounded by largest remainders, so the n_i
   sum to `steps` exactly and each is within one step of its ideal share.
   Blocks follow each other in `sequence` order. Within a block, the
   fragment's pool is fed in epochs of fresh permutations (a block fed again

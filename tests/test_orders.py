@@ -128,9 +128,9 @@ def test_shuffled_epochs_are_fresh_permutations():
 
 def test_blocked_blocks_hold_their_fragment_and_follow_shares():
   order = GENERATORS["blocked"](jax.random.key(0), T, B)
-  # Ideal lengths 2.2, 4.4, 2.2, 2.2 round to 2, 4, 2, 2; the leftover step
-  # goes to the last block.
-  assert _runs(_step_fragments(order)) == [(0, 2), (1, 4), (0, 2), (2, 3)]
+  # Ideal lengths 2.2, 4.4, 2.2, 2.2 floor to 2, 4, 2, 2; the leftover step
+  # goes to the largest remainder (0.4, the second block).
+  assert _runs(_step_fragments(order)) == [(0, 2), (1, 5), (0, 2), (2, 2)]
 
 
 def test_blocked_default_equal_shares_and_epochs_within_block():
