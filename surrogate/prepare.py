@@ -1,0 +1,60 @@
+"""From a fragments file to everything the simulator needs: tokenizer, token table, eval set."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+from tokenizers import Tokenizer
+
+from surrogate import model as model_lib
+from surrogate.fragments import Fragments
+from surrogate.simulate import SimData, build_sim_data
+from surrogate.tokenize import Tokenized, encode_examples, train_tokenizer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+  """A data set made ready for simulation.
+
+  Attributes:
+    fragments: the data set.
+    model_cfg: the surrogate's shape (its vocabulary is the tokenizer's).
+    tokenizer: the compact BPE trained on the fragments.
+    tokenized: every example as token rows and loss masks.
+    data: the arrays the simulator shares across orders.
+  """
+  fragments: Fragments
+  model_cfg: model_lib.ModelConfig
+  tokenizer: Tokenizer
+  tokenized: Tokenized
+  data: SimData
+
+  def eval_ids(self) -> list[str]:
+    """The example ids whose losses each checkpoint records, in `data.eval_idx_M` order."""
+    return [self.fragments.examples[i].id for i in self.data.eval_idx_M.tolist()]
+
+
+def prepare(fragments: Fragments, model_cfg: model_lib.ModelConfig = model_lib.ModelConfig(), *,
+            key: jax.Array, eval_train: int | Sequence[int] = 4, diag_probes: int = 4,
+            tokenizer: Tokenizer | None = None) -> Prepared:
+  """Trains the BPE (unless given), tokenizes every example and picks the eval set.
+
+  Args:
+    fragments: the data set.
+    model_cfg: the surrogate's shape; `vocab_size` is the BPE's size.
+    key: picks the evaluated train examples and the diagnostic probes.
+    eval_train: train examples evaluated per fragment, or explicit example positions.
+    diag_probes: probes per fragment the diagnostics are computed on.
+    tokenizer: reuse a trained tokenizer (e.g. a saved simulator's).
+  """
+  if tokenizer is None:
+    tokenizer = train_tokenizer(fragments.texts_for_tokenizer(), model_cfg.vocab_size)
+  if tokenizer.get_vocab_size() > model_cfg.vocab_size:
+    raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than "
+                     f"model_cfg.vocab_size={model_cfg.vocab_size}")
+  tokenized = encode_examples(tokenizer, fragments.examples, model_cfg.length)
+  data = build_sim_data(fragments, tokenized, vocab_size=model_cfg.vocab_size,
+                        eval_train=eval_train, diag_probes=diag_probes, key=key)
+  return Prepared(fragments, model_cfg, tokenizer, tokenized, data)
