@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from calibrate.predict import simulate_runs
 from calibrate.runlog import (FORMAT, EvalRecord, RunHeader, RunLog, RunLogWriter, StepRecord,
                               learning_rates_from_runlog, order_from_runlog, read_runlog,
                               write_runlog)
@@ -16,5 +17,6 @@ __all__ = [
     "learning_rates_from_runlog",
     "order_from_runlog",
     "read_runlog",
+    "simulate_runs",
     "write_runlog",
 ]

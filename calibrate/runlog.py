@@ -31,9 +31,9 @@ from typing import Any, NoReturn
 import numpy as np
 
 from surrogate.errors import RunLogError
-from surrogate.fragments import (Fragments, Split, _atomic_write, _decode_line, _is_blank,
-                                 _json_line, _json_type, _parse_object, _short,
-                                 _split_lines, _valid_unicode)
+from surrogate.fragments import Fragments, Split
+from surrogate.jsonl import (atomic_write, decode_line, is_blank, json_line, json_type,
+                             parse_object, short, split_lines, valid_unicode)
 
 __all__ = [
     "FORMAT",
@@ -192,7 +192,7 @@ def _finite(v: Any, path: str | None, line: int, field: str, *,
     The value as a float.
   """
   if not _is_number(v):
-    _fail(f"{what}must be a number, got {_json_type(v)}", path, line, field)
+    _fail(f"{what}must be a number, got {json_type(v)}", path, line, field)
   try:
     x = float(v)
   except OverflowError:  # an integer too large for a float
@@ -209,10 +209,10 @@ def _string(rec: Mapping[str, Any], key: str, path: str | None, line: int) -> st
     _fail("missing required field", path, line, key)
   v = rec[key]
   if not isinstance(v, str):
-    _fail(f"must be a string, got {_json_type(v)}", path, line, key)
+    _fail(f"must be a string, got {json_type(v)}", path, line, key)
   if not v:
     _fail("must not be empty", path, line, key)
-  if not _valid_unicode(v):
+  if not valid_unicode(v):
     _fail("contains a lone surrogate (not valid Unicode)", path, line, key)
   return v
 
@@ -220,11 +220,11 @@ def _string(rec: Mapping[str, Any], key: str, path: str | None, line: int) -> st
 def _check_optimizer(opt: Any, path: str | None, line: int) -> dict[str, Any]:
   """Checks the header's optimizer object; unknown keys are kept."""
   if not isinstance(opt, dict):
-    _fail(f"must be an object, got {_json_type(opt)}", path, line, "optimizer")
+    _fail(f"must be an object, got {json_type(opt)}", path, line, "optimizer")
   if "name" not in opt:
     _fail("missing required field", path, line, "optimizer.name")
   if not isinstance(opt["name"], str) or opt["name"] not in _OPTIMIZER_NAMES:
-    _fail(f"must be one of {', '.join(_OPTIMIZER_NAMES)}, got {_short(opt['name'])}",
+    _fail(f"must be one of {', '.join(_OPTIMIZER_NAMES)}, got {short(opt['name'])}",
           path, line, "optimizer.name")
   if "lr" not in opt:
     _fail("missing required field", path, line, "optimizer.lr")
@@ -238,13 +238,13 @@ def _check_optimizer(opt: Any, path: str | None, line: int) -> dict[str, Any]:
       _fail("must be a list of two numbers", path, line, "optimizer.betas")
     for b in betas:
       if _finite(b, path, line, "optimizer.betas", minimum=0.0) >= 1.0:
-        _fail(f"each beta must be in [0, 1), got {_short(b)}", path, line, "optimizer.betas")
+        _fail(f"each beta must be in [0, 1), got {short(b)}", path, line, "optimizer.betas")
   if "warmup_steps" in opt:
     w = opt["warmup_steps"]
     if not _is_int(w) or w < 0:
-      _fail(f"must be an integer >= 0, got {_short(w)}", path, line, "optimizer.warmup_steps")
+      _fail(f"must be an integer >= 0, got {short(w)}", path, line, "optimizer.warmup_steps")
   if "schedule" in opt and opt["schedule"] not in _SCHEDULES:
-    _fail(f"must be one of {', '.join(_SCHEDULES)}, got {_short(opt['schedule'])}",
+    _fail(f"must be one of {', '.join(_SCHEDULES)}, got {short(opt['schedule'])}",
           path, line, "optimizer.schedule")
   return dict(opt)
 
@@ -284,7 +284,7 @@ class _Checker:
       _fail("missing required field", path, line, "type")
     kind = rec["type"]
     if kind not in ("header", "step", "eval"):
-      _fail(f"unknown record type {_short(kind)} (expected header, step or eval)", path, line,
+      _fail(f"unknown record type {short(kind)} (expected header, step or eval)", path, line,
             "type")
     if self.header is None and kind != "header":
       _fail(f"the first record must be the header, got a {kind!r} record", path, line, "type")
@@ -312,12 +312,12 @@ class _Checker:
     if "format" not in rec:
       _fail("missing required field", path, line, "format")
     if rec["format"] != FORMAT:
-      _fail(f"unsupported format {_short(rec['format'])} (this reader knows {FORMAT!r})",
+      _fail(f"unsupported format {short(rec['format'])} (this reader knows {FORMAT!r})",
             path, line, "format")
     run_id = _string(rec, "run_id", path, line)
     sha = _string(rec, "dataset_sha256", path, line)
     if not _SHA256.fullmatch(sha):
-      _fail(f"must be 64 hex digits, got {_short(sha)}", path, line, "dataset_sha256")
+      _fail(f"must be 64 hex digits, got {short(sha)}", path, line, "dataset_sha256")
     model = _string(rec, "model", path, line)
     if "optimizer" not in rec:
       _fail("missing required field", path, line, "optimizer")
@@ -326,10 +326,10 @@ class _Checker:
       _fail("missing required field", path, line, "batch_size")
     batch_size = rec["batch_size"]
     if not _is_int(batch_size) or batch_size <= 0:
-      _fail(f"must be an integer > 0, got {_short(batch_size)}", path, line, "batch_size")
+      _fail(f"must be an integer > 0, got {short(batch_size)}", path, line, "batch_size")
     seed = rec.get("seed")
     if seed is not None and not _is_int(seed):
-      _fail(f"must be an integer or null, got {_json_type(seed)}", path, line, "seed")
+      _fail(f"must be an integer or null, got {json_type(seed)}", path, line, "seed")
     if self.fragments is not None and sha.lower() != self.fragments.sha256:
       _fail(f"is {sha} but the fragments file {self.fragments.path or '<in memory>'} has "
             f"sha256 {self.fragments.sha256}: the log was made on other data",
@@ -341,18 +341,18 @@ class _Checker:
   def _known_id(self, example_id: Any, line: int, field: str, *, train: bool) -> str:
     path = self.path
     if not isinstance(example_id, str):
-      _fail(f"example ids must be strings, got {_json_type(example_id)}", path, line, field)
+      _fail(f"example ids must be strings, got {json_type(example_id)}", path, line, field)
     if not example_id:
       _fail("example ids must not be empty", path, line, field)
-    if not _valid_unicode(example_id):
+    if not valid_unicode(example_id):
       _fail("example id contains a lone surrogate (not valid Unicode)", path, line, field)
     if self.fragments is not None:
       position = self.fragments.index.get(example_id)
       if position is None:
-        _fail(f"example id {_short(example_id)} is not in the fragments file", path, line,
+        _fail(f"example id {short(example_id)} is not in the fragments file", path, line,
               field)
       if train and self.fragments.examples[position].split != Split.TRAIN:
-        _fail(f"example {_short(example_id)} is a probe example; probes are never fed",
+        _fail(f"example {short(example_id)} is a probe example; probes are never fed",
               path, line, field)
     return example_id
 
@@ -362,7 +362,7 @@ class _Checker:
       _fail("missing required field", path, line, "step")
     step = rec["step"]
     if not _is_int(step):
-      _fail(f"must be an integer, got {_json_type(step)}", path, line, "step")
+      _fail(f"must be an integer, got {json_type(step)}", path, line, "step")
     if step != len(self.steps):
       _fail(f"steps must be contiguous from 0 in file order: expected step {len(self.steps)}, "
             f"got {step}", path, line, "step")
@@ -370,7 +370,7 @@ class _Checker:
       _fail("missing required field", path, line, "examples")
     examples = rec["examples"]
     if not isinstance(examples, list):
-      _fail(f"must be a list of example ids, got {_json_type(examples)}", path, line, "examples")
+      _fail(f"must be a list of example ids, got {json_type(examples)}", path, line, "examples")
     if not examples:
       _fail("must not be empty", path, line, "examples")
     ids = tuple(self._known_id(e, line, "examples", train=True) for e in examples)
@@ -390,7 +390,7 @@ class _Checker:
       _fail("missing required field", path, line, "step")
     step = rec["step"]
     if not _is_int(step):
-      _fail(f"must be an integer, got {_json_type(step)}", path, line, "step")
+      _fail(f"must be an integer, got {json_type(step)}", path, line, "step")
     if step < 0:
       _fail(f"must be >= 0, got {step}", path, line, "step")
     if self.evals and step < self.evals[-1].step:
@@ -400,7 +400,7 @@ class _Checker:
       _fail("missing required field", path, line, "losses")
     losses = rec["losses"]
     if not isinstance(losses, dict):
-      _fail(f"must be an object of example id -> loss, got {_json_type(losses)}",
+      _fail(f"must be an object of example id -> loss, got {json_type(losses)}",
             path, line, "losses")
     if not losses:
       _fail("must not be empty", path, line, "losses")
@@ -408,7 +408,7 @@ class _Checker:
     for example_id, value in losses.items():
       self._known_id(example_id, line, "losses", train=False)
       out[example_id] = _finite(value, path, line, "losses",
-                                what=f"loss of {_short(example_id)} ")
+                                what=f"loss of {short(example_id)} ")
     return EvalRecord(step=step, losses=out,
                       extra={k: v for k, v in rec.items() if k not in _EVAL_KEYS})
 
@@ -438,16 +438,16 @@ def read_runlog(path: str | os.PathLike, fragments: Fragments | None = None, *,
   path = os.fspath(path)
   with open(path, "rb") as f:
     data = f.read()
-  lines = _split_lines(data)
+  lines = split_lines(data)
   unterminated = len(lines) if data and not data.endswith(b"\n") else None
   checker = _Checker(path, fragments)
   for i, raw in enumerate(lines):
     line = i + 1
     try:
-      text = _decode_line(raw, error=RunLogError, path=path, line=line)
-      if _is_blank(text):
+      text = decode_line(raw, error=RunLogError, path=path, line=line)
+      if is_blank(text):
         continue
-      rec = _parse_object(text, error=RunLogError, path=path, line=line)
+      rec = parse_object(text, error=RunLogError, path=path, line=line)
     except RunLogError as e:
       # Only a last line cut off mid-write is forgiven; anything else is damage.
       if line == unterminated and allow_truncated_tail:
@@ -506,9 +506,9 @@ def _with_extra(rec: dict[str, Any], extra: Mapping[str, Any] | None, known: tup
     _fail(f"extra must be a mapping, got {type(extra).__name__}", path, line, "extra")
   for key, value in extra.items():
     if not isinstance(key, str):
-      _fail(f"extra key {_short(key)} is not a string", path, line, "extra")
+      _fail(f"extra key {short(key)} is not a string", path, line, "extra")
     if key in known:
-      _fail(f"extra key {_short(key)} clashes with a field of the format", path, line, key)
+      _fail(f"extra key {short(key)} clashes with a field of the format", path, line, key)
     rec[key] = value
   return rec
 
@@ -605,7 +605,7 @@ class RunLogWriter:
     self._checker = _Checker(self.path, fragments)
     rec = _header_record(header, fragments, self.path)
     self.header: RunHeader = self._checker.feed(rec, 1)
-    data = _json_line(rec, error=RunLogError, path=self.path, line=1)
+    data = json_line(rec, error=RunLogError, path=self.path, line=1)
     self._file = open(self.path, "wb" if overwrite else "xb")
     self._line = 1
     self._write(data)
@@ -630,7 +630,7 @@ class RunLogWriter:
       raise ValueError(f"{self.path}: the RunLogWriter is closed")
     line = self._line + 1
     parsed = self._checker.check(rec, line)
-    data = _json_line(rec, error=RunLogError, path=self.path, line=line)
+    data = json_line(rec, error=RunLogError, path=self.path, line=line)
     self._write(data)
     self._checker.commit(parsed, line)
     self._line = line
@@ -728,9 +728,9 @@ def write_runlog(path: str | os.PathLike, runlog: RunLog) -> None:
   chunks = []
   for i, rec in enumerate(records):
     checker.feed(rec, i + 1)
-    chunks.append(_json_line(rec, error=RunLogError, path=path, line=i + 1))
+    chunks.append(json_line(rec, error=RunLogError, path=path, line=i + 1))
   checker.finish()
-  _atomic_write(path, b"".join(chunks))
+  atomic_write(path, b"".join(chunks))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -759,10 +759,10 @@ def order_from_runlog(runlog: RunLog, fragments: Fragments) -> np.ndarray:
     for b, example_id in enumerate(s.examples):
       position = index.get(example_id)
       if position is None:
-        _fail(f"step {t}: example id {_short(example_id)} is not in the fragments file",
+        _fail(f"step {t}: example id {short(example_id)} is not in the fragments file",
               runlog.path, None, "examples")
       if split_of[position] != 0:
-        _fail(f"step {t}: example {_short(example_id)} is a probe example; probes are never fed",
+        _fail(f"step {t}: example {short(example_id)} is a probe example; probes are never fed",
               runlog.path, None, "examples")
       order_TxB[t, b] = position
   return order_TxB

@@ -19,6 +19,19 @@ PYTHON_DOC_TOPICS = (
 )
 
 
+def python_docs_neutral(exclude: tuple[str, ...] = PYTHON_DOC_TOPICS, *,
+                        min_chars: int = 40) -> list[str]:
+  """Paragraphs of every `pydoc_data` topic not in `exclude`: neutral pre-training text."""
+  from pydoc_data.topics import topics as docs  # ships with CPython
+  return [p for name in sorted(docs) if name not in exclude
+          for p in _paragraphs(docs[name], min_chars)]
+
+
+def _paragraphs(text: str, min_chars: int) -> list[str]:
+  paras = [re.sub(r"\s+", " ", p).strip() for p in text.split("\n\n")]
+  return [p for p in paras if len(p) >= min_chars]
+
+
 def python_docs(topics: tuple[str, ...] = PYTHON_DOC_TOPICS, *, max_train: int = 40,
                 max_probe: int = 10, probe_every: int = 5, min_chars: int = 40) -> Fragments:
   """Fragments from `pydoc_data.topics`: one per topic, paragraphs as `text` examples.
@@ -37,8 +50,7 @@ def python_docs(topics: tuple[str, ...] = PYTHON_DOC_TOPICS, *, max_train: int =
   for name in topics:
     if name not in docs:
       raise ValueError(f"unknown pydoc topic {name!r}")
-    paras = [re.sub(r"\s+", " ", p).strip() for p in docs[name].split("\n\n")]
-    paras = [p for p in paras if len(p) >= min_chars]
+    paras = _paragraphs(docs[name], min_chars)
     n_train = n_probe = 0
     for i, text in enumerate(paras):
       split = Split.PROBE if i % probe_every == probe_every - 1 else Split.TRAIN

@@ -13,13 +13,10 @@ cannot be opened), whatever the bytes: the error names the file, the 1-based lin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import hashlib
-import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
@@ -27,7 +24,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from surrogate.errors import DataError, FragmentsError
+from surrogate.errors import FragmentsError
+from surrogate.jsonl import (atomic_write, decode_line, is_blank, json_line, json_type,
+                             parse_object, short, split_lines, valid_unicode)
 
 __all__ = [
     "Example",
@@ -122,7 +121,7 @@ class Fragments:
       object.__setattr__(self, "path", os.fspath(self.path))
     if not (isinstance(self.sha256, str) and len(self.sha256) == 64
             and all(c in "0123456789abcdef" for c in self.sha256)):
-      raise FragmentsError(f"sha256 must be 64 lowercase hex digits, got {_short(self.sha256)}",
+      raise FragmentsError(f"sha256 must be 64 lowercase hex digits, got {short(self.sha256)}",
                            path=self.path, field="sha256")
     if not examples:
       raise FragmentsError("no examples", path=self.path)
@@ -134,10 +133,10 @@ class Fragments:
       if not isinstance(ex, Example):
         raise TypeError(f"examples[{e}] is {type(ex).__name__}, not Example")
       if not isinstance(ex.split, Split):
-        raise FragmentsError(f"split must be 'train' or 'probe', got {_short(ex.split)}",
+        raise FragmentsError(f"split must be 'train' or 'probe', got {short(ex.split)}",
                              path=self.path, line=e + 1, field="split")
       if ex.id in index:
-        raise FragmentsError(f"duplicate id {_short(ex.id)} (first on line {index[ex.id] + 1})",
+        raise FragmentsError(f"duplicate id {short(ex.id)} (first on line {index[ex.id] + 1})",
                              path=self.path, line=e + 1, field="id")
       index[ex.id] = e
       fragment_of[e] = fragment_number.setdefault(ex.fragment, len(fragment_number))
@@ -244,147 +243,6 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared JSON Lines helpers (also used by calibrate.runlog).
-
-
-class _DuplicateKey(Exception):
-
-  def __init__(self, key: str):
-    super().__init__(key)
-    self.key = key
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-  # json.loads silently keeps the last of repeated keys; a file that says two things is an error.
-  out = {}
-  for key, value in pairs:
-    if key in out:
-      raise _DuplicateKey(key)
-    out[key] = value
-  return out
-
-
-def _split_lines(data: bytes) -> list[bytes]:
-  """Splits file bytes on b"\\n" only (JSON strings may hold U+2028 etc. raw); line i+1 = [i]."""
-  lines = data.split(b"\n")
-  if lines[-1] == b"":
-    lines.pop()
-  return lines
-
-
-def _decode_line(raw: bytes, *, error: type[DataError], path: str | None, line: int) -> str:
-  """Decodes one line as strict UTF-8 (no lone surrogates), dropping a BOM on line 1."""
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise error(f"not valid UTF-8 (bad byte at column {e.start + 1})",
-                path=path, line=line) from None
-  if line == 1 and text.startswith("\ufeff"):
-    text = text[1:]
-  return text
-
-
-def _is_blank(text: str) -> bool:
-  return not text.strip(" \t\r")
-
-
-def _parse_object(text: str, *, error: type[DataError], path: str | None,
-                  line: int) -> dict[str, Any]:
-  """Parses one line as a JSON object, turning every failure into `error`."""
-  try:
-    obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-  except _DuplicateKey as e:
-    raise error(f"key {_short(e.key)} appears twice", path=path, line=line, field=e.key) from None
-  except RecursionError:
-    raise error("not valid JSON: nested too deeply", path=path, line=line) from None
-  except json.JSONDecodeError as e:
-    raise error(f"not valid JSON: {e.msg} at column {e.colno}", path=path, line=line) from None
-  except ValueError as e:  # e.g. an integer with more digits than Python converts
-    raise error(f"not valid JSON: {e}", path=path, line=line) from None
-  if not isinstance(obj, dict):
-    raise error(f"not a JSON object (got {_json_type(obj)})", path=path, line=line)
-  return obj
-
-
-def _json_type(value: Any) -> str:
-  if value is None:
-    return "null"
-  if isinstance(value, bool):
-    return "boolean"
-  if isinstance(value, (int, float)):
-    return "number"
-  if isinstance(value, str):
-    return "string"
-  if isinstance(value, (list, tuple)):
-    return "array"
-  if isinstance(value, dict):
-    return "object"
-  return type(value).__name__
-
-
-def _short(value: Any) -> str:
-  """A short, safe rendering of a user's value for an error message (never a deep repr)."""
-  if isinstance(value, str):
-    return repr(value[:60]) + ("..." if len(value) > 60 else "")
-  if value is None or isinstance(value, (bool, int, float)):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-  return _json_type(value)
-
-
-def _valid_unicode(s: str) -> bool:
-  # A JSON "\ud800" escape decodes to a lone surrogate, which no UTF-8 file can hold.
-  try:
-    s.encode("utf-8")
-  except UnicodeEncodeError:
-    return False
-  return True
-
-
-def _json_line(record: Mapping[str, Any], *, error: type[DataError], path: str | None,
-               line: int | None) -> bytes:
-  """Encodes one record as a UTF-8 JSON line; floats keep full (repr) precision."""
-  try:
-    try:
-      return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    except UnicodeEncodeError:
-      # A lone surrogate in an extra value: escape it rather than write invalid UTF-8.
-      return (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
-  except (TypeError, ValueError, RecursionError) as e:
-    raise error(f"record cannot be written as JSON: {e}", path=path, line=line) from None
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see the old file or the new one, never a mix."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    # mkstemp creates 0600; give the file the mode it had, or an ordinary one.
-    try:
-      mode = os.stat(path).st_mode & 0o777
-    except OSError:
-      mode = 0o644
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-  # Make the rename itself durable; not every platform lets a directory be opened.
-  with contextlib.suppress(OSError):
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(dir_fd)
-    finally:
-      os.close(dir_fd)
-
-
-# ----------------------------------------------------------------------------------------------
 # Fragments records.
 
 
@@ -398,13 +256,13 @@ def _example_from_record(rec: Mapping[str, Any], path: str | None, line: int) ->
     if key not in rec:
       _fail("missing required field", path, line, key)
     if not isinstance(rec[key], str):
-      _fail(f"must be a string, got {_json_type(rec[key])}", path, line, key)
+      _fail(f"must be a string, got {json_type(rec[key])}", path, line, key)
     if not rec[key]:
       _fail("must not be empty", path, line, key)
-    if not _valid_unicode(rec[key]):
+    if not valid_unicode(rec[key]):
       _fail("contains a lone surrogate (not valid Unicode)", path, line, key)
   if rec["split"] not in _SPLIT_VALUES:
-    _fail(f"must be 'train' or 'probe', got {_short(rec['split'])}", path, line, "split")
+    _fail(f"must be 'train' or 'probe', got {short(rec['split'])}", path, line, "split")
   has_text = "text" in rec
   has_prompt, has_completion = "prompt" in rec, "completion" in rec
   if has_text and (has_prompt or has_completion):
@@ -419,10 +277,10 @@ def _example_from_record(rec: Mapping[str, Any], path: str | None, line: int) ->
     if key in rec:
       value = rec[key]
       if not isinstance(value, str):
-        _fail(f"must be a string, got {_json_type(value)}", path, line, key)
+        _fail(f"must be a string, got {json_type(value)}", path, line, key)
       if not value and key != "prompt":  # an empty prompt is unconditional generation
         _fail("must not be empty", path, line, key)
-      if not _valid_unicode(value):
+      if not valid_unicode(value):
         _fail("contains a lone surrogate (not valid Unicode)", path, line, key)
   return Example(
       id=rec["id"], fragment=rec["fragment"], split=Split(rec["split"]),
@@ -466,7 +324,7 @@ def _check_across(ids_lines: Iterable[tuple[Example, int]], path: str | None,
   has_probe: dict[str, bool] = {}
   for ex, line in ids_lines:
     if ex.id in first_line:
-      _fail(f"duplicate id {_short(ex.id)} (first on line {first_line[ex.id]})", path, line,
+      _fail(f"duplicate id {short(ex.id)} (first on line {first_line[ex.id]})", path, line,
             "id")
     first_line[ex.id] = line
     has_train.setdefault(ex.fragment, False)
@@ -479,7 +337,7 @@ def _check_across(ids_lines: Iterable[tuple[Example, int]], path: str | None,
     _fail("no examples", path, None)
   for name, ok in has_train.items():
     if not ok:
-      _fail(f"fragment {_short(name)} has no train examples", path, None, "fragment")
+      _fail(f"fragment {short(name)} has no train examples", path, None, "fragment")
   if warn_stacklevel is not None:
     for name, ok in has_probe.items():
       if not ok:
@@ -495,7 +353,7 @@ def _encode(examples: tuple[Example, ...], path: str | None,
   for e, ex in enumerate(examples):
     rec = _record_of(ex, path, e + 1)
     _example_from_record(rec, path, e + 1)
-    chunks.append(_json_line(rec, error=FragmentsError, path=path, line=e + 1))
+    chunks.append(json_line(rec, error=FragmentsError, path=path, line=e + 1))
   _check_across(((ex, e + 1) for e, ex in enumerate(examples)), path,
                 None if warn_stacklevel is None else warn_stacklevel + 1)
   return b"".join(chunks)
@@ -534,11 +392,11 @@ def read_fragments(path: str | os.PathLike) -> Fragments:
   with open(path, "rb") as f:
     data = f.read()
   examples, lines = [], []
-  for i, raw in enumerate(_split_lines(data)):
-    text = _decode_line(raw, error=FragmentsError, path=path, line=i + 1)
-    if _is_blank(text):
+  for i, raw in enumerate(split_lines(data)):
+    text = decode_line(raw, error=FragmentsError, path=path, line=i + 1)
+    if is_blank(text):
       continue
-    rec = _parse_object(text, error=FragmentsError, path=path, line=i + 1)
+    rec = parse_object(text, error=FragmentsError, path=path, line=i + 1)
     examples.append(_example_from_record(rec, path, i + 1))
     lines.append(i + 1)
   _check_across(zip(examples, lines), path, warn_stacklevel=3)
@@ -569,5 +427,5 @@ def write_fragments(path: str | os.PathLike,
   else:
     examples = tuple(examples_or_fragments)
   data = _encode(examples, path, warn_stacklevel=None)
-  _atomic_write(path, data)
+  atomic_write(path, data)
   return hashlib.sha256(data).hexdigest()

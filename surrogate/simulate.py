@@ -160,6 +160,50 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
+def _train_step_fn(tokens_ExL1, mask_ExL, knobs: optim.Knobs, opt, opt_cfg, model_cfg):
+  """The scan body of training: one optimizer step on the batch `idx_B` at rate `lr`.
+
+  Carry: (params, opt_state, diverged_step, t). A step whose loss or new parameters are not
+  finite marks the run diverged; from then on, and on steps with no example, nothing moves.
+  """
+  wd = opt_cfg.weight_decay * knobs.weight_decay_scale
+
+  def train_step(carry, xs):
+    params, opt_state, diverged_step, t = carry
+    idx_B, lr = xs
+    valid_B = idx_B >= 0
+    safe_B = jnp.where(valid_B, idx_B, 0)
+    tokens = tokens_ExL1[safe_B]
+    mask = mask_ExL[safe_B] * valid_B[:, None].astype(jnp.float32)
+    loss, grads = jax.value_and_grad(model_lib.batch_loss)(params, tokens, mask, model_cfg)
+    updates, new_state = opt.update(grads, opt_state, params, lr * knobs.lr_scale, wd)
+    new_params = jax.tree.map(jnp.add, params, updates)
+    finite = jnp.isfinite(loss) & _all_finite(new_params)
+    newly_diverged = (diverged_step < 0) & ~finite & valid_B.any()
+    diverged_step = jnp.where(newly_diverged, t, diverged_step)
+    move = valid_B.any() & (diverged_step < 0)
+    params, opt_state = jax.tree.map(lambda a, b: jnp.where(move, a, b),
+                                     (new_params, new_state), (params, opt_state))
+    return (params, opt_state, diverged_step, t + 1), jnp.where(valid_B.any(), loss, jnp.nan)
+
+  return train_step
+
+
+def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
+          tokens_ExL1: jax.Array, mask_ExL: jax.Array, *, model_cfg: model_lib.ModelConfig,
+          opt_cfg: optim.OptimizerConfig):
+  """Trains on one order without evaluating; returns (params, train_loss_T, diverged_step).
+
+  The same step rule as `simulate` (used for pre-training and wherever only the end state
+  matters).
+  """
+  opt = optim.make_optimizer(opt_cfg)
+  step = _train_step_fn(tokens_ExL1, mask_ExL, knobs, opt, opt_cfg, model_cfg)
+  carry0 = (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0))
+  (params, _, diverged_step, _), loss_T = jax.lax.scan(step, carry0, (order_TxB, lr_T))
+  return params, loss_T, diverged_step
+
+
 def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
              data: SimData, *, model_cfg: model_lib.ModelConfig,
              opt_cfg: optim.OptimizerConfig, plan: SimPlan) -> Trajectory:
@@ -186,26 +230,8 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
       [order_TxB, jnp.full((pad, order_TxB.shape[1]), -1, order_TxB.dtype)]).reshape(segs, k, -1)
   lr_SxK = jnp.concatenate([lr_T, jnp.zeros((pad,), lr_T.dtype)]).reshape(segs, k)
   opt = optim.make_optimizer(opt_cfg)
-  wd = opt_cfg.weight_decay * knobs.weight_decay_scale
+  train_step = _train_step_fn(data.tokens_ExL1, data.mask_ExL, knobs, opt, opt_cfg, model_cfg)
   ref = diag_lib.capture(params0, data.probes, model_cfg) if plan.diagnostics else None
-
-  def train_step(carry, xs):
-    params, opt_state, diverged_step, t = carry
-    idx_B, lr = xs
-    valid_B = idx_B >= 0
-    safe_B = jnp.where(valid_B, idx_B, 0)
-    tokens = data.tokens_ExL1[safe_B]
-    mask = data.mask_ExL[safe_B] * valid_B[:, None].astype(jnp.float32)
-    loss, grads = jax.value_and_grad(model_lib.batch_loss)(params, tokens, mask, model_cfg)
-    updates, new_state = opt.update(grads, opt_state, params, lr * knobs.lr_scale, wd)
-    new_params = jax.tree.map(jnp.add, params, updates)
-    finite = jnp.isfinite(loss) & _all_finite(new_params)
-    newly_diverged = (diverged_step < 0) & ~finite & valid_B.any()
-    diverged_step = jnp.where(newly_diverged, t, diverged_step)
-    move = valid_B.any() & (diverged_step < 0)
-    params, opt_state = jax.tree.map(lambda a, b: jnp.where(move, a, b),
-                                     (new_params, new_state), (params, opt_state))
-    return (params, opt_state, diverged_step, t + 1), jnp.where(valid_B.any(), loss, jnp.nan)
 
   def segment(carry, xs):
     carry, loss_K = jax.lax.scan(train_step, carry, xs)

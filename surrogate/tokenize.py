@@ -89,3 +89,10 @@ def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example], length: i
     # Target j is token j + 1: prompt targets are positions < n_prompt.
     mask[i, n_prompt:len(row)] = 1.0
   return Tokenized(tokens, mask, truncated)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], length: int) -> Tokenized:
+  """`encode_examples` for plain texts (e.g. a neutral pre-training corpus)."""
+  from surrogate.fragments import Example, Split
+  return encode_examples(tokenizer, [Example(str(i), "corpus", Split.TRAIN, text=t)
+                                     for i, t in enumerate(texts)], length)

@@ -1,0 +1,218 @@
+"""Throughput of the simulator on a realistic workload, beside this machine's matmul peak.
+
+Workload: the bundled 17-fragment data set (Python reference manual), 200 steps of batch 16,
+orders from every family (as `surrogate demo` draws them), evals every 25 steps.
+
+Prints, each measured in its own process (so compile time and peak memory are its own):
+  * the float32 matmul peak: one process, and two processes at once (their sum);
+  * per surrogate configuration: compile time, orders/second at each N, achieved GFLOP/s
+    and its share of the peak, peak resident memory;
+  * side by side in one run: one XLA device vs one per core (sharded), and vmap vs a loop;
+  * fidelity of each cheaper configuration: Spearman correlation, across orders, of each
+    fragment's final probe-loss drop against a bigger reference surrogate on the same orders.
+
+  python benchmarks/simulate_throughput.py            # N = 1, 64 (about 20 minutes)
+  python benchmarks/simulate_throughput.py --full     # adds N = 1024 for the default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS, BATCH, EVAL_EVERY = 200, 16, 25
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  # One single-threaded XLA device per core: measured faster here than Eigen's threads.
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_cpu_multi_thread_eigen=false")
+  return env
+
+
+def _run_worker(job: dict, devices: int = 2) -> dict:
+  out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=_env(devices),
+                       capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f"worker {job} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (run in a subprocess).
+
+
+def _peak_worker(job: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(job.get("repeats", 30)):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return {"gflops": 2 * n**3 / sorted(times)[len(times) // 2] / 1e9}
+
+
+def _workload(cfg_kw: dict, n: int, seed: int = 0):
+  import jax
+  import numpy as np
+
+  from surrogate import model as model_lib
+  from surrogate import optim
+  from surrogate.datasets import python_docs
+  from surrogate.demo import FAMILIES, random_spec
+  from surrogate.prepare import prepare
+  frags = python_docs()
+  cfg = model_lib.ModelConfig(**cfg_kw)
+  prep = prepare(frags, cfg, key=jax.random.key(0))
+  pools = frags.train_pools()
+  keys = jax.random.split(jax.random.key(seed), n)
+  orders = []
+  for i, k in enumerate(keys):
+    ks, kg = jax.random.split(k)
+    spec = random_spec(FAMILIES[i % len(FAMILIES)], len(frags.names), key=ks)
+    orders.append(spec.generate(pools, key=kg, steps=STEPS, batch_size=BATCH))
+  opt = optim.OptimizerConfig(lr=1e-3, weight_decay=0.01, warmup_steps=20, schedule="linear")
+  return prep, cfg, opt, np.stack(orders)
+
+
+def _flops(cfg, prep, n, plan) -> float:
+  checkpoints = len(plan.checkpoint_steps(STEPS))
+  m = prep.data.eval_idx_M.shape[0]
+  train = cfg.train_flops_per_token() * STEPS * BATCH * cfg.length
+  evals = cfg.forward_flops_per_token() * cfg.length * m * checkpoints
+  if plan.diagnostics:
+    evals += cfg.forward_flops_per_token() * cfg.length * prep.data.probes.tokens_PxL1.shape[0] * checkpoints
+  return n * (train + evals)
+
+
+def _sim_worker(job: dict) -> dict:
+  import resource
+
+  import jax
+  import numpy as np
+
+  from surrogate import model as model_lib
+  from surrogate import optim
+  from surrogate.simulate import SimPlan, simulate, simulate_many
+  n, chunk = job["n"], job.get("chunk", 64)
+  prep, cfg, opt, orders = _workload(job["cfg"], 2 * n if job.get("warm_separately") else n + 1)
+  plan = SimPlan(eval_every=EVAL_EVERY, diagnostics=job.get("diagnostics", True))
+  params0 = model_lib.init_params(jax.random.key(1), cfg)
+  lr = optim.learning_rates(opt, STEPS)
+  devices = jax.devices()[: job.get("devices", len(jax.devices()))]
+  result = {"job": job}
+  if job.get("loop"):
+    one = jax.jit(lambda o: simulate(params0, optim.Knobs.identity(), o, lr, prep.data,
+                                     model_cfg=cfg, opt_cfg=opt, plan=plan))
+    t = time.perf_counter()
+    jax.block_until_ready(one(orders[-1]))
+    result["compile_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for o in orders[:n]:
+      jax.block_until_ready(one(o))
+    seconds = time.perf_counter() - t
+  else:
+    kw = dict(model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=min(chunk, n), devices=devices,
+              progress=False)
+    # Warm up (compile) on a separate order of the same chunk shape, then time N fresh ones.
+    warm = orders[-1:].repeat(min(chunk, n), 0)
+    t = time.perf_counter()
+    simulate_many(params0, optim.Knobs.identity(), warm, lr, prep.data, **kw)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    traj = simulate_many(params0, optim.Knobs.identity(), orders[:n], lr, prep.data, **kw)
+    seconds = time.perf_counter() - t
+    result["compile_s"] = first - seconds * min(chunk, n) / n
+    if job.get("keep_final"):
+      probe = traj.eval_loss_CxM @ np.asarray(prep.data.probe_weight_FxM).T
+      result["drop_NxF"] = (probe[:, 0] - probe[:, -1]).tolist()
+  result.update(seconds=seconds, orders_per_s=n / seconds, s_per_order=seconds / n,
+                gflops=_flops(cfg, prep, n, plan) / seconds / 1e9,
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _spearman_mean(a, b) -> float:
+  import numpy as np
+  from scipy.stats import spearmanr
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.nanmean([spearmanr(a[:, f], b[:, f])[0] for f in range(a.shape[1])]))
+
+
+DEFAULT = {"width": 32, "length": 32}
+LEVERS = {
+    "default (D=32, L=32)": {"cfg": DEFAULT},
+    "no diagnostics": {"cfg": DEFAULT, "diagnostics": False},
+    "16 tokens (D=32, L=16)": {"cfg": {"width": 32, "length": 16}},
+    "narrow (D=16, L=32)": {"cfg": {"width": 16, "length": 32, "heads": 1}},
+    "narrow, 16 tokens": {"cfg": {"width": 16, "length": 16, "heads": 1}},
+}
+REFERENCE = {"width": 64, "length": 64, "heads": 4}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  p.add_argument("--full", action="store_true", help="also N = 1024 for the default")
+  p.add_argument("--fidelity-orders", type=int, default=48)
+  args = p.parse_args()
+  if args.worker:
+    job = json.loads(args.worker)
+    print(json.dumps(_peak_worker(job) if job.get("peak") else _sim_worker(job)))
+    return
+  sys.path.insert(0, os.path.dirname(HERE))
+  print(f"# simulate_throughput  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}")
+  one = _run_worker({"peak": True}, devices=1)["gflops"]
+  procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps({"peak": True})],
+                            env=_env(1), stdout=subprocess.PIPE, text=True) for _ in range(2)]
+  two = sum(json.loads(pr.communicate()[0].strip().splitlines()[-1])["gflops"] for pr in procs)
+  peak = max(one, two)
+  print(f"matmul peak float32 (1024^3): 1 process {one:.0f} GFLOP/s, 2 processes at once "
+        f"{two:.0f} GFLOP/s in all -> peak {peak:.0f}")
+
+  print("\n## throughput (2 XLA devices, one per core)")
+  print(f"{'configuration':<26}{'N':>6}{'s/order':>9}{'orders/s':>9}{'GFLOP/s':>9}{'% peak':>8}"
+        f"{'compile s':>10}{'RSS GB':>8}")
+  ns = {"default (D=32, L=32)": [1, 64] + ([1024] if args.full else [])}
+  for name, job in LEVERS.items():
+    for n in ns.get(name, [64]):
+      r = _run_worker({**job, "n": n})
+      print(f"{name:<26}{n:>6}{r['s_per_order']:>9.3f}{r['orders_per_s']:>9.2f}{r['gflops']:>9.1f}"
+            f"{100 * r['gflops'] / peak:>7.0f}%{r['compile_s']:>10.1f}{r['peak_rss_gb']:>8.2f}",
+            flush=True)
+
+  print("\n## side by side (default configuration, N = 32)")
+  for label, job, devices in [("1 device, vmap", {"devices": 1}, 2), ("2 devices, vmap", {}, 2),
+                              ("1 device, Python loop", {"devices": 1, "loop": True}, 1)]:
+    r = _run_worker({"cfg": DEFAULT, "n": 32, **job}, devices=devices)
+    print(f"{label:<26}{r['s_per_order']:>9.3f} s/order{r['orders_per_s']:>8.2f} orders/s", flush=True)
+
+  print(f"\n## fidelity against a reference surrogate (D=64, L=64), {args.fidelity_orders} orders")
+  ref = _run_worker({"cfg": REFERENCE, "n": args.fidelity_orders, "keep_final": True})
+  print(f"{'reference (D=64, L=64)':<26}{ref['s_per_order']:>9.3f} s/order")
+  for name, job in LEVERS.items():
+    if name == "no diagnostics":
+      continue  # diagnostics do not change the trajectories
+    r = _run_worker({**job, "n": args.fidelity_orders, "keep_final": True})
+    rho = _spearman_mean(r["drop_NxF"], ref["drop_NxF"])
+    print(f"{name:<26}{r['s_per_order']:>9.3f} s/order   Spearman(final probe drop) vs "
+          f"reference, mean over fragments: {rho:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

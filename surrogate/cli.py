@@ -1,0 +1,201 @@
+"""The `surrogate` command line: `orders`, `simulate`, `demo`.
+
+  surrogate orders --data F --kind blocked --sequence a,b,c --steps 200 --batch-size 16 --out o.jsonl
+  surrogate simulate --data F --orders o1.jsonl o2.jsonl --out DIR
+  surrogate demo
+
+Run `surrogate COMMAND --help` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _use_all_cores() -> None:
+  # One XLA host device per core lets `simulate_many` shard orders over the cores; this
+  # must happen before JAX starts its backend, and respects a user's own XLA_FLAGS.
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={n or 1}").strip()
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("surrogate model")
+  g.add_argument("--width", type=int, default=32, help="residual width D (default 32)")
+  g.add_argument("--depth", type=int, default=2, help="transformer blocks (default 2)")
+  g.add_argument("--heads", type=int, default=2, help="attention heads (default 2)")
+  g.add_argument("--length", type=int, default=32, help="context length in tokens (default 32)")
+  g.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size (default 512)")
+  g.add_argument("--seed", type=int, default=0, help="seed of the surrogate's initial weights")
+
+
+def _model_cfg(args):
+  from surrogate.model import ModelConfig
+  return ModelConfig(vocab_size=args.vocab, length=args.length, width=args.width,
+                     depth=args.depth, heads=args.heads)
+
+
+def _parse_named(text: str | None, names: Sequence[str], what: str) -> list[float] | None:
+  """'a=2,b=0.5' -> a value per fragment (missing ones 0)."""
+  if text is None:
+    return None
+  values = {n: 0.0 for n in names}
+  for part in text.split(","):
+    name, _, value = part.partition("=")
+    if name not in values:
+      raise SystemExit(f"--{what}: unknown fragment {name!r} (fragments: {', '.join(names)})")
+    try:
+      values[name] = float(value)
+    except ValueError:
+      raise SystemExit(f"--{what}: {part!r} is not NAME=NUMBER") from None
+  return [values[n] for n in names]
+
+
+def _parse_list(text: str | None, names: Sequence[str], what: str) -> list[int] | None:
+  if text is None:
+    return None
+  index = {n: i for i, n in enumerate(names)}
+  out = []
+  for name in text.split(","):
+    if name not in index:
+      raise SystemExit(f"--{what}: unknown fragment {name!r} (fragments: {', '.join(names)})")
+    out.append(index[name])
+  return out
+
+
+def cmd_orders(args) -> int:
+  import jax
+
+  from calibrate.runlog import RunLogWriter
+  from surrogate import orders
+  from surrogate.fragments import read_fragments
+  frags = read_fragments(args.data)
+  names = frags.names
+  spec = orders.OrderSpec(
+      kind=orders.OrderKind(args.kind),
+      sequence=_parse_list(args.sequence, names, "sequence"),
+      shares=[float(x) for x in args.shares.split(",")] if args.shares else None,
+      weights=_parse_named(args.weights, names, "weights"),
+      scores=_parse_named(args.scores, names, "scores"),
+      keep=_parse_list(args.keep, names, "keep"),
+      **({"ascending": not args.descending} if args.kind == "curriculum" else {}))
+  order = spec.generate(frags.train_pools(), key=jax.random.key(args.seed), steps=args.steps,
+                        batch_size=args.batch_size)
+  optimizer = {"name": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
+               "warmup_steps": args.warmup_steps, "schedule": args.schedule}
+  header = {"run_id": args.run_id or f"{args.kind}-s{args.seed}", "model": "order",
+            "optimizer": optimizer, "batch_size": args.batch_size, "seed": args.seed,
+            "order_spec": spec.to_dict()}
+  ids = [e.id for e in frags.examples]
+  with RunLogWriter(args.out, header, frags, overwrite=args.force) as log:
+    for t, row in enumerate(order):
+      log.step(t, [ids[i] for i in row if i >= 0])
+  print(f"wrote {args.out}: {args.kind} order, {args.steps} steps x {args.batch_size}")
+  return 0
+
+
+def cmd_simulate(args) -> int:
+  import jax
+
+  from calibrate.predict import simulate_runs
+  from calibrate.runlog import read_runlog, write_runlog
+  from surrogate.fragments import read_fragments
+  from surrogate.model import init_params
+  from surrogate.prepare import prepare
+  frags = read_fragments(args.data)
+  runs = [read_runlog(p, frags) for p in args.orders]
+  cfg = _model_cfg(args)
+  train_ids = sorted({i for r in runs for e in r.evals for i in e.losses
+                      if frags.examples[frags.index[i]].split.value == "train"})
+  eval_train = [frags.index[i] for i in train_ids] if train_ids else args.eval_train
+  prep = prepare(frags, cfg, key=jax.random.key(args.seed), eval_train=eval_train)
+  params0 = init_params(jax.random.key(args.seed), cfg)
+  t0 = time.perf_counter()
+  sims = simulate_runs(prep, params0, runs, default_every=args.eval_every,
+                       chunk_size=args.chunk_size, progress=not args.quiet,
+                       model_name=f"surrogate-{cfg.depth}x{cfg.width}")
+  elapsed = time.perf_counter() - t0
+  os.makedirs(args.out, exist_ok=True)
+  for path, sim in zip(args.orders, sims):
+    out = os.path.join(args.out, os.path.basename(path))
+    write_runlog(out, sim)
+    note = (f" (diverged at step {sim.header.extra['diverged_at_step']})"
+            if "diverged_at_step" in sim.header.extra else "")
+    print(f"wrote {out}{note}")
+  print(f"simulated {len(runs)} runs in {elapsed:.1f} s (compilation included)")
+  return 0
+
+
+def cmd_demo(args) -> int:
+  from surrogate.demo import run_demo
+  return run_demo(n_orders=args.orders, out=args.out, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="surrogate", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  o = sub.add_parser("orders", help="write an order file (a RunLog without evals)")
+  o.add_argument("--data", required=True, help="fragments file (JSON Lines)")
+  o.add_argument("--kind", required=True,
+                 choices=["shuffled", "blocked", "interleaved", "mixture", "curriculum", "subset"])
+  o.add_argument("--sequence", help="blocked/interleaved: fragment names, comma-separated")
+  o.add_argument("--shares", help="blocked: relative block lengths, comma-separated")
+  o.add_argument("--weights", help="mixture: NAME=WEIGHT,... (missing fragments: 0)")
+  o.add_argument("--scores", help="curriculum: NAME=SCORE,... (low first)")
+  o.add_argument("--descending", action="store_true", help="curriculum: high scores first")
+  o.add_argument("--keep", help="subset: fragment names to feed, comma-separated")
+  o.add_argument("--steps", type=int, required=True)
+  o.add_argument("--batch-size", type=int, required=True)
+  o.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+  o.add_argument("--lr", type=float, default=1e-3)
+  o.add_argument("--weight-decay", type=float, default=0.0)
+  o.add_argument("--warmup-steps", type=int, default=0)
+  o.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+  o.add_argument("--seed", type=int, default=0, help="seed of the order's randomness")
+  o.add_argument("--run-id", help="run id in the header (default KIND-sSEED)")
+  o.add_argument("--out", required=True, help="order file to write")
+  o.add_argument("--force", action="store_true", help="overwrite an existing file")
+  o.set_defaults(func=cmd_orders)
+
+  s = sub.add_parser("simulate", help="simulate order files or runs; write simulated RunLogs")
+  s.add_argument("--data", required=True, help="fragments file (JSON Lines)")
+  s.add_argument("--orders", nargs="+", required=True, help="order files or RunLogs")
+  s.add_argument("--out", required=True, help="folder for the simulated RunLogs")
+  s.add_argument("--eval-every", type=int, default=20,
+                 help="eval spacing for inputs without evals (default 20)")
+  s.add_argument("--eval-train", type=int, default=4,
+                 help="train examples evaluated per fragment when the inputs name none")
+  s.add_argument("--chunk-size", type=int, default=64, help="orders per compiled batch")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+  _model_args(s)
+  s.set_defaults(func=cmd_simulate)
+
+  d = sub.add_parser("demo", help="the main job on the bundled data")
+  d.add_argument("--orders", type=int, default=256, help="simulated orders (default 256)")
+  d.add_argument("--out", default="surrogate-demo", help="folder for the results")
+  d.add_argument("--seed", type=int, default=0)
+  d.set_defaults(func=cmd_demo)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  _use_all_cores()
+  from surrogate.errors import DataError
+  try:
+    return args.func(args)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
