@@ -19,20 +19,12 @@ of the bad record. The Hugging Face integration is in `calibrate.hf`.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from calibrate.runlog import RunLogWriter
-from surrogate.errors import RunLogError
 from surrogate.fragments import Fragments
-
-
-def _number(x: Any) -> float:
-  """A Python float from a float, numpy/jax/torch scalar (`.item()`), or 0-d array."""
-  item = getattr(x, "item", None)
-  return float(item() if callable(item) else x)
 
 
 class Recorder:
@@ -76,12 +68,8 @@ class Recorder:
       RunLogError: unknown or probe id, non-finite loss, or a step out of order.
     """
     t = self.num_steps if step is None else step
-    loss_f = _number(loss)
-    if not math.isfinite(loss_f):
-      raise RunLogError(f"step {t}: the training loss is {loss_f}; the run diverged "
-                        "(the log so far stays valid)", path=self.path, field="loss")
-    self._writer.step(t, [str(i) for i in example_ids], loss=loss_f,
-                      lr=None if lr is None else _number(lr))
+    # The writer turns numpy/jax/torch scalars into floats and refuses non-finite ones.
+    self._writer.step(t, list(example_ids), loss=loss, lr=lr)
     return t
 
   def eval(self, step: int, losses: Mapping[str, Any]) -> None:
@@ -90,7 +78,7 @@ class Recorder:
     Raises:
       RunLogError: unknown id, non-finite loss, or a step beyond those recorded.
     """
-    self._writer.eval(step, {str(k): _number(v) for k, v in losses.items()})
+    self._writer.eval(step, dict(losses))
 
   def close(self) -> None:
     self._writer.close()

@@ -485,7 +485,8 @@ def _plain_float(v: Any) -> Any:
   if isinstance(v, numbers.Real) or (hasattr(v, "__float__")
                                      and getattr(v, "shape", None) == ()):
     try:
-      return float(v)
+      # `.item()` reads a torch loss that still requires grad without a warning.
+      return float(v.item() if hasattr(v, "item") else v)
     except (TypeError, ValueError, OverflowError):
       return v
   return v

@@ -63,6 +63,30 @@ def test_plain_torch_loop_recorder(frags, tmp_path):
   assert all(math.isfinite(s.loss) and s.lr == 1e-2 for s in log.steps)
 
 
+def test_optax_loop_recorder(frags, tmp_path):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  ids = [e.id for e in frags.examples]
+  feats = jnp.asarray([[len(e.text) / 100.0, float(frags.index[e.id] % 3)] for e in frags.examples])
+  params = {"w": jnp.zeros(2)}
+  opt = optax.sgd(0.1)
+  state = opt.init(params)
+  loss_fn = lambda p, x: jnp.mean((x @ p["w"] - 1.0) ** 2)
+  order = _order(frags, 4, 2)
+  path = tmp_path / "optax.jsonl"
+  with Recorder(path, frags, run_id="optax", model="linear",
+                optimizer={"name": "sgd", "lr": 0.1}, batch_size=2) as rec:
+    for row in order:
+      loss, grads = jax.value_and_grad(loss_fn)(params, feats[row])
+      updates, state = opt.update(grads, state)
+      params = optax.apply_updates(params, updates)
+      rec.step([ids[i] for i in row], loss, 0.1)  # a jax scalar is fine
+  log = read_runlog(path, frags)
+  np.testing.assert_array_equal(order_from_runlog(log, frags), order)
+  assert log.steps[-1].loss < log.steps[0].loss
+
+
 def test_recorder_rejects_bad_input_and_keeps_log_valid(frags, tmp_path):
   path = tmp_path / "bad.jsonl"
   train_id = frags.examples[int(frags.train_pools()[0][0])].id

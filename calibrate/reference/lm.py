@@ -26,15 +26,16 @@ import json
 import os
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+
+from calibrate.reference.runs import Task, run_all
 
 FORTUNE_DIR = "/usr/share/games/fortunes"
 CATEGORIES = ("people", "definitions", "computers", "songs-poems", "politics", "science",
               "zippy", "platitudes", "art", "linux", "startrek", "law")
 N_TRAIN, N_PROBE = 40, 10
-STEPS, BATCH, LENGTH, EVAL_EVERY, EVAL_TRAIN = 240, 16, 64, 20, 4
+LENGTH = 64
 OPTIMIZER = {"name": "adamw", "lr": 5e-4, "weight_decay": 0.01, "warmup_steps": 20,
              "schedule": "linear", "grad_clip": 1.0}
 MODEL_NAME = "gpt2-2x128"
@@ -148,43 +149,11 @@ def make_fragments(out: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The run set.
+# 4. The run set (calibrate.reference.runs).
 
 
-def order_plan(frags, scores: np.ndarray) -> list[tuple[str, dict, int, int]]:
-  """(run_id, order spec, order seed, training seed) of every run: 4 calibration shuffles,
-  16 structured held-out orders, and 4 of those again with another training seed (the noise
-  ceiling: same batches, other dropout)."""
-  f = len(frags.names)
-  rng = np.random.default_rng(7)
-  perms = [rng.permutation(f).tolist() for _ in range(4)]
-  easy_first = np.argsort(scores).tolist()
-  up = np.ones(f)
-  up[easy_first[-3:]] = 4.0  # up-weight the three hardest
-  down = np.ones(f)
-  down[easy_first[:4]] = 0.25  # down-weight the four easiest
-  leave = [rng.permutation(f)[:4].tolist() for _ in range(3)]
-  plan = [(f"shuffled-s{s}", {"kind": "shuffled"}, s, s) for s in range(4)]
-  plan += [(f"blocked-p{i}", {"kind": "blocked", "sequence": p}, 0, 0)
-           for i, p in enumerate(perms)]
-  plan += [("blocked-p0-reversed", {"kind": "blocked", "sequence": perms[0][::-1]}, 0, 0),
-           ("blocked-p0-twice", {"kind": "blocked", "sequence": perms[0] + perms[0]}, 0, 0)]
-  plan += [("interleaved", {"kind": "interleaved", "sequence": perms[1]}, 0, 0),
-           ("interleaved-rev", {"kind": "interleaved", "sequence": perms[1][::-1]}, 0, 0)]
-  plan += [("curriculum-easy-hard", {"kind": "curriculum", "scores": scores.tolist()}, 0, 0),
-           ("curriculum-hard-easy", {"kind": "curriculum", "scores": (-scores).tolist()}, 0, 0)]
-  plan += [("mixture-up-hard", {"kind": "mixture", "weights": up.tolist()}, 0, 0),
-           ("mixture-down-easy", {"kind": "mixture", "weights": down.tolist()}, 0, 0),
-           ("mixture-skewed", {"kind": "mixture",
-                               "weights": (1.0 + np.arange(f)[perms[2]]).tolist()}, 0, 0)]
-  plan += [(f"subset-{i}", {"kind": "subset", "keep": sorted(set(range(f)) - set(lv))}, 0, 0)
-           for i, lv in enumerate(leave)]
-  reruns = ("blocked-p0", "interleaved", "mixture-up-hard", "subset-0")
-  plan += [(f"{rid}-s1", spec, oseed, 1) for rid, spec, oseed, _ in list(plan) if rid in reruns]
-  return plan
-
-
-def _load_base(out: str):
+def load_base(out: str):
+  """A fresh copy of the pre-trained base and its tokenizer."""
   import transformers
   base = os.path.join(out, "base")
   tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(base, "tokenizer.json"),
@@ -192,65 +161,9 @@ def _load_base(out: str):
   return transformers.GPT2LMHeadModel.from_pretrained(base), tok
 
 
-def base_probe_losses(out: str, frags) -> np.ndarray:
-  """The pre-trained base's mean probe loss per fragment (the curriculum's difficulty)."""
-  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
-  model, tok = _load_base(out)
-  ds = FragmentsDataset(frags, tok, max_length=LENGTH)
-  losses = example_losses(model, ds, frags.probe_indices().tolist(), pad_collator(tok))
-  return np.array([np.mean([losses[frags.examples[i].id] for i in pool])
-                   for pool in frags.probe_pools()])
-
-
-def run_one(out: str, run_id: str, spec: dict, order_seed: int, seed: int) -> str:
-  """Fine-tunes the base on one order, recording it; returns the run's path."""
-  import jax
-  import torch
-  import transformers
-
-  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
-  from calibrate.recorders import Recorder
-  from surrogate.fragments import read_fragments
-  from surrogate.orders import OrderSpec
-  torch.set_num_threads(1)
-  path = os.path.join(out, "runs", f"{run_id}.jsonl")
-  if os.path.exists(path):
-    return path
-  frags = read_fragments(os.path.join(out, "fragments.jsonl"))
-  order = OrderSpec.from_dict(spec).generate(frags.train_pools(), key=jax.random.key(order_seed),
-                                             steps=STEPS, batch_size=BATCH)
-  model, tok = _load_base(out)
-  torch.manual_seed(seed)
-  model.train()
-  ds = FragmentsDataset(frags, tok, max_length=LENGTH)
-  collate = pad_collator(tok)
-  evals = frags.probe_indices().tolist() + [
-      i for pool in frags.train_pools() for i in pool[:EVAL_TRAIN].tolist()]
-  ids = [e.id for e in frags.examples]
-  opt = torch.optim.AdamW(model.parameters(), lr=OPTIMIZER["lr"],
-                          weight_decay=OPTIMIZER["weight_decay"])
-  sched = transformers.get_linear_schedule_with_warmup(opt, OPTIMIZER["warmup_steps"], STEPS)
-  tmp = path + ".partial"
-  t0 = time.time()
-  with Recorder(tmp, frags, run_id=run_id, model=MODEL_NAME, optimizer=OPTIMIZER,
-                batch_size=BATCH, seed=seed, overwrite=True, order_spec=spec,
-                order_seed=order_seed) as rec:
-    rec.eval(0, example_losses(model, ds, evals, collate))
-    for t in range(STEPS):
-      batch = collate([ds[i] for i in order[t]])
-      lr = sched.get_last_lr()[0]
-      loss = model(**batch).loss
-      opt.zero_grad()
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZER["grad_clip"])
-      opt.step()
-      sched.step()
-      rec.step([ids[i] for i in order[t]], loss, lr)
-      if (t + 1) % EVAL_EVERY == 0:
-        rec.eval(t + 1, example_losses(model, ds, evals, collate))
-  os.replace(tmp, path)  # only complete runs carry the final name
-  print(f"{run_id}: {time.time() - t0:.1f} s", flush=True)
-  return path
+def task(out: str) -> Task:
+  return Task(out=out, model_name=MODEL_NAME, optimizer=OPTIMIZER, max_length=LENGTH,
+              load=load_base)
 
 
 def main() -> None:
@@ -260,18 +173,11 @@ def main() -> None:
   args = p.parse_args()
   import torch
   torch.set_num_threads(1)
-  from surrogate.fragments import read_fragments
   make_fragments(args.out)
   t0 = time.time()
   make_base(args.out)
   print(f"base ready ({time.time() - t0:.0f} s)", flush=True)
-  frags = read_fragments(os.path.join(args.out, "fragments.jsonl"))
-  scores = base_probe_losses(args.out, frags)
-  plan = order_plan(frags, scores)
-  os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-  with ProcessPoolExecutor(args.workers) as pool:
-    list(pool.map(run_one, *zip(*[(args.out, *run) for run in plan])))
-  print(f"{len(plan)} runs in {args.out}/runs ({time.time() - t0:.0f} s in all)")
+  run_all(task(args.out), workers=args.workers)
 
 
 if __name__ == "__main__":

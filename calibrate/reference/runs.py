@@ -1,0 +1,153 @@
+"""The reference run set, shared by every task: which orders are run, and how one run goes.
+
+A task (`lm`, `cls`) names its base model, its fragments file and its optimizer; this
+module plans the 24 orders and fine-tunes the base on each, recording with `Recorder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+
+STEPS, BATCH, EVAL_EVERY, EVAL_TRAIN = 240, 16, 20, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One reference task.
+
+  Attributes:
+    out: its data folder (fragments.jsonl, base/, runs/).
+    model_name: written in the RunLogs' headers.
+    optimizer: the RunLog optimizer of its fine-tunes (AdamW, linear decay after warmup).
+    max_length: tokens per example.
+    load: `load(out) -> (model, tokenizer)`, a fresh copy of the pre-trained base.
+    labels: class names for a classification task, else None.
+  """
+  out: str
+  model_name: str
+  optimizer: dict[str, Any]
+  max_length: int
+  load: Callable[[str], tuple[Any, Any]]
+  labels: Sequence[str] | None = None
+
+
+def order_plan(num_fragments: int, scores: np.ndarray) -> list[tuple[str, dict, int, int]]:
+  """(run_id, order spec, order seed, training seed) of every run: 4 calibration shuffles,
+  16 structured held-out orders, and 4 of those again with another training seed (the noise
+  ceiling: same batches, other dropout)."""
+  f = num_fragments
+  rng = np.random.default_rng(7)
+  perms = [rng.permutation(f).tolist() for _ in range(4)]
+  easy_first = np.argsort(scores).tolist()
+  up = np.ones(f)
+  up[easy_first[-3:]] = 4.0  # up-weight the three hardest
+  down = np.ones(f)
+  down[easy_first[:4]] = 0.25  # down-weight the four easiest
+  leave = [rng.permutation(f)[: max(1, f // 3)].tolist() for _ in range(3)]
+  plan = [(f"shuffled-s{s}", {"kind": "shuffled"}, s, s) for s in range(4)]
+  plan += [(f"blocked-p{i}", {"kind": "blocked", "sequence": p}, 0, 0)
+           for i, p in enumerate(perms)]
+  plan += [("blocked-p0-reversed", {"kind": "blocked", "sequence": perms[0][::-1]}, 0, 0),
+           ("blocked-p0-twice", {"kind": "blocked", "sequence": perms[0] + perms[0]}, 0, 0)]
+  plan += [("interleaved", {"kind": "interleaved", "sequence": perms[1]}, 0, 0),
+           ("interleaved-rev", {"kind": "interleaved", "sequence": perms[1][::-1]}, 0, 0)]
+  plan += [("curriculum-easy-hard", {"kind": "curriculum", "scores": scores.tolist()}, 0, 0),
+           ("curriculum-hard-easy", {"kind": "curriculum", "scores": (-scores).tolist()}, 0, 0)]
+  plan += [("mixture-up-hard", {"kind": "mixture", "weights": up.tolist()}, 0, 0),
+           ("mixture-down-easy", {"kind": "mixture", "weights": down.tolist()}, 0, 0),
+           ("mixture-skewed", {"kind": "mixture",
+                               "weights": (1.0 + np.arange(f)[perms[2]]).tolist()}, 0, 0)]
+  plan += [(f"subset-{i}", {"kind": "subset", "keep": sorted(set(range(f)) - set(lv))}, 0, 0)
+           for i, lv in enumerate(leave)]
+  reruns = ("blocked-p0", "interleaved", "mixture-up-hard", "subset-0")
+  plan += [(f"{rid}-s1", spec, oseed, 1) for rid, spec, oseed, _ in list(plan) if rid in reruns]
+  return plan
+
+
+def _eval_positions(frags) -> list[int]:
+  return frags.probe_indices().tolist() + [
+      i for pool in frags.train_pools() for i in pool[:EVAL_TRAIN].tolist()]
+
+
+def base_probe_losses(task: Task, frags) -> np.ndarray:
+  """The pre-trained base's mean probe loss per fragment (the curricula's difficulty)."""
+  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
+  model, tok = task.load(task.out)
+  ds = FragmentsDataset(frags, tok, max_length=task.max_length, labels=task.labels)
+  losses = example_losses(model, ds, frags.probe_indices().tolist(), pad_collator(tok))
+  return np.array([np.mean([losses[frags.examples[i].id] for i in pool])
+                   for pool in frags.probe_pools()])
+
+
+def run_one(task: Task, run_id: str, spec: dict, order_seed: int, seed: int) -> str:
+  """Fine-tunes the base on one order, recording it; returns the run's path.
+
+  The log is written as `NAME.jsonl.partial` and renamed when complete, so a killed job
+  leaves no half run under a final name, and a rerun skips finished runs.
+  """
+  import jax
+  import torch
+  import transformers
+
+  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
+  from calibrate.recorders import Recorder
+  from surrogate.fragments import read_fragments
+  from surrogate.orders import OrderSpec
+  torch.set_num_threads(1)
+  path = os.path.join(task.out, "runs", f"{run_id}.jsonl")
+  if os.path.exists(path):
+    return path
+  frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))
+  order = OrderSpec.from_dict(spec).generate(frags.train_pools(), key=jax.random.key(order_seed),
+                                             steps=STEPS, batch_size=BATCH)
+  model, tok = task.load(task.out)
+  torch.manual_seed(seed)
+  model.train()
+  ds = FragmentsDataset(frags, tok, max_length=task.max_length, labels=task.labels)
+  collate = pad_collator(tok)
+  evals = _eval_positions(frags)
+  ids = [e.id for e in frags.examples]
+  opt_cfg = task.optimizer
+  opt = torch.optim.AdamW(model.parameters(), lr=opt_cfg["lr"],
+                          weight_decay=opt_cfg["weight_decay"])
+  sched = transformers.get_linear_schedule_with_warmup(opt, opt_cfg["warmup_steps"], STEPS)
+  tmp = path + ".partial"
+  t0 = time.time()
+  with Recorder(tmp, frags, run_id=run_id, model=task.model_name, optimizer=opt_cfg,
+                batch_size=BATCH, seed=seed, overwrite=True, order_spec=spec,
+                order_seed=order_seed) as rec:
+    rec.eval(0, example_losses(model, ds, evals, collate))
+    for t in range(STEPS):
+      batch = collate([ds[i] for i in order[t]])
+      lr = sched.get_last_lr()[0]
+      loss = model(**batch).loss
+      opt.zero_grad()
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg["grad_clip"])
+      opt.step()
+      sched.step()
+      rec.step([ids[i] for i in order[t]], loss.detach(), lr)
+      if (t + 1) % EVAL_EVERY == 0:
+        rec.eval(t + 1, example_losses(model, ds, evals, collate))
+  os.replace(tmp, path)
+  print(f"{run_id}: {time.time() - t0:.1f} s", flush=True)
+  return path
+
+
+def run_all(task: Task, workers: int = 2) -> None:
+  """Plans the orders from the base's probe losses and runs every one not yet on disk."""
+  from surrogate.fragments import read_fragments
+  frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))
+  plan = order_plan(len(frags.names), base_probe_losses(task, frags))
+  os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
+  t0 = time.time()
+  with ProcessPoolExecutor(workers) as pool:
+    list(pool.map(run_one, *zip(*[(task, *run) for run in plan])))
+  print(f"{len(plan)} runs in {task.out}/runs ({time.time() - t0:.0f} s)")
