@@ -160,13 +160,18 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def _train_step_fn(tokens_ExL1, mask_ExL, knobs: optim.Knobs, opt, opt_cfg, model_cfg):
-  """The scan body of training: one optimizer step on the batch `idx_B` at rate `lr`.
+def _trainer(tokens_ExL1, mask_ExL, knobs: optim.Knobs, opt_cfg, model_cfg):
+  """The training loop's pieces: `start(params0) -> carry` and the scan body `train_step`.
 
-  Carry: (params, opt_state, diverged_step, t). A step whose loss or new parameters are not
-  finite marks the run diverged; from then on, and on steps with no example, nothing moves.
+  Carry: (params, opt_state, diverged_step, t); the body takes one optimizer step on the
+  batch `idx_B` at rate `lr`. A step whose loss or new parameters are not finite marks the
+  run diverged; from then on, and on steps with no example, nothing moves.
   """
+  opt = optim.make_optimizer(opt_cfg)
   wd = opt_cfg.weight_decay * knobs.weight_decay_scale
+
+  def start(params0):
+    return (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0))
 
   def train_step(carry, xs):
     params, opt_state, diverged_step, t = carry
@@ -186,7 +191,7 @@ def _train_step_fn(tokens_ExL1, mask_ExL, knobs: optim.Knobs, opt, opt_cfg, mode
                                      (new_params, new_state), (params, opt_state))
     return (params, opt_state, diverged_step, t + 1), jnp.where(valid_B.any(), loss, jnp.nan)
 
-  return train_step
+  return start, train_step
 
 
 def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
@@ -197,10 +202,8 @@ def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   The same step rule as `simulate` (used for pre-training and wherever only the end state
   matters).
   """
-  opt = optim.make_optimizer(opt_cfg)
-  step = _train_step_fn(tokens_ExL1, mask_ExL, knobs, opt, opt_cfg, model_cfg)
-  carry0 = (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0))
-  (params, _, diverged_step, _), loss_T = jax.lax.scan(step, carry0, (order_TxB, lr_T))
+  start, step = _trainer(tokens_ExL1, mask_ExL, knobs, opt_cfg, model_cfg)
+  (params, _, diverged_step, _), loss_T = jax.lax.scan(step, start(params0), (order_TxB, lr_T))
   return params, loss_T, diverged_step
 
 
@@ -229,16 +232,15 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   order_SxKxB = jnp.concatenate(
       [order_TxB, jnp.full((pad, order_TxB.shape[1]), -1, order_TxB.dtype)]).reshape(segs, k, -1)
   lr_SxK = jnp.concatenate([lr_T, jnp.zeros((pad,), lr_T.dtype)]).reshape(segs, k)
-  opt = optim.make_optimizer(opt_cfg)
-  train_step = _train_step_fn(data.tokens_ExL1, data.mask_ExL, knobs, opt, opt_cfg, model_cfg)
+  start, train_step = _trainer(data.tokens_ExL1, data.mask_ExL, knobs, opt_cfg, model_cfg)
   ref = diag_lib.capture(params0, data.probes, model_cfg) if plan.diagnostics else None
 
   def segment(carry, xs):
     carry, loss_K = jax.lax.scan(train_step, carry, xs)
     return carry, (loss_K, _checkpoint(carry[0], data, ref, model_cfg, plan))
 
-  carry0 = (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0))
-  carry, (loss_SxK, (eval_SxM, diag_S)) = jax.lax.scan(segment, carry0, (order_SxKxB, lr_SxK))
+  carry, (loss_SxK, (eval_SxM, diag_S)) = jax.lax.scan(segment, start(params0),
+                                                       (order_SxKxB, lr_SxK))
   eval0_M, diag0 = _checkpoint(params0, data, ref, model_cfg, plan)
   stack = lambda first, rest: jnp.concatenate([first[None], rest])
   eval_CxM = stack(eval0_M, eval_SxM)
