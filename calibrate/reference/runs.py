@@ -50,7 +50,11 @@ def order_plan(num_fragments: int, scores: np.ndarray) -> list[tuple[str, dict, 
   up[easy_first[-3:]] = 4.0  # up-weight the three hardest
   down = np.ones(f)
   down[easy_first[:4]] = 0.25  # down-weight the four easiest
-  leave = [rng.permutation(f)[: max(1, f // 3)].tolist() for _ in range(3)]
+  leave: list[list[int]] = []
+  while len(leave) < 3:  # three different subsets (few fragments make repeats likely)
+    lv = sorted(rng.permutation(f)[: max(1, f // 3)].tolist())
+    if lv not in leave:
+      leave.append(lv)
   plan = [(f"shuffled-s{s}", {"kind": "shuffled"}, s, s) for s in range(4)]
   plan += [(f"blocked-p{i}", {"kind": "blocked", "sequence": p}, 0, 0)
            for i, p in enumerate(perms)]
