@@ -106,7 +106,7 @@ def _sim_worker(job: dict) -> dict:
   from surrogate import optim
   from surrogate.simulate import SimPlan, simulate, simulate_many
   n, chunk = job["n"], job.get("chunk", 64)
-  prep, cfg, opt, orders = _workload(job["cfg"], 2 * n if job.get("warm_separately") else n + 1)
+  prep, cfg, opt, orders = _workload(job["cfg"], n + 1)  # the extra order warms up
   plan = SimPlan(eval_every=EVAL_EVERY, diagnostics=job.get("diagnostics", True))
   params0 = model_lib.init_params(jax.random.key(1), cfg)
   lr = optim.learning_rates(opt, STEPS)

@@ -8,6 +8,7 @@ per fragment how far its probe loss falls and which family of orders serves it b
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -108,7 +109,6 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
              "seconds_per_order": per_order, "diverged": diverged,
              "orders": [s.to_dict() for s in specs]}
   atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
-  import io
   buf = io.BytesIO()
   np.savez_compressed(buf, eval_loss_NxCxM=traj.eval_loss_CxM, train_loss_NxT=traj.train_loss_T,
                       diverged_step_N=traj.diverged_step,
