@@ -74,10 +74,11 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
   print(f"pre-trained {len(pre_loss)} steps on {len(corpus.tokens_ExL1)} paragraphs of the "
         f"manual's other topics (loss {float(pre_loss[:20].mean()):.2f} -> "
         f"{float(pre_loss[-20:].mean()):.2f})")
+  plan = SimPlan(eval_every=25, diagnostics=True)
   t_sim = time.perf_counter()
   traj = simulate_many(params0, optim.Knobs.identity(), np.stack(order_list),
                        optim.learning_rates(opt, steps), prep.data, model_cfg=cfg, opt_cfg=opt,
-                       plan=SimPlan(eval_every=25, diagnostics=True))
+                       plan=plan)
   sim_seconds = time.perf_counter() - t_sim
   probe_NxCxF = traj.eval_loss_CxM @ np.asarray(prep.data.probe_weight_FxM).T
   start_F, final_NxF = probe_NxCxF[0, 0], probe_NxCxF[:, -1]
@@ -112,7 +113,7 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
   buf = io.BytesIO()
   np.savez_compressed(buf, eval_loss_NxCxM=traj.eval_loss_CxM, train_loss_NxT=traj.train_loss_T,
                       diverged_step_N=traj.diverged_step,
-                      checkpoint_steps_C=SimPlan(eval_every=25).checkpoint_steps(steps))
+                      checkpoint_steps_C=plan.checkpoint_steps(steps))
   atomic_write(os.path.join(out, "trajectories.npz"), buf.getvalue())
   print(f"wrote {out}/summary.json and {out}/trajectories.npz")
   return 0
