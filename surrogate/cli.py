@@ -1,7 +1,10 @@
-"""The `surrogate` command line: `orders`, `simulate`, `demo`.
+"""The `surrogate` command line: `orders`, `fit`, `validate`, `simulate`, `demo`.
 
   surrogate orders --data F --kind blocked --sequence a,b,c --steps 200 --batch-size 16 --out o.jsonl
-  surrogate simulate --data F --orders o1.jsonl o2.jsonl --out DIR
+  surrogate fit --data F --runs r1.jsonl r2.jsonl r3.jsonl --out sim/
+  surrogate validate --sim sim/ --runs h1.jsonl h2.jsonl ... [--json]
+  surrogate simulate --sim sim/ --orders o1.jsonl h1.jsonl --out DIR   (predicted, real scale)
+  surrogate simulate --data F --orders o1.jsonl o2.jsonl --out DIR    (raw surrogate)
   surrogate demo
 
 Run `surrogate COMMAND --help` for every option.
@@ -100,8 +103,85 @@ def cmd_orders(args) -> int:
   return 0
 
 
+def _read_runs(paths: Sequence[str], frags) -> list:
+  from calibrate.runlog import read_runlog
+  return [read_runlog(p, frags) for p in paths]
+
+
+def cmd_fit(args) -> int:
+  from calibrate.fit import FitConfig, fit
+  from surrogate.fragments import read_fragments
+  frags = read_fragments(args.data)
+  runs = _read_runs(args.runs, frags)
+  config = FitConfig(seeds=args.seeds, pretrain_steps=args.pretrain_steps,
+                     lr_scales=tuple(float(x) for x in args.lr_scales.split(",")))
+  sim = fit(frags, runs, model_cfg=_model_cfg(args), config=config, seed=args.seed,
+            progress=not args.quiet)
+  sim.save(args.out)
+  info = sim.info
+  gain = info["gain"]
+  loo = info["leave_one_run_out"]
+  print(f"calibrated on {len(runs)} runs ({', '.join(info['calibration_runs'])}) in "
+        f"{info['seconds']['total']:.0f} s")
+  print(f"  learning-rate scale {info['lr_scale']:g} (shape misfit per candidate: "
+        + ", ".join(f"x{c['lr_scale']:g}: {c['shape_misfit']:.4f}" for c in info["knob_candidates"])
+        + ")")
+  print(f"  common gain {gain['common_gain']:.2f} +- {gain['common_gain_sd']:.2f} "
+        f"(weight of the runs against the prior: {gain['data_weight']:.2f})")
+  print(f"  fit MSE of fragment probe losses: {info['fit_mse']:.5f}")
+  if loo:
+    print(f"  leave-one-run-out MSE: {loo['mse']:.5f} (order-agnostic mean: "
+          f"{loo['order_agnostic_mse']:.5f})")
+  print(f"wrote {args.out}")
+  return 0
+
+
+def cmd_validate(args) -> int:
+  from calibrate.simulator import Simulator
+  from calibrate.validate import validate
+  sim = Simulator.load(args.sim)
+  report = validate(sim, _read_runs(args.runs, sim.fragments), level=args.level,
+                    progress=not args.quiet and not args.json)
+  print(report.to_json() if args.json else report.format_table())
+  return 0
+
+
+def _simulate_calibrated(args) -> int:
+  from calibrate.predict import wanted_eval_steps
+  from calibrate.runlog import write_runlog
+  from calibrate.simulator import Simulator
+  from surrogate.errors import CalibrationError
+  from surrogate.fragments import sha256_file
+  sim = Simulator.load(args.sim)
+  if args.data and sha256_file(args.data) != sim.fragments.sha256:
+    raise CalibrationError(f"{args.data} is not the fragments file the simulator was "
+                           "calibrated on (sha256 differs)")
+  runs = _read_runs(args.orders, sim.fragments)
+  groups: dict[tuple, list[int]] = {}
+  for i, r in enumerate(runs):
+    groups.setdefault(tuple(wanted_eval_steps(r)), []).append(i)
+  os.makedirs(args.out, exist_ok=True)
+  t0 = time.perf_counter()
+  for members in groups.values():
+    group = [runs[i] for i in members]
+    pred = sim.predict(group, progress=not args.quiet, chunk_size=args.chunk_size)
+    for i, log in zip(members, sim.predicted_runlogs(group, pred)):
+      out = os.path.join(args.out, os.path.basename(args.orders[i]))
+      write_runlog(out, log)
+      bad = log.header.extra.get("diverged_seeds")
+      print(f"wrote {out}" + (f" (surrogate seeds {bad} diverged)" if bad else ""))
+  print(f"predicted {len(runs)} runs in {time.perf_counter() - t0:.1f} s "
+        f"({sim.num_seeds} surrogate seeds each)")
+  return 0
+
+
 def cmd_simulate(args) -> int:
   import jax
+
+  if args.sim:
+    return _simulate_calibrated(args)
+  if not args.data:
+    raise SystemExit("surrogate simulate: give --sim (a fitted simulator) or --data")
 
   from calibrate.predict import simulate_runs
   from calibrate.runlog import read_runlog, write_runlog
@@ -165,8 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
   o.add_argument("--force", action="store_true", help="overwrite an existing file")
   o.set_defaults(func=cmd_orders)
 
+  f = sub.add_parser("fit", help="calibrate the surrogate to real runs; write a simulator")
+  f.add_argument("--data", required=True, help="fragments file the runs were recorded on")
+  f.add_argument("--runs", nargs="+", required=True, help="calibration RunLogs (2-4 is typical)")
+  f.add_argument("--out", required=True, help="folder for the simulator")
+  f.add_argument("--seeds", type=int, default=4, help="surrogate seeds in the ensemble (4)")
+  f.add_argument("--pretrain-steps", type=int, default=800,
+                 help="pre-training steps on neutral text per seed (800)")
+  f.add_argument("--lr-scales", default="0.5,1,2",
+                 help="candidate learning-rate scales, comma-separated (0.5,1,2)")
+  f.add_argument("--quiet", action="store_true", help="no progress bar")
+  _model_args(f)
+  f.set_defaults(func=cmd_fit)
+
+  v = sub.add_parser("validate", help="accuracy of a simulator on held-out real runs")
+  v.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
+  v.add_argument("--runs", nargs="+", required=True, help="held-out RunLogs (not calibration)")
+  v.add_argument("--level", type=float, default=0.8, help="interval level for coverage (0.8)")
+  v.add_argument("--json", action="store_true", help="print the figures as JSON")
+  v.add_argument("--quiet", action="store_true", help="no progress bar")
+  v.set_defaults(func=cmd_validate)
+
   s = sub.add_parser("simulate", help="simulate order files or runs; write simulated RunLogs")
-  s.add_argument("--data", required=True, help="fragments file (JSON Lines)")
+  s.add_argument("--sim", help="a fitted simulator: predict real-scale RunLogs with intervals")
+  s.add_argument("--data", help="fragments file (required without --sim; checked with it)")
   s.add_argument("--orders", nargs="+", required=True, help="order files or RunLogs")
   s.add_argument("--out", required=True, help="folder for the simulated RunLogs")
   s.add_argument("--eval-every", type=int, default=20,
@@ -189,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   _use_all_cores()
-  from surrogate.errors import DataError
+  from surrogate.errors import CalibrationError, DataError
   try:
     return args.func(args)
-  except DataError as e:
+  except (DataError, CalibrationError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 

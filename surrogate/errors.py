@@ -30,3 +30,7 @@ class FragmentsError(DataError):
 
 class RunLogError(DataError):
   """A RunLog (JSON Lines of header, step and eval records) is malformed."""
+
+
+class CalibrationError(ValueError):
+  """Runs cannot be calibrated on, predicted or validated as asked (the message says why)."""

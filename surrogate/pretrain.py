@@ -54,3 +54,36 @@ def pretrain(params: model_lib.Params, corpus: Tokenized, *, model_cfg: model_li
   if int(diverged) >= 0:
     raise FloatingPointError(f"pre-training diverged at step {int(diverged)}")
   return params, loss_T
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "steps", "batch_size"))
+def _pretrain_ensemble(keys_S, tokens_ExL1, mask_ExL, *, model_cfg, opt_cfg, steps, batch_size):
+  def one(key):
+    k_init, k_batches = jax.random.split(key)
+    params = model_lib.init_params(k_init, model_cfg)
+    return _pretrain(params, tokens_ExL1, mask_ExL, k_batches, model_cfg=model_cfg,
+                     opt_cfg=opt_cfg, steps=steps, batch_size=batch_size)
+  return jax.vmap(one)(keys_S)
+
+
+def pretrain_ensemble(corpus: Tokenized, *, model_cfg: model_lib.ModelConfig, key: jax.Array,
+                      seeds: int, steps: int = 800, batch_size: int = 16,
+                      opt_cfg: optim.OptimizerConfig = DEFAULT_PRETRAIN_OPT):
+  """`seeds` surrogates, each from its own initialisation and batches, pre-trained at once.
+
+  Averaging a few seeds steadies the simulated order effects (DESIGN.md: one seed's
+  Kendall tau of orders swung 0.56-0.74), and their spread is part of the uncertainty.
+
+  Returns:
+    (params, loss_SxT): parameters with a leading seed axis, and each seed's step losses.
+
+  Raises:
+    FloatingPointError: a seed's pre-training diverged.
+  """
+  params, loss_SxT, diverged_S = _pretrain_ensemble(
+      jax.random.split(key, seeds), jnp.asarray(corpus.tokens_ExL1), jnp.asarray(corpus.mask_ExL),
+      model_cfg=model_cfg, opt_cfg=opt_cfg, steps=steps, batch_size=batch_size)
+  bad = [int(s) for s in jnp.nonzero(diverged_S >= 0)[0]]
+  if bad:
+    raise FloatingPointError(f"pre-training diverged for seeds {bad}")
+  return params, loss_SxT

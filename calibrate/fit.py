@@ -1,0 +1,333 @@
+"""`fit`: calibrate the surrogate to a few real runs, giving a `Simulator`.
+
+What is fitted, and why this way (DESIGN.md, last section):
+
+1. **Initial state.** An ensemble of surrogate seeds is pre-trained on neutral text (never
+   the fragments), so each starts knowing language, as the real pretrained model does. What
+   the real model already knows of each example is taken from the runs' step-0 evals: the
+   anchor below starts exactly there.
+2. **Optimizer knobs.** The real runs' optimizer, schedule and logged learning rates are used
+   as they are; a learning-rate scale and a weight-decay scale are chosen from a grid: every
+   candidate x seed x calibration order is simulated at once (`vmap`), and the candidate whose
+   per-fragment loss curves best match the real curves' shape (an affine map per fragment,
+   so only the shape counts) wins, with a prior that favours the real settings.
+3. **Output map: the anchored gain.** Real loss = the calibration runs' mean real trajectory
+   + gain_f x (the surrogate's trajectory for this order - its mean over the calibration
+   orders). The gains are Bayesian ridge estimates: the calibration deviations move them
+   only as far as they carry order effects larger than `effect_noise`; otherwise they stay
+   at the prior (shuffled runs barely differ, so they cannot tell the gain).
+4. **Uncertainty.** Seeds x gain quantiles form an ensemble; leave-one-run-out residuals on
+   the calibration runs add the spread the ensemble does not show.
+5. **Baselines** on the same runs (order-agnostic mean, Simfluence-linear) are fitted too and
+   saved with the simulator, so `validate` can report them beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calibrate.baselines import SimfluenceLinear, fragment_shares
+from calibrate.metrics import fragment_means
+from calibrate.predict import plan_for
+from calibrate.runlog import RunLog, learning_rates_from_runlog, order_from_runlog
+from calibrate.simulator import Simulator, _positions
+from surrogate import model as model_lib
+from surrogate import optim
+from surrogate.datasets import python_docs_neutral
+from surrogate.errors import CalibrationError
+from surrogate.fragments import Fragments
+from surrogate.prepare import prepare
+from surrogate.pretrain import pretrain_ensemble
+from surrogate.simulate import simulate_many
+from surrogate.tokenize import encode_texts
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """Settings of `fit`. The defaults are what the docs' figures were measured with.
+
+  Attributes:
+    seeds: surrogate seeds in the ensemble.
+    pretrain_steps: steps of pre-training on neutral text per seed.
+    lr_scales, weight_decay_scales: the candidate knobs (every combination is simulated).
+    knob_prior_sd: sd of the prior on log(scale), centred on the real settings.
+    gain_prior, gain_prior_sd: prior of the common gain. The default 2.5 is DESIGN.md's
+      finding on other real runs (the surrogate's order effects were 2-3x too small).
+    fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
+    effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
+      treated as noise when fitting gains.
+    min_steps: runs shorter than this cannot be fitted.
+    chunk_size: orders per compiled simulation call.
+  """
+  seeds: int = 4
+  pretrain_steps: int = 800
+  lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+  weight_decay_scales: tuple[float, ...] = (1.0,)
+  knob_prior_sd: float = 0.35
+  gain_prior: float = 2.5
+  gain_prior_sd: float = 1.0
+  fragment_gain_sd: float = 0.5
+  effect_noise: float = 0.05
+  min_steps: int = 10
+  chunk_size: int = 32
+
+
+class FitError(CalibrationError):
+  """The runs cannot be fitted (mixed optimizers, other data, too short, no probes...)."""
+
+
+def check_runs(fragments: Fragments, runs: Sequence[RunLog], *, min_steps: int = 10) -> None:
+  """Raises `FitError` naming the run and the problem if `runs` cannot be calibrated on.
+
+  Warns (UserWarning) on a single run: its gain and intervals then rest on the priors.
+  """
+  if not runs:
+    raise FitError("fit needs at least one real run with evals")
+  first = runs[0]
+  for r in runs:
+    where = f"run {r.header.run_id!r}" + (f" ({r.path})" if r.path else "")
+    if r.header.dataset_sha256.lower() != fragments.sha256:
+      raise FitError(f"{where} was recorded on another fragments file: its dataset_sha256 "
+                     f"{r.header.dataset_sha256[:12]}... is not {fragments.sha256[:12]}...")
+    if r.is_order_file:
+      raise FitError(f"{where} has no evals: an order file cannot calibrate")
+    if r.header.optimizer != first.header.optimizer:
+      raise FitError(f"{where} uses optimizer {r.header.optimizer}, but "
+                     f"{first.header.run_id!r} uses {first.header.optimizer}: calibrate on runs "
+                     "of one optimizer setting")
+    if r.num_steps != first.num_steps or r.header.batch_size != first.header.batch_size:
+      raise FitError(f"{where} has {r.num_steps} steps of batch {r.header.batch_size}, but "
+                     f"{first.header.run_id!r} has {first.num_steps} of {first.header.batch_size}")
+    if r.num_steps < min_steps:
+      raise FitError(f"{where} is too short to fit: {r.num_steps} steps (at least {min_steps})")
+    steps = r.eval_steps
+    if len(set(steps)) < 2 or 0 not in steps:
+      raise FitError(f"{where} is too short to fit: it needs evals at step 0 and at least one "
+                     f"later step, it has steps {sorted(set(steps))}")
+    if sorted(set(steps)) != sorted(set(first.eval_steps)):
+      raise FitError(f"{where} is evaluated at steps {sorted(set(steps))}, "
+                     f"{first.header.run_id!r} at {sorted(set(first.eval_steps))}")
+    probes = {fragments.examples[i].id for i in fragments.probe_indices()}
+    for ev in r.evals:
+      missing = probes - ev.losses.keys()
+      if missing:
+        raise FitError(f"{where}: the eval at step {ev.step} lacks probe examples, e.g. "
+                       f"{sorted(missing)[:3]}; calibration needs every probe at every eval")
+  if len(runs) == 1:
+    warnings.warn("fitting on a single run: the order-effect gain stays at its prior and the "
+                  "intervals show only the seed spread; record 2-4 runs (ideally with "
+                  "different orders) for a real calibration", UserWarning, stacklevel=3)
+
+
+def _real_losses(runs: Sequence[RunLog], eval_ids: Sequence[str]):
+  """[R, C, M] real losses at each run's distinct eval steps (the last record of a step)."""
+  out = []
+  for r in runs:
+    by_step = {ev.step: ev.losses for ev in r.evals}
+    out.append([[by_step[s][i] for i in eval_ids] for s in sorted(by_step)])
+  return np.array(out, np.float64)
+
+
+def _shape_misfit(sur_RxCxF: np.ndarray, real_RxCxF: np.ndarray) -> float:
+  """Mean residual of the best affine map, per fragment, from surrogate to real curves."""
+  res = []
+  for f in range(real_RxCxF.shape[-1]):
+    x, y = sur_RxCxF[..., f].ravel(), real_RxCxF[..., f].ravel()
+    if not np.isfinite(x).all() or not np.isfinite(y).all():
+      return float("inf")
+    a = np.stack([x, np.ones_like(x)], 1)
+    coef = np.linalg.lstsq(a, y, rcond=None)[0]
+    res.append(np.mean((a @ coef - y) ** 2))
+  return float(np.nanmean(res))
+
+
+def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
+  """Bayesian ridge gains of the anchored map, common and per fragment.
+
+  Each (run, fragment) trajectory is one observation: x = mean over checkpoints of the
+  seed-mean surrogate's squared deviation from its calibration mean, less the part that is
+  seed noise (an errors-in-variables correction: noise in x would shrink the gain), and
+  xy = mean of its product with the real deviation; observation noise is `effect_noise`^2.
+
+  Returns:
+    (gain_F, gain_sd_F, info): posterior means and sds, and the common gain's posterior.
+  """
+  n_s = sur_SxRxCxF.shape[0]
+  sur_RxCxF = sur_SxRxCxF.mean(0)
+  dr = real_RxCxF - real_RxCxF.mean(0, keepdims=True)
+  ds = sur_RxCxF - sur_RxCxF.mean(0, keepdims=True)
+  seed_var = sur_SxRxCxF.var(0, ddof=1) / n_s if n_s > 1 else np.zeros_like(ds)
+  x_RxF = np.maximum((ds * ds - seed_var)[:, 1:].mean(1), 0.0)
+  xy_RxF = (dr * ds)[:, 1:].mean(1)
+  noise = cfg.effect_noise ** 2
+  prec = 1 / cfg.gain_prior_sd ** 2 + x_RxF.sum() / noise
+  g = (cfg.gain_prior / cfg.gain_prior_sd ** 2 + xy_RxF.sum() / noise) / prec
+  g_sd = prec ** -0.5
+  prior_var_f = cfg.fragment_gain_sd ** 2 + g_sd ** 2
+  prec_f = 1 / prior_var_f + x_RxF.sum(0) / noise
+  gain_F = (g / prior_var_f + xy_RxF.sum(0) / noise) / prec_f
+  info = {"common_gain": float(g), "common_gain_sd": float(g_sd),
+          "data_weight": float(1 - (1 / cfg.gain_prior_sd ** 2) / prec)}
+  return np.maximum(gain_F, 0.0), prec_f ** -0.5, info
+
+
+def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
+  """Leave-one-run-out residuals of the anchored map on the calibration runs.
+
+  Returns:
+    (frag_sd_CxF, example_sd_CxM, loo): the spread of fragment-mean probe residuals, of
+    each example's residual around its fragment's, and the leave-one-out MSEs (map and
+    order-agnostic) on fragment probe means.
+  """
+  r = real_RxCxM.shape[0]
+  c, m = real_RxCxM.shape[1:]
+  if r < 2:
+    return np.zeros((c, num_f)), np.zeros((c, m)), None
+  frag_res, ex_res, mse_map, mse_mean = [], [], [], []
+  for out in range(r):
+    keep = [i for i in range(r) if i != out]
+    anchor = real_RxCxM[keep].mean(0)
+    real_f = fragment_means(real_RxCxM[keep], frag_M, probe_M, num_f)
+    sur_f = fragment_means(np.moveaxis(sur_RxSxCxM[keep], 1, 0), frag_M, probe_M, num_f)
+    gain_F = fit_gains(real_f, sur_f, cfg)[0]
+    dev = sur_RxSxCxM[out].mean(0) - sur_RxSxCxM[keep].mean((0, 1))
+    pred = anchor + gain_F[frag_M] * dev
+    res = real_RxCxM[out] - pred
+    res_f = fragment_means(res, frag_M, probe_M, num_f)
+    frag_res.append(res_f)
+    ex_res.append(res - res_f[:, frag_M])
+    real_out_f = fragment_means(real_RxCxM[out], frag_M, probe_M, num_f)
+    mse_map.append(np.mean(res_f ** 2))
+    mse_mean.append(np.mean((fragment_means(anchor, frag_M, probe_M, num_f) - real_out_f) ** 2))
+  frag_sd = np.sqrt(np.mean(np.square(frag_res), 0))
+  ex_sd = np.sqrt(np.mean(np.square(ex_res), 0))
+  loo = {"mse": float(np.mean(mse_map)), "order_agnostic_mse": float(np.mean(mse_mean))}
+  return frag_sd, ex_sd, loo
+
+
+def fit(fragments: Fragments, runs: Sequence[RunLog], *,
+        model_cfg: model_lib.ModelConfig = model_lib.ModelConfig(),
+        config: FitConfig = FitConfig(), seed: int = 0, neutral_texts: Sequence[str] | None = None,
+        progress: bool = True) -> Simulator:
+  """Calibrates the surrogate to real runs of `fragments`.
+
+  Args:
+    fragments: the data set the runs were recorded on.
+    runs: the calibration runs (RunLogs with evals), of one optimizer setting and length.
+    model_cfg: the surrogate's shape.
+    config: fit settings.
+    seed: drives every random choice (initialisations, pre-training batches).
+    neutral_texts: pre-training text (default: paragraphs of Python's reference manual from
+      `pydoc_data`, which ships with Python). It must not contain the fragments' examples.
+    progress: show progress bars.
+
+  Returns:
+    The calibrated `Simulator`; `sim.info` says how the fit went.
+
+  Raises:
+    FitError: the runs cannot be calibrated on (see `check_runs`).
+  """
+  t0 = time.perf_counter()
+  check_runs(fragments, runs, min_steps=config.min_steps)
+  first = runs[0]
+  opt_cfg = optim.OptimizerConfig.from_dict(first.header.optimizer)
+  evaluated = {i for r in runs for ev in r.evals for i in ev.losses}
+  common = [i for i in evaluated if all(i in ev.losses for r in runs for ev in r.evals)]
+  train_pos = sorted(p for p in _positions(fragments, common) if fragments.split_of[p] == 0)
+  key = jax.random.key(seed)
+  k_prep, k_pre = jax.random.split(key)
+  prep = prepare(fragments, model_cfg, key=k_prep, eval_train=train_pos, diag_probes=1)
+  eval_ids = prep.eval_ids()
+  frag_M = fragments.fragment_of[_positions(fragments, eval_ids)]
+  probe_M = fragments.split_of[_positions(fragments, eval_ids)] == 1
+  num_f = len(fragments.names)
+
+  corpus = encode_texts(prep.tokenizer, list(neutral_texts or python_docs_neutral()),
+                        model_cfg.length)
+  params_S, _ = pretrain_ensemble(corpus, model_cfg=model_cfg, key=k_pre, seeds=config.seeds,
+                                  steps=config.pretrain_steps)
+  t_pre = time.perf_counter() - t0
+
+  # Every (candidate knobs, seed, calibration order) at once.
+  cands = list(itertools.product(config.lr_scales, config.weight_decay_scales))
+  n_k, n_s, n_r = len(cands), config.seeds, len(runs)
+  steps_C = np.array(sorted(set(first.eval_steps)))
+  orders = np.stack([order_from_runlog(r, fragments) for r in runs])
+  base_lr = optim.learning_rates(opt_cfg, first.num_steps)
+  lrs = np.stack([_lrs(r, base_lr) for r in runs])
+  idx_k, idx_s, idx_r = (a.ravel() for a in np.meshgrid(np.arange(n_k), np.arange(n_s),
+                                                        np.arange(n_r), indexing="ij"))
+  knobs = optim.Knobs(jnp.asarray([cands[k][0] for k in idx_k], jnp.float32),
+                      jnp.asarray([cands[k][1] for k in idx_k], jnp.float32))
+  plan = dataclasses.replace(plan_for(runs), diagnostics=False)
+  ckpt = plan.checkpoint_steps(first.num_steps)
+  traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[idx_s], params_S), knobs,
+                       orders[idx_r], lrs[idx_r], prep.data, model_cfg=model_cfg,
+                       opt_cfg=opt_cfg, plan=plan, chunk_size=config.chunk_size,
+                       progress=progress)
+  sur = traj.eval_loss_CxM[:, np.searchsorted(ckpt, steps_C)]
+  sur = sur.reshape(n_k, n_s, n_r, len(steps_C), -1).astype(np.float64)
+  diverged = traj.diverged_step.reshape(n_k, n_s, n_r)
+  real = _real_losses(runs, eval_ids)
+
+  # Knobs: shape of the per-fragment curves (probe and train means), plus the prior.
+  scores = []
+  for k, (lr_s, wd_s) in enumerate(cands):
+    if (diverged[k] >= 0).any():
+      scores.append(float("inf"))
+      continue
+    misfit = np.mean([_shape_misfit(fragment_means(sur[k].mean(0), frag_M, sel, num_f),
+                                    fragment_means(real, frag_M, sel, num_f))
+                      for sel in (probe_M, ~probe_M) if sel.any()])
+    scores.append(misfit)
+  best_misfit = min(scores)
+  if not np.isfinite(best_misfit):
+    raise FitError("every candidate learning rate diverged in the surrogate; lower lr_scales")
+  n_curves = 2 * num_f
+  post = [0.5 * n_curves * s / max(best_misfit, 1e-12)
+          + (np.log(lr) ** 2 + np.log(wd) ** 2) / (2 * config.knob_prior_sd ** 2)
+          for s, (lr, wd) in zip(scores, cands)]
+  k_best = int(np.argmin(post))
+  sur_k = sur[k_best]                                             # S R C M
+  real_f = fragment_means(real, frag_M, probe_M, num_f)
+  sur_f = fragment_means(sur_k, frag_M, probe_M, num_f)
+  gain_F, gain_sd_F, gain_info = fit_gains(real_f, sur_f, config)
+  frag_sd, ex_sd, loo = _residual_sds(real, np.moveaxis(sur_k, 0, 1), frag_M, probe_M, num_f,
+                                      config)
+  anchor = real.mean(0)
+  sur_cal = sur_k.mean(1)                                         # S C M
+  fitted = anchor[None] + gain_F[frag_M] * (sur_k.mean(0) - sur_cal.mean(0))
+  fit_mse = float(np.mean((fragment_means(fitted, frag_M, probe_M, num_f) - real_f) ** 2))
+
+  shares = np.stack([fragment_shares(o, lr, fragments.fragment_of, num_f, steps_C,
+                                     float(lrs.max())) for o, lr in zip(orders, lrs)])
+  simfluence = SimfluenceLinear.fit(real_f, shares)
+  info = {
+      "calibration_runs": [r.header.run_id for r in runs],
+      "knob_candidates": [{"lr_scale": lr, "weight_decay_scale": wd, "shape_misfit": s}
+                          for (lr, wd), s in zip(cands, scores)],
+      "lr_scale": cands[k_best][0], "weight_decay_scale": cands[k_best][1],
+      "gain": gain_info, "fit_mse": fit_mse, "leave_one_run_out": loo,
+      "seconds": {"pretrain": t_pre, "total": time.perf_counter() - t0},
+      "baselines": {"simfluence_ridge": simfluence.ridge, "lr_ref": float(lrs.max())},
+  }
+  return Simulator(
+      fragments=fragments, model_cfg=model_cfg, opt_cfg=opt_cfg,
+      knobs=optim.Knobs(jnp.float32(cands[k_best][0]), jnp.float32(cands[k_best][1])),
+      tokenizer=prep.tokenizer, params_S=params_S, num_steps=first.num_steps,
+      batch_size=first.header.batch_size, steps_C=steps_C, eval_ids=tuple(eval_ids),
+      anchor_CxM=anchor, sur_cal_SxCxM=sur_cal, gain_F=gain_F, gain_sd_F=gain_sd_F,
+      example_sd_CxM=ex_sd, fragment_sd_CxF=frag_sd, simfluence=simfluence, info=info)
+
+
+def _lrs(run: RunLog, base_lr: np.ndarray) -> np.ndarray:
+  logged = learning_rates_from_runlog(run)
+  return base_lr if logged is None else logged

@@ -1,0 +1,125 @@
+"""The accuracy metrics of DESIGN.md, on per-fragment probe-loss trajectories.
+
+Every function takes plain arrays: R runs (one per order), C checkpoints, F fragments. They
+are pure and small so that `validate` and the baselines share one definition of each figure.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "auroc",
+    "better_than_median_auroc",
+    "counterfactual_rank",
+    "coverage",
+    "decision_accuracy",
+    "fragment_means",
+    "order_decision_accuracy",
+    "trajectory_fidelity",
+]
+
+
+def fragment_means(losses_RxCxM: np.ndarray, frag_M: np.ndarray, select_M: np.ndarray,
+                   num_fragments: int) -> np.ndarray:
+  """Mean loss over each fragment's selected examples: [..., M] -> [..., F] (NaN if none)."""
+  onehot_FxM = (frag_M[None, :] == np.arange(num_fragments)[:, None]) & select_M[None, :]
+  count_F = onehot_FxM.sum(1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return (losses_RxCxM @ onehot_FxM.T.astype(losses_RxCxM.dtype)) / count_F
+
+
+def trajectory_fidelity(pred_RxCxF: np.ndarray, real_RxCxF: np.ndarray) -> dict[str, float]:
+  """Simfluence's protocol on fragment probe-loss trajectories.
+
+  Returns:
+    `mse`: mean squared error over all (run, checkpoint, fragment); `spearman`: per fragment,
+    the rank correlation over all its (run, checkpoint) points, averaged over fragments.
+  """
+  err = np.mean((pred_RxCxF - real_RxCxF) ** 2)
+  rhos = [_spearman(pred_RxCxF[..., f].ravel(), real_RxCxF[..., f].ravel())
+          for f in range(real_RxCxF.shape[-1])]
+  return {"mse": float(err), "spearman": _nanmean(rhos)}
+
+
+def counterfactual_rank(pred_RxF: np.ndarray, real_RxF: np.ndarray) -> dict[str, float]:
+  """Rank agreement of final probe losses across orders.
+
+  Returns:
+    `spearman`: per fragment, the rank correlation over orders, averaged over fragments;
+    `kendall_tau`: Kendall's tau of the orders ranked by mean (over fragments) probe loss.
+  """
+  rhos = [_spearman(pred_RxF[:, f], real_RxF[:, f]) for f in range(real_RxF.shape[1])]
+  tau = stats.kendalltau(pred_RxF.mean(1), real_RxF.mean(1)).statistic
+  return {"spearman": _nanmean(rhos), "kendall_tau": float(tau)}
+
+
+def decision_accuracy(pred_RxF: np.ndarray, real_RxF: np.ndarray,
+                      pairs: list[tuple[int, int]] | None = None) -> float:
+  """Share of (pair of orders, fragment) decisions where the predicted better order is the
+  real better one (DataDecide's measure). A predicted tie counts one half.
+
+  Args:
+    pred_RxF, real_RxF: final probe loss per order and fragment (lower is better).
+    pairs: the order pairs to judge (default: all pairs).
+  """
+  return _decisions(pred_RxF, real_RxF, pairs)
+
+
+def order_decision_accuracy(pred_RxF: np.ndarray, real_RxF: np.ndarray,
+                            pairs: list[tuple[int, int]] | None = None) -> float:
+  """`decision_accuracy` of orders judged by their mean probe loss over fragments."""
+  return _decisions(pred_RxF.mean(1, keepdims=True), real_RxF.mean(1, keepdims=True), pairs)
+
+
+def better_than_median_auroc(pred_drop_RxF: np.ndarray, real_drop_RxF: np.ndarray) -> float:
+  """AUROC of "this order is better than the median order for this fragment" (metric 4).
+
+  The label is whether the real relative probe drop exceeds the fragment's median over the
+  orders; the score is the predicted drop minus the fragment's median predicted drop, so that
+  scores are comparable across fragments. Pooled over all (order, fragment).
+  """
+  label = real_drop_RxF > np.median(real_drop_RxF, axis=0, keepdims=True)
+  score = pred_drop_RxF - np.median(pred_drop_RxF, axis=0, keepdims=True)
+  return auroc(score.ravel(), label.ravel())
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+  """Area under the ROC curve (the Mann-Whitney statistic; ties count one half)."""
+  label = np.asarray(label, bool)
+  pos, neg = int(label.sum()), int((~label).sum())
+  if pos == 0 or neg == 0:
+    return float("nan")
+  ranks = stats.rankdata(score)
+  return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def coverage(lo: np.ndarray, hi: np.ndarray, real: np.ndarray) -> float:
+  """Share of real values inside their predicted interval [lo, hi]."""
+  return float(np.mean((real >= lo) & (real <= hi)))
+
+
+def _decisions(pred_RxF, real_RxF, pairs) -> float:
+  if pairs is None:
+    pairs = list(itertools.combinations(range(real_RxF.shape[0]), 2))
+  if not pairs:
+    return float("nan")
+  a, b = np.array(pairs).T
+  pred_d = np.sign(pred_RxF[a] - pred_RxF[b])
+  real_d = np.sign(real_RxF[a] - real_RxF[b])
+  hit = np.where(pred_d == 0, 0.5, (pred_d == real_d).astype(float))
+  return float(hit[real_d != 0].mean()) if np.any(real_d != 0) else float("nan")
+
+
+def _nanmean(values) -> float:
+  values = np.asarray(values, float)
+  return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
+
+
+def _spearman(x, y) -> float:
+  if np.ptp(x) == 0 or np.ptp(y) == 0:
+    return float("nan")
+  return float(stats.spearmanr(x, y).statistic)

@@ -1,0 +1,201 @@
+"""`validate`: how well a calibrated simulator predicts real runs it never saw.
+
+Computes DESIGN.md's accuracy metrics on held-out real runs for the simulator and, beside it,
+the baselines fitted on the same calibration runs: the order-agnostic mean trajectory,
+Simfluence-linear, and the surrogate without calibration (its own loss scale, which only the
+rank metrics can judge fairly). Runs with identical batches but different seeds are re-runs:
+the first stands for its order, and the pairs give the noise ceiling of decision accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from calibrate import metrics
+from calibrate.baselines import fragment_shares
+from calibrate.runlog import RunLog, learning_rates_from_runlog, order_from_runlog
+from calibrate.simulator import Simulator
+from surrogate import optim
+from surrogate.errors import CalibrationError
+
+METHODS = ("simulator", "order_agnostic", "simfluence_linear", "uncalibrated_surrogate")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationReport:
+  """Accuracy figures on held-out real runs.
+
+  Attributes:
+    run_ids: the held-out orders judged (one run per distinct order).
+    reruns: (run, re-run) id pairs used for the noise ceiling.
+    methods: method name -> metric name -> value (see `format_table` for the metrics).
+    ceiling: the noise ceiling (decision accuracies between real seeds) and the simulator's
+      accuracy on the same pairs.
+    interval: the nominal level of the predictive intervals whose coverage is reported.
+  """
+  run_ids: tuple[str, ...]
+  reruns: tuple[tuple[str, str], ...]
+  methods: dict[str, dict[str, float]]
+  ceiling: dict[str, float]
+  interval: float
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1, allow_nan=True)
+
+  def format_table(self) -> str:
+    """A table for people: one row per metric, one column per method."""
+    names = ["trajectory_mse", "trajectory_mse_ratio", "trajectory_spearman",
+             "final_spearman", "kendall_tau", "decision_accuracy", "order_decision_accuracy",
+             "auroc_better_than_median", "coverage"]
+    cols = [m for m in METHODS if m in self.methods]
+    width = max(len(n) for n in names) + 2
+    lines = [(f"held-out orders: {len(self.run_ids)}; re-run pairs for the ceiling: "
+              f"{len(self.reruns)}"),
+             "metric".ljust(width) + "".join(c[:18].rjust(20) for c in cols)]
+    for n in names:
+      row = [self.methods[c].get(n, float("nan")) for c in cols]
+      lines.append(n.ljust(width) + "".join(_fmt(v).rjust(20) for v in row))
+    if self.ceiling:
+      lines.append("")
+      for k, v in self.ceiling.items():
+        lines.append(f"{k}: {_fmt(v)}")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+  return "-" if v is None or not np.isfinite(v) else f"{v:.4f}"
+
+
+def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int]]]:
+  """Splits runs into one representative per distinct order and (representative, re-run)."""
+  first: dict[tuple, int] = {}
+  reps, pairs = [], []
+  for i, r in enumerate(runs):
+    key = tuple(s.examples for s in r.steps)
+    if key in first:
+      pairs.append((first[key], i))
+    else:
+      first[key] = i
+      reps.append(i)
+  return reps, pairs
+
+
+def _fragment_probe(sim: Simulator, losses_RxCxM, frag_M, probe_M):
+  return metrics.fragment_means(losses_RxCxM, frag_M, probe_M, len(sim.fragments.names))
+
+
+def _real(runs: Sequence[RunLog], steps: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+  out = []
+  for r in runs:
+    by_step = {ev.step: ev.losses for ev in r.evals}
+    try:
+      out.append([[by_step[int(s)][i] for i in ids] for s in steps])
+    except KeyError as e:
+      raise CalibrationError(f"run {r.header.run_id!r} lacks the loss of {e.args[0]!r} at an eval "
+                       "step; validation needs every probe at every eval") from None
+  return np.array(out, np.float64)
+
+
+def _scores(pred_RxCxF, real_RxCxF, baseline_mse=None) -> dict[str, float]:
+  later = slice(1, None)  # step 0 is the shared start, known to every method but the raw one
+  traj = metrics.trajectory_fidelity(pred_RxCxF[:, later], real_RxCxF[:, later])
+  final_p, final_r = pred_RxCxF[:, -1], real_RxCxF[:, -1]
+  rank = metrics.counterfactual_rank(final_p, final_r)
+  drop_p = (pred_RxCxF[:, 0] - final_p) / pred_RxCxF[:, 0]
+  drop_r = (real_RxCxF[:, 0] - final_r) / real_RxCxF[:, 0]
+  out = {"trajectory_mse": traj["mse"], "trajectory_spearman": traj["spearman"],
+         "final_spearman": rank["spearman"], "kendall_tau": rank["kendall_tau"],
+         "decision_accuracy": metrics.decision_accuracy(final_p, final_r),
+         "order_decision_accuracy": metrics.order_decision_accuracy(final_p, final_r),
+         "auroc_better_than_median": metrics.better_than_median_auroc(drop_p, drop_r)}
+  if baseline_mse:
+    out["trajectory_mse_ratio"] = traj["mse"] / baseline_mse
+  return out
+
+
+def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
+             progress: bool = False) -> ValidationReport:
+  """Scores `sim` and the baselines on held-out real runs (never the calibration runs).
+
+  Args:
+    sim: a calibrated simulator.
+    runs: held-out real runs with evals of every probe, all at the same eval steps. Re-runs
+      (same batches, another seed) give the noise ceiling.
+    level: the nominal level of the intervals whose coverage is measured.
+    progress: show a progress bar while simulating.
+
+  Raises:
+    CalibrationError: a run is a calibration run, has no evals, or the runs cannot be compared.
+  """
+  cal = set(sim.info.get("calibration_runs", ()))
+  for r in runs:
+    if r.is_order_file:
+      raise CalibrationError(f"run {r.header.run_id!r} has no evals: nothing to validate against")
+    if r.header.run_id in cal:
+      raise CalibrationError(f"run {r.header.run_id!r} was used to calibrate the simulator; "
+                       "validate on held-out runs only")
+  reps, pairs = group_reruns(runs)
+  if len(reps) < 2:
+    raise CalibrationError("validation needs at least two held-out runs with different orders")
+  held = [runs[i] for i in reps]
+  pred = sim.predict(held, progress=progress)
+  ids, frag_M, probe_M = pred.eval_ids, pred.frag_M, pred.is_probe_M
+  steps = pred.steps
+  real_f = _fragment_probe(sim, _real(held, steps, ids), frag_M, probe_M)
+  num_f = len(sim.fragments.names)
+
+  mean_f = _fragment_probe(sim, pred.mean_RxCxM, frag_M, probe_M)
+  anchor = sim._maps_at(steps, ids)[0]
+  agnostic_f = np.broadcast_to(_fragment_probe(sim, anchor, frag_M, probe_M), real_f.shape)
+  base_lr = optim.learning_rates(sim.opt_cfg, sim.num_steps)
+  lr_ref = sim.info["baselines"]["lr_ref"]
+  simfluence_f = []
+  for r in held:
+    lrs = learning_rates_from_runlog(r)
+    lrs = base_lr[: r.num_steps] if lrs is None else lrs
+    shares = fragment_shares(order_from_runlog(r, sim.fragments), lrs, sim.fragments.fragment_of,
+                             num_f, steps, lr_ref)
+    simfluence_f.append(sim.simfluence.predict(agnostic_f[0, 0], shares))
+  raw_f = _fragment_probe(sim, pred.raw_RxSxCxM.mean(1), frag_M, probe_M)
+
+  base_mse = float(np.mean((agnostic_f[:, 1:] - real_f[:, 1:]) ** 2))
+  methods = {"simulator": _scores(mean_f, real_f, base_mse),
+             "order_agnostic": _scores(agnostic_f, real_f, base_mse),
+             "simfluence_linear": _scores(np.array(simfluence_f), real_f, base_mse),
+             "uncalibrated_surrogate": _scores(raw_f, real_f, base_mse)}
+  # An order-agnostic prediction ranks nothing: its rank figures are chance by definition.
+  for k in ("final_spearman", "kendall_tau", "trajectory_spearman"):
+    methods["order_agnostic"][k] = float("nan")
+  lo, hi = pred.interval(lambda x: metrics.fragment_means(x, frag_M, probe_M, num_f),
+                         level=level)
+  methods["simulator"]["coverage"] = metrics.coverage(lo[:, 1:], hi[:, 1:], real_f[:, 1:])
+  methods["simulator"]["coverage_final"] = metrics.coverage(lo[:, -1], hi[:, -1], real_f[:, -1])
+
+  ceiling: dict[str, float] = {}
+  rerun_ids: list[tuple[str, str]] = []
+  if len(pairs) >= 2:
+    rerun_ids = [(runs[a].header.run_id, runs[b].header.run_id) for a, b in pairs]
+    again = _fragment_probe(sim, _real([runs[b] for _, b in pairs], steps, ids), frag_M,
+                            probe_M)[:, -1]
+    pos = [reps.index(a) for a, _ in pairs]
+    first = real_f[pos, -1]
+    order_pairs = list(itertools.combinations(range(len(pairs)), 2))
+    ceiling = {
+        "ceiling_decision_accuracy": metrics.decision_accuracy(again, first, order_pairs),
+        "ceiling_order_decision_accuracy": metrics.order_decision_accuracy(again, first,
+                                                                           order_pairs),
+        "simulator_decision_accuracy_same_pairs": metrics.decision_accuracy(
+            mean_f[pos, -1], first, order_pairs),
+        "seed_gap_final_mean": float(np.mean(np.abs(again - first))),
+    }
+  return ValidationReport(tuple(r.header.run_id for r in held), tuple(rerun_ids), methods,
+                          ceiling, level)

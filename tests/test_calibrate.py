@@ -1,0 +1,149 @@
+"""Calibration: recovering known settings, saving, validating, and bad input."""
+
+import dataclasses
+import os
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from calibrate.fit import FitConfig, FitError, check_runs, fit
+from calibrate.predict import simulate_runs
+from calibrate.runlog import RunHeader, RunLog, StepRecord
+from calibrate.simulator import Simulator, SimulatorError
+from calibrate.validate import validate
+from surrogate import model as model_lib
+from surrogate import optim, orders
+from surrogate.datasets import python_docs, python_docs_neutral
+from surrogate.prepare import prepare
+from surrogate.pretrain import pretrain_ensemble
+from surrogate.tokenize import encode_texts
+
+# Distinct sizes: F=4 fragments, T=30 steps, B=4, L=12, D=16, evals every 10 steps, S=2 seeds.
+CFG = model_lib.ModelConfig(vocab_size=300, length=12, width=16, depth=2, heads=2, mlp_ratio=2)
+OPT = {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01, "warmup_steps": 2, "schedule": "linear"}
+T, B, EVERY, SEED, TRUE_LR_SCALE = 30, 4, 10, 3, 2.0
+CONFIG = FitConfig(seeds=2, pretrain_steps=60, lr_scales=(0.5, 1.0, 2.0))
+NEUTRAL = python_docs_neutral()[:300]
+
+
+def _order_file(frags, run_id, order_TxB):
+  ids = [e.id for e in frags.examples]
+  header = RunHeader(run_id=run_id, dataset_sha256=frags.sha256, model="order", optimizer=OPT,
+                     batch_size=B, seed=0)
+  steps = [StepRecord(t, tuple(ids[i] for i in row if i >= 0)) for t, row in enumerate(order_TxB)]
+  return RunLog(header, tuple(steps), ())
+
+
+@pytest.fixture(scope="module")
+def world():
+  """Runs made by the surrogate itself with a learning rate 2x the logged one: the truth."""
+  frags = python_docs(("try", "import", "async", "naming"), max_train=12, max_probe=4)
+  pools = frags.train_pools()
+  k = jax.random.key(0)
+  specs = {"shuffled-a": orders.OrderSpec(orders.OrderKind.SHUFFLED),
+           "blocked-a": orders.OrderSpec(orders.OrderKind.BLOCKED, sequence=[0, 1, 2, 3]),
+           "shuffled-b": orders.OrderSpec(orders.OrderKind.SHUFFLED),
+           "blocked-b": orders.OrderSpec(orders.OrderKind.BLOCKED, sequence=[3, 2, 1, 0]),
+           "subset-a": orders.OrderSpec(orders.OrderKind.SUBSET, keep=[0, 1]),
+           "interleaved-a": orders.OrderSpec(orders.OrderKind.INTERLEAVED, sequence=[2, 0, 3, 1])}
+  files = [_order_file(frags, rid, spec.generate(pools, key=jax.random.fold_in(k, n), steps=T,
+                                                 batch_size=B))
+           for n, (rid, spec) in enumerate(specs.items())]
+  # The same pre-trained seed 0 that `fit(seed=SEED)` builds, so the truth is in its ensemble.
+  k_prep, k_pre = jax.random.split(jax.random.key(SEED))
+  prep = prepare(frags, CFG, key=k_prep, eval_train=2, diag_probes=1)
+  corpus = encode_texts(prep.tokenizer, NEUTRAL, CFG.length)
+  params_S, _ = pretrain_ensemble(corpus, model_cfg=CFG, key=k_pre, seeds=CONFIG.seeds,
+                                  steps=CONFIG.pretrain_steps)
+  truth = jax.tree.map(lambda a: a[0], params_S)
+  knobs = optim.Knobs(np.float32(TRUE_LR_SCALE), np.float32(1.0))
+  runs = simulate_runs(prep, truth, files, knobs=knobs, default_every=EVERY, progress=False)
+  # Logged learning rates would carry the true scale; a user's log says what was configured.
+  runs = [dataclasses.replace(r, steps=tuple(dataclasses.replace(s, lr=None) for s in r.steps))
+          for r in runs]
+  return frags, runs
+
+
+@pytest.fixture(scope="module")
+def sim(world):
+  frags, runs = world
+  return fit(frags, runs[:3], model_cfg=CFG, config=CONFIG, seed=SEED, neutral_texts=NEUTRAL,
+             progress=False)
+
+
+def test_fit_recovers_the_learning_rate_scale(sim):
+  assert sim.info["lr_scale"] == TRUE_LR_SCALE
+  misfit = {c["lr_scale"]: c["shape_misfit"] for c in sim.info["knob_candidates"]}
+  assert misfit[2.0] < misfit[1.0] < misfit[0.5]
+  assert sim.info["calibration_runs"] == ["shuffled-a", "blocked-a", "shuffled-b"]
+  # A structured calibration run shows order effects, so the runs move the gain off its prior.
+  assert sim.info["gain"]["data_weight"] > 0.5
+
+
+def test_predictions_on_held_out_orders_beat_the_mean(world, sim):
+  report = validate(sim, world[1][3:])
+  ours = report.methods["simulator"]
+  assert ours["trajectory_mse_ratio"] < 0.5
+  assert ours["decision_accuracy"] > 0.6
+  assert report.methods["order_agnostic"]["trajectory_mse_ratio"] == pytest.approx(1.0)
+  assert 0.0 <= ours["coverage"] <= 1.0
+  assert "simulator" in report.format_table() and '"methods"' in report.to_json()
+
+
+def test_predicted_runlogs_keep_ids_steps_and_intervals(world, sim):
+  runs = world[1][3:]
+  pred = sim.predict(runs)
+  logs = sim.predicted_runlogs(runs, pred)
+  for run, log in zip(runs, logs):
+    assert log.header.run_id == run.header.run_id and log.num_steps == run.num_steps
+    assert log.eval_steps == run.eval_steps
+    for ev_pred, ev_real in zip(log.evals, run.evals):
+      assert ev_pred.losses.keys() == ev_real.losses.keys()
+      lo, hi = ev_pred.extra["losses_lo"], ev_pred.extra["losses_hi"]
+      assert all(lo[i] <= ev_pred.losses[i] + 1e-6 and ev_pred.losses[i] <= hi[i] + 1e-6
+                 for i in lo)
+  # Every run starts from the same state: the prediction at step 0 is the anchor exactly.
+  np.testing.assert_allclose(pred.mean_RxCxM[:, 0], pred.mean_RxCxM[:1, 0].repeat(len(runs), 0))
+
+
+def test_save_load_round_trip_and_tampering(world, sim, tmp_path):
+  sim.save(tmp_path / "sim")
+  again = Simulator.load(tmp_path / "sim")
+  runs = world[1][3:5]
+  np.testing.assert_allclose(again.predict(runs).mean_RxCxM, sim.predict(runs).mean_RxCxM,
+                             rtol=1e-5)
+  with open(tmp_path / "sim" / "arrays.npz", "r+b") as f:
+    f.truncate(os.path.getsize(tmp_path / "sim" / "arrays.npz") // 2)
+  with pytest.raises(SimulatorError, match="arrays.npz.*sha256"):
+    Simulator.load(tmp_path / "sim")
+  with pytest.raises(SimulatorError, match="simulator.json is missing"):
+    Simulator.load(tmp_path / "nothing")
+
+
+def test_bad_runs_are_clear_errors(world):
+  frags, runs = world
+  other = python_docs(("try", "import"), max_train=12, max_probe=4)
+  with pytest.raises(FitError, match="another fragments file"):
+    check_runs(other, runs[:2])
+  mixed = dataclasses.replace(runs[1], header=dataclasses.replace(
+      runs[1].header, optimizer={**OPT, "name": "sgd"}))
+  with pytest.raises(FitError, match="optimizer"):
+    check_runs(frags, [runs[0], mixed])
+  short = dataclasses.replace(runs[0], evals=runs[0].evals[:1])
+  with pytest.raises(FitError, match="too short"):
+    check_runs(frags, [short])
+  with pytest.raises(FitError, match="no evals"):
+    check_runs(frags, [dataclasses.replace(runs[0], evals=())])
+  with pytest.raises(FitError, match="at least one"):
+    check_runs(frags, [])
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    check_runs(frags, runs[:1])
+  assert any("single run" in str(w.message) for w in caught)
+
+
+def test_validate_refuses_calibration_runs(world, sim):
+  with pytest.raises(ValueError, match="used to calibrate"):
+    validate(sim, world[1][:4])
