@@ -1,22 +1,33 @@
-"""Calibration: real-run logs in, fitted surrogate out."""
+"""Calibration: real-run logs in, fitted simulator out, accuracy on held-out runs."""
 
 from __future__ import annotations
 
+from calibrate.fit import FitConfig, FitError, fit
 from calibrate.predict import simulate_runs
 from calibrate.runlog import (FORMAT, EvalRecord, RunHeader, RunLog, RunLogWriter, StepRecord,
                               learning_rates_from_runlog, order_from_runlog, read_runlog,
                               write_runlog)
+from calibrate.simulator import Prediction, Simulator, SimulatorError
+from calibrate.validate import ValidationReport, validate
 
 __all__ = [
     "FORMAT",
     "EvalRecord",
+    "FitConfig",
+    "FitError",
+    "Prediction",
     "RunHeader",
     "RunLog",
     "RunLogWriter",
+    "Simulator",
+    "SimulatorError",
     "StepRecord",
+    "ValidationReport",
+    "fit",
     "learning_rates_from_runlog",
     "order_from_runlog",
     "read_runlog",
     "simulate_runs",
+    "validate",
     "write_runlog",
 ]

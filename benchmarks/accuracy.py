@@ -1,0 +1,77 @@
+"""Accuracy of the calibrated simulator on the committed real run sets (issue 4's figures).
+
+For each set: calibrate on the four shuffled runs (the plan's calibration runs), then
+validate on every other run (16 structured orders, plus 4 seed re-runs for the noise
+ceiling). Prints the fit summary, the validation table (simulator beside the baselines) and
+the wall time of each part; `--json PATH` also writes every figure.
+
+  python benchmarks/accuracy.py                # both sets, about 10 minutes here
+  python benchmarks/accuracy.py --task lm --seeds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={len(os.sched_getaffinity(0))}").strip()
+
+from calibrate.fit import FitConfig, fit  # noqa: E402
+from calibrate.runlog import read_runlog  # noqa: E402
+from calibrate.validate import validate  # noqa: E402
+from surrogate.fragments import read_fragments  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
+
+
+def run(task: str, seeds: int) -> dict:
+  folder = os.path.join(DATA, task)
+  frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
+  runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
+  cal = [r for r in runs if r.header.run_id.startswith("shuffled-")]
+  held = [r for r in runs if not r.header.run_id.startswith("shuffled-")]
+  t0 = time.perf_counter()
+  sim = fit(frags, cal, config=FitConfig(seeds=seeds), progress=False)
+  t_fit = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  report = validate(sim, held)
+  t_val = time.perf_counter() - t0
+  print(f"\n== {task}: calibrated on {len(cal)} runs in {t_fit:.0f} s "
+        f"(pre-training {sim.info['seconds']['pretrain']:.0f} s), validated on {len(held)} "
+        f"runs in {t_val:.0f} s")
+  info = sim.info
+  print(f"lr scale {info['lr_scale']:g}; shape misfit "
+        + ", ".join(f"x{c['lr_scale']:g} {c['shape_misfit']:.4f}" for c in info["knob_candidates"]))
+  g = info["gain"]
+  print(f"common gain {g['common_gain']:.2f} +- {g['common_gain_sd']:.2f} (data weight "
+        f"{g['data_weight']:.2f}); fit MSE {info['fit_mse']:.5f}; leave-one-run-out MSE "
+        f"{info['leave_one_run_out']['mse']:.5f} vs order-agnostic "
+        f"{info['leave_one_run_out']['order_agnostic_mse']:.5f}; Simfluence ridge "
+        f"{info['baselines']['simfluence_ridge']:g}")
+  print(report.format_table())
+  sys.stdout.flush()
+  return {"fit_seconds": t_fit, "validate_seconds": t_val, "fit": info,
+          "validation": report.to_dict()}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--task", choices=["lm", "cls", "both"], default="both")
+  p.add_argument("--seeds", type=int, default=FitConfig.seeds)
+  p.add_argument("--json", help="write every figure to this file")
+  args = p.parse_args()
+  tasks = ["lm", "cls"] if args.task == "both" else [args.task]
+  out = {t: run(t, args.seeds) for t in tasks}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
