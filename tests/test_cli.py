@@ -53,3 +53,40 @@ def test_bad_input_is_a_clear_error(data, tmp_path, capsys):
   with pytest.raises(SystemExit, match="unknown fragment 'nope'"):
     main(["orders", "--data", str(data), "--kind", "subset", "--keep", "nope", "--steps", "3",
           "--batch-size", "2", "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
+  # Raw surrogate runs stand in for real ones: orders -> simulate -> fit -> validate -> predict.
+  specs = [("shuffled", []), ("blocked", ["--sequence", "async,try,import"]),
+           ("blocked", ["--sequence", "import,try,async"]), ("subset", ["--keep", "try,async"]),
+           ("interleaved", ["--sequence", "try,import,async"])]
+  files = []
+  for n, (kind, extra) in enumerate(specs):
+    files.append(tmp_path / f"o{n}.jsonl")
+    assert main(["orders", "--data", str(data), "--kind", kind, *extra, "--steps", "12",
+                 "--batch-size", "3", "--seed", str(n), "--run-id", f"{kind}-{n}",
+                 "--out", str(files[-1])]) == 0
+  runs = tmp_path / "runs"
+  assert main(["simulate", "--data", str(data), "--orders", *map(str, files), "--out", str(runs),
+               "--eval-every", "4", "--quiet", "--seed", "7", *TINY]) == 0
+  real = [str(runs / f.name) for f in files]
+  sim = tmp_path / "sim"
+  assert main(["fit", "--data", str(data), "--runs", *real[:2], "--out", str(sim), "--seeds", "2",
+               "--pretrain-steps", "20", "--lr-scales", "1", "--quiet", *TINY]) == 0
+  out = capsys.readouterr().out
+  assert "calibrated on 2 runs" in out and "common gain" in out
+  assert (sim / "simulator.json").exists() and (sim / "arrays.npz").exists()
+  assert main(["validate", "--sim", str(sim), "--runs", *real[2:], "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert set(report["methods"]) >= {"simulator", "order_agnostic", "simfluence_linear"}
+  assert main(["validate", "--sim", str(sim), "--runs", *real[:3]]) == 2
+  assert "used to calibrate" in capsys.readouterr().err
+  pred = tmp_path / "pred"
+  assert main(["simulate", "--sim", str(sim), "--orders", str(files[3]), real[4],
+               "--out", str(pred), "--quiet"]) == 0
+  frags = read_fragments(data)
+  from_order = read_runlog(pred / files[3].name, frags)
+  assert from_order.header.run_id == "subset-3" and from_order.eval_steps == (0, 12)
+  from_run = read_runlog(pred / files[4].name, frags)
+  assert from_run.eval_steps == read_runlog(real[4], frags).eval_steps
+  assert "losses_lo" in from_run.evals[-1].extra
