@@ -64,18 +64,21 @@ class FitConfig:
     fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
     effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
       treated as noise when fitting gains.
+    effect_error: predictive sd of a fragment's loss, as a share of its predicted order
+      effect (the surrogate's effects are right in pattern, not in detail).
     min_steps: runs shorter than this cannot be fitted.
     chunk_size: orders per compiled simulation call.
   """
   seeds: int = 4
   pretrain_steps: int = 800
-  lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+  lr_scales: tuple[float, ...] = (1.0,)
   weight_decay_scales: tuple[float, ...] = (1.0,)
   knob_prior_sd: float = 0.35
   gain_prior: float = 2.5
   gain_prior_sd: float = 1.0
   fragment_gain_sd: float = 0.5
   effect_noise: float = 0.05
+  effect_error: float = 2.0
   min_steps: int = 10
   chunk_size: int = 32
 
@@ -150,12 +153,15 @@ def _shape_misfit(sur_RxCxF: np.ndarray, real_RxCxF: np.ndarray) -> float:
 
 
 def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
-  """Bayesian ridge gains of the anchored map, common and per fragment.
+  """Bayesian gains of the anchored map, common and per fragment.
 
-  Each (run, fragment) trajectory is one observation: x = mean over checkpoints of the
-  seed-mean surrogate's squared deviation from its calibration mean, less the part that is
-  seed noise (an errors-in-variables correction: noise in x would shrink the gain), and
-  xy = mean of its product with the real deviation; observation noise is `effect_noise`^2.
+  Each (run, fragment) trajectory is one observation; over its checkpoints after step 0,
+  `x_raw` is the mean squared deviation of the seed-mean surrogate from its calibration mean,
+  `x` the same less the part that is seed noise (estimated from the seeds' spread), and `xy`
+  the mean product with the real deviation. With real deviations of noise `effect_noise`,
+  sum(xy) ~ Normal(gain * sum(x), effect_noise^2 * sum(x_raw)): an errors-in-variables
+  likelihood, so deviations that are only seed noise tell nothing about the gain (the
+  posterior stays at the prior) instead of pulling it towards zero.
 
   Returns:
     (gain_F, gain_sd_F, info): posterior means and sds, and the common gain's posterior.
@@ -165,18 +171,28 @@ def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
   dr = real_RxCxF - real_RxCxF.mean(0, keepdims=True)
   ds = sur_RxCxF - sur_RxCxF.mean(0, keepdims=True)
   seed_var = sur_SxRxCxF.var(0, ddof=1) / n_s if n_s > 1 else np.zeros_like(ds)
+  x_raw_RxF = (ds * ds)[:, 1:].mean(1)
   x_RxF = np.maximum((ds * ds - seed_var)[:, 1:].mean(1), 0.0)
   xy_RxF = (dr * ds)[:, 1:].mean(1)
   noise = cfg.effect_noise ** 2
-  prec = 1 / cfg.gain_prior_sd ** 2 + x_RxF.sum() / noise
-  g = (cfg.gain_prior / cfg.gain_prior_sd ** 2 + xy_RxF.sum() / noise) / prec
+
+  def posterior(prior_mean, prior_var, x, x_raw, xy):
+    info = x * x / (noise * x_raw) if x_raw > 0 else 0.0
+    prec = 1 / prior_var + info
+    mean = (prior_mean / prior_var + (xy / x * info if x > 0 else 0.0)) / prec
+    return mean, prec
+
+  g, prec = posterior(cfg.gain_prior, cfg.gain_prior_sd ** 2, x_RxF.sum(), x_raw_RxF.sum(),
+                      xy_RxF.sum())
   g_sd = prec ** -0.5
   prior_var_f = cfg.fragment_gain_sd ** 2 + g_sd ** 2
-  prec_f = 1 / prior_var_f + x_RxF.sum(0) / noise
-  gain_F = (g / prior_var_f + xy_RxF.sum(0) / noise) / prec_f
+  post_f = [posterior(g, prior_var_f, x, xr, xy) for x, xr, xy in
+            zip(x_RxF.sum(0), x_raw_RxF.sum(0), xy_RxF.sum(0))]
+  gain_F = np.array([m for m, _ in post_f])
+  gain_sd_F = np.array([p ** -0.5 for _, p in post_f])
   info = {"common_gain": float(g), "common_gain_sd": float(g_sd),
           "data_weight": float(1 - (1 / cfg.gain_prior_sd ** 2) / prec)}
-  return np.maximum(gain_F, 0.0), prec_f ** -0.5, info
+  return np.maximum(gain_F, 0.0), gain_sd_F, info
 
 
 def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
@@ -325,7 +341,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       tokenizer=prep.tokenizer, params_S=params_S, num_steps=first.num_steps,
       batch_size=first.header.batch_size, steps_C=steps_C, eval_ids=tuple(eval_ids),
       anchor_CxM=anchor, sur_cal_SxCxM=sur_cal, gain_F=gain_F, gain_sd_F=gain_sd_F,
-      example_sd_CxM=ex_sd, fragment_sd_CxF=frag_sd, simfluence=simfluence, info=info)
+      example_sd_CxM=ex_sd, fragment_sd_CxF=frag_sd, simfluence=simfluence, info=info,
+      effect_error=config.effect_error)
 
 
 def _lrs(run: RunLog, base_lr: np.ndarray) -> np.ndarray:

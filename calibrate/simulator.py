@@ -30,6 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from calibrate.baselines import SimfluenceLinear
+from calibrate.metrics import fragment_means
 from calibrate.predict import plan_for, wanted_eval_steps
 from calibrate.runlog import (
   EvalRecord,
@@ -72,7 +73,8 @@ class Prediction:
     is_probe_M: whether each example is a probe.
     members_RxKxCxM: each ensemble member's prediction (seed x gain).
     example_sd_CxM: residual spread of each example around its fragment's residual.
-    fragment_sd_CxM: residual spread shared by a fragment's examples (per example, for ease).
+    fragment_sd_RxCxM: spread shared by a fragment's examples (stored per example): the
+      calibration residual plus `effect_error` x the fragment's predicted order effect.
       Both come from leave-one-run-out on the calibration runs: spread the members miss.
     raw_RxSxCxM: the surrogate's own losses (its scale), per seed.
     diverged_RxS: the step each seed's simulation diverged at, or -1.
@@ -84,7 +86,7 @@ class Prediction:
   is_probe_M: np.ndarray
   members_RxKxCxM: np.ndarray
   example_sd_CxM: np.ndarray
-  fragment_sd_CxM: np.ndarray
+  fragment_sd_RxCxM: np.ndarray
   raw_RxSxCxM: np.ndarray
   diverged_RxS: np.ndarray
 
@@ -98,7 +100,7 @@ class Prediction:
     """Draws from the predictive distribution of `reduce(losses_RxCxM)`.
 
     Each member is perturbed by Gaussian residual noise, one draw shared by a fragment's
-    examples (`fragment_sd_CxM`) plus one per example (`example_sd_CxM`), then reduced;
+    examples (`fragment_sd_RxCxM`) plus one per example (`example_sd_CxM`), then reduced;
     returns the reductions stacked on a leading axis.
     """
     rng = np.random.default_rng(seed)
@@ -109,7 +111,7 @@ class Prediction:
       for _ in range(draws):
         shared = rng.standard_normal(base.shape[:-1] + (num_f,))[..., self.frag_M]
         own = rng.standard_normal(base.shape)
-        out.append(reduce(base + shared * self.fragment_sd_CxM + own * self.example_sd_CxM))
+        out.append(reduce(base + shared * self.fragment_sd_RxCxM + own * self.example_sd_CxM))
     return np.stack(out)
 
   def interval(self, reduce=lambda x: x, level: float = 0.8, **kw) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +161,7 @@ class Simulator:
   simfluence: SimfluenceLinear
   info: dict[str, Any]
   gain_quantiles: tuple[float, ...] = (-1.28, 0.0, 1.28)
+  effect_error: float = 2.0
 
   @property
   def num_seeds(self) -> int:
@@ -224,6 +227,12 @@ class Simulator:
                            * self.gain_sd_F[None], 0.0)
     members = anchor[None, None, None] + gains_GxF[None, None, :, None, frag_M] * dev[:, :, None]
     members = members.reshape(len(runs), -1, *anchor.shape)      # R (S*G) C M
+    # The surrogate's effects are right in pattern, not in detail: an error in proportion to
+    # each fragment's predicted effect (its probe mean's distance from the anchor).
+    num_f = len(self.fragments.names)
+    effect_RxCxF = np.abs(fragment_means(np.nanmean(members, 1) - anchor[None], frag_M, probe_M,
+                                         num_f))
+    frag_sd = np.sqrt(frag_sd[None] ** 2 + (self.effect_error * effect_RxCxF[..., frag_M]) ** 2)
     return Prediction(tuple(r.header.run_id for r in runs), steps, tuple(eval_ids), frag_M,
                       probe_M, members, ex_sd, frag_sd, raw, diverged)
 
@@ -353,6 +362,7 @@ class Simulator:
                   "weight_decay_scale": float(self.knobs.weight_decay_scale)},
         "num_steps": self.num_steps, "batch_size": self.batch_size,
         "eval_ids": list(self.eval_ids), "gain_quantiles": list(self.gain_quantiles),
+        "effect_error": self.effect_error,
         "dataset_sha256": self.fragments.sha256, "info": self.info,
         "simfluence_ridge": self.simfluence.ridge,
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
@@ -414,7 +424,8 @@ class Simulator:
                  simfluence=SimfluenceLinear(arrays["simfluence_a_FxF"],
                                              arrays["simfluence_b_FxF"],
                                              float(meta["simfluence_ridge"])),
-                 info=meta["info"], gain_quantiles=tuple(meta["gain_quantiles"]))
+                 info=meta["info"], gain_quantiles=tuple(meta["gain_quantiles"]),
+                 effect_error=float(meta["effect_error"]))
     except SimulatorError:
       raise
     except (KeyError, TypeError, ValueError) as e:
