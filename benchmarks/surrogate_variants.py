@@ -1,0 +1,109 @@
+"""Rank figures of surrogate variants on a committed real run set (development experiments).
+
+Simulates every run of the set with S pre-trained seeds for each learning-rate scale, then
+scores the seed-mean surrogate's final per-fragment probe losses against the real ones on
+the held-out structured orders (the shuffles and seed re-runs are left out): decision
+accuracy per fragment, Kendall tau of orders, AUROC of "better than the median order"
+(DESIGN.md's metrics; the anchored map cannot change these ranks, so no calibration is
+needed). With `--subsample`, also the figures for 1, 2, 4, ... of the S seeds (mean of 20
+random draws). These guided the defaults on the classification (development) set.
+
+  python benchmarks/surrogate_variants.py --task cls --lr-scales 1,2
+  python benchmarks/surrogate_variants.py --task cls --width 64 --lr-scales 2
+  python benchmarks/surrogate_variants.py --task cls --seeds 8 --lr-scales 2 --subsample
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={len(os.sched_getaffinity(0))}").strip()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calibrate import metrics
+from calibrate.runlog import learning_rates_from_runlog, order_from_runlog, read_runlog
+from surrogate import model as model_lib
+from surrogate import optim
+from surrogate.datasets import python_docs_neutral
+from surrogate.fragments import read_fragments
+from surrogate.prepare import prepare
+from surrogate.pretrain import pretrain_ensemble
+from surrogate.simulate import SimPlan, simulate_many
+from surrogate.tokenize import encode_texts
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
+
+
+def scores(pred_RxF, real_RxF):
+  drop = lambda x0, x: (x0 - x) / x0  # noqa: E731
+  return (metrics.decision_accuracy(pred_RxF[1], real_RxF[1]),
+          metrics.counterfactual_rank(pred_RxF[1], real_RxF[1])["kendall_tau"],
+          metrics.better_than_median_auroc(drop(pred_RxF[0], pred_RxF[1]),
+                                           drop(real_RxF[0], real_RxF[1])))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--task", choices=["lm", "cls"], default="cls")
+  p.add_argument("--seeds", type=int, default=4)
+  p.add_argument("--lr-scales", default="1")
+  p.add_argument("--width", type=int, default=32)
+  p.add_argument("--length", type=int, default=32)
+  p.add_argument("--pretrain-steps", type=int, default=800)
+  p.add_argument("--subsample", action="store_true")
+  args = p.parse_args()
+  folder = os.path.join(DATA, args.task)
+  frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
+  runs = [read_runlog(f, frags) for f in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
+  runs = [r for r in runs if not r.header.run_id.startswith("shuffled-")
+          and not r.header.run_id.endswith("-s1")]
+  cfg = model_lib.ModelConfig(width=args.width, length=args.length)
+  probes = frags.probe_indices()
+  prep = prepare(frags, cfg, key=jax.random.key(0), eval_train=[int(probes[0])], diag_probes=1)
+  ids = prep.eval_ids()
+  frag_M = frags.fragment_of[[frags.index[i] for i in ids]]
+  probe_M = frags.split_of[[frags.index[i] for i in ids]] == 1
+  num_f = len(frags.names)
+  corpus = encode_texts(prep.tokenizer, python_docs_neutral(), cfg.length)
+  params_S, _ = pretrain_ensemble(corpus, model_cfg=cfg, key=jax.random.key(1), seeds=args.seeds,
+                                  steps=args.pretrain_steps)
+  opt = optim.OptimizerConfig.from_dict(runs[0].header.optimizer)
+  orders = np.stack([order_from_runlog(r, frags) for r in runs])
+  lrs = np.stack([learning_rates_from_runlog(r) for r in runs])
+  t = runs[0].num_steps
+  real = np.array([[[ev.losses[i] for i in ids] for ev in (r.evals[0], r.evals[-1])] for r in runs])
+  real_f = np.moveaxis(metrics.fragment_means(real, frag_M, probe_M, num_f), 1, 0)
+  n_s, n_r = args.seeds, len(runs)
+  sel_s, sel_r = np.repeat(np.arange(n_s), n_r), np.tile(np.arange(n_r), n_s)
+  print(f"{args.task}: {n_r} held-out orders, surrogate {cfg.depth}x{cfg.width}, {cfg.length} "
+        f"tokens, {n_s} seeds pre-trained {args.pretrain_steps} steps")
+  print("lr_scale  decision_accuracy  kendall_tau  auroc  diverged")
+  for lr_scale in (float(x) for x in args.lr_scales.split(",")):
+    knobs = optim.Knobs(jnp.float32(lr_scale), jnp.float32(1.0))
+    traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[sel_s], params_S), knobs,
+                         orders[sel_r], lrs[sel_r], prep.data, model_cfg=cfg, opt_cfg=opt,
+                         plan=SimPlan(eval_every=t, diagnostics=False), chunk_size=32)
+    sur = traj.eval_loss_CxM[:, [0, -1]].reshape(n_s, n_r, 2, -1)
+    sur_f = np.moveaxis(metrics.fragment_means(sur, frag_M, probe_M, num_f), 2, 1)  # S 2 R F
+    d, tau, auc = scores(sur_f.mean(0), real_f)
+    print(f"{lr_scale:8g}  {d:17.3f}  {tau:11.3f}  {auc:5.3f}  {int((traj.diverged_step >= 0).sum())}")
+    if args.subsample:
+      rng = np.random.default_rng(0)
+      k = 1
+      while k <= n_s:
+        draws = [scores(sur_f[rng.choice(n_s, k, replace=False)].mean(0), real_f)
+                 for _ in range(20)]
+        m = np.mean(draws, 0)
+        print(f"   {k} seeds: decision {m[0]:.3f}, tau {m[1]:.3f}, auroc {m[2]:.3f}")
+        k *= 2
+
+
+if __name__ == "__main__":
+  main()
