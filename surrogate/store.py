@@ -1,0 +1,202 @@
+"""Resumable simulation of many orders: results stream to a folder, one file per chunk.
+
+`simulate_to_folder` runs `simulate_many` chunk by chunk and writes each chunk's results
+atomically (temporary file, fsync, rename) as soon as it is done, so a job killed at any
+moment (even `kill -9`) leaves only whole chunks behind. With `resume=True` it checks that
+the inputs are the ones the folder was started with (a fingerprint in `manifest.json`),
+keeps every readable chunk and simulates only the missing ones. Every order is simulated
+independently, so a resumed job gives the same numbers as an uninterrupted one.
+
+Folder layout: `manifest.json` (format, N, chunk size, fingerprint) and
+`chunk-000000.npz`, ... (plain arrays, read without pickle; each names its order range and
+the sha256 of its orders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from surrogate import diagnostics as diag_lib
+from surrogate import model as model_lib
+from surrogate import optim
+from surrogate.errors import DataError
+from surrogate.jsonl import atomic_write
+from surrogate.simulate import SimData, SimPlan, Trajectory, simulate_many
+
+FORMAT = "surrogate-results/1"
+_DIAG_FIELDS = diag_lib.Diagnostics._fields
+
+
+class ResultsError(DataError):
+  """A results folder is missing, truncated, tampered with, or from other inputs."""
+
+
+def fingerprint(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimData, *,
+                model_cfg: model_lib.ModelConfig, opt_cfg: optim.OptimizerConfig,
+                plan: SimPlan, chunk_size: int) -> str:
+  """sha256 of everything that determines the results (arrays by their bytes)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves((params0, knobs, data)):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(a.tobytes())
+  for a in (np.asarray(orders_NxTxB, np.int32), np.asarray(lr_NxT, np.float32)):
+    h.update(str(a.shape).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  h.update(json.dumps([dataclasses.asdict(model_cfg), opt_cfg.to_dict(),
+                       dataclasses.asdict(plan), chunk_size], sort_keys=True).encode())
+  return h.hexdigest()
+
+
+def _chunk_path(folder: str, i: int) -> str:
+  return os.path.join(folder, f"chunk-{i:06d}.npz")
+
+
+def _orders_sha(orders: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(orders, np.int32).tobytes()).hexdigest()
+
+
+def _write_chunk(path: str, start: int, orders: np.ndarray, out: Trajectory) -> None:
+  arrays = {"start": np.int64(start), "stop": np.int64(start + len(orders)),
+            "orders_sha256": np.array(_orders_sha(orders)),
+            "eval_loss_CxM": out.eval_loss_CxM, "train_loss_T": out.train_loss_T,
+            "diverged_step": out.diverged_step}
+  if out.diagnostics is not None:
+    arrays.update({f"diag_{k}": v for k, v in out.diagnostics._asdict().items()})
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  atomic_write(path, buf.getvalue())
+
+
+def _read_chunk(path: str, start: int, orders: np.ndarray) -> Trajectory:
+  """A chunk's results; raises ResultsError if unreadable or not for these orders."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except FileNotFoundError:
+    raise ResultsError("chunk file is missing", path=path) from None
+  except Exception as e:  # zipfile/npz errors of a truncated or altered file
+    raise ResultsError(f"unreadable chunk ({type(e).__name__}: {e})", path=path) from None
+  try:
+    ok = (int(arrays["start"]) == start and int(arrays["stop"]) == start + len(orders)
+          and str(arrays["orders_sha256"]) == _orders_sha(orders))
+    diag = None
+    if "diag_embedding_drift" in arrays:
+      diag = diag_lib.Diagnostics(*(arrays[f"diag_{k}"] for k in _DIAG_FIELDS))
+    traj = Trajectory(arrays["eval_loss_CxM"], arrays["train_loss_T"], diag,
+                      arrays["diverged_step"])
+  except KeyError as e:
+    raise ResultsError(f"chunk lacks the array {e.args[0]!r}", path=path) from None
+  if not ok or len(traj.eval_loss_CxM) != len(orders):
+    raise ResultsError("chunk holds results of other orders", path=path)
+  return traj
+
+
+def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, orders_NxTxB,
+                       lr_NxT, data: SimData, *, model_cfg: model_lib.ModelConfig,
+                       opt_cfg: optim.OptimizerConfig, plan: SimPlan, chunk_size: int = 64,
+                       resume: bool = False, devices: Sequence[jax.Device] | None = None,
+                       progress: bool = True) -> Trajectory:
+  """`simulate_many`, with each chunk's results written to `folder` as it finishes.
+
+  Args:
+    folder: where results go; created if needed. Without `resume` it must hold no results.
+    params0 ... plan: as for `simulate_many` (params0 and knobs may carry an N axis).
+    chunk_size: orders per chunk file (and per compiled call).
+    resume: keep the chunks already in `folder` and simulate only the missing ones.
+    devices, progress: as for `simulate_many`.
+
+  Returns:
+    The whole `Trajectory` (numpy), read back from the chunk files.
+
+  Raises:
+    ResultsError: the folder holds results of other inputs, or results without `resume`.
+  """
+  folder = os.fspath(folder)
+  orders = np.asarray(orders_NxTxB, np.int32)
+  n, steps = orders.shape[:2]
+  lrs = np.broadcast_to(np.asarray(lr_NxT, np.float32), (n, steps))
+  chunk = max(1, chunk_size)
+  fp = fingerprint(params0, knobs, orders, lrs, data, model_cfg=model_cfg, opt_cfg=opt_cfg,
+                   plan=plan, chunk_size=chunk)
+  manifest_path = os.path.join(folder, "manifest.json")
+  manifest = {"format": FORMAT, "num_orders": n, "chunk_size": chunk, "fingerprint": fp}
+  os.makedirs(folder, exist_ok=True)
+  if os.path.exists(manifest_path):
+    if not resume:
+      raise ResultsError("results already exist here; pass resume=True (--resume) to "
+                         "continue them, or choose another folder", path=manifest_path)
+    old = _read_manifest(manifest_path)
+    if old.get("fingerprint") != fp:
+      raise ResultsError("these results were started with other inputs (orders, data, model, "
+                         "optimizer, plan or chunk size); cannot resume them", path=manifest_path)
+    for name in os.listdir(folder):  # half-written chunks of a killed job
+      if name.startswith(".chunk-") and name.endswith(".tmp"):
+        os.remove(os.path.join(folder, name))
+  else:
+    atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+
+  per_order_params = np.ndim(params0["embed_VxD"]) == 3  # as in simulate_many
+  per_order_knobs = np.ndim(knobs.lr_scale) == 1
+  starts = list(range(0, n, chunk))
+  todo = []
+  for i, start in enumerate(starts):
+    sel = slice(start, min(start + chunk, n))
+    try:
+      _read_chunk(_chunk_path(folder, i), start, orders[sel])
+    except ResultsError:
+      todo.append(i)
+  from tqdm.auto import tqdm
+  bar = tqdm(total=n, initial=n - sum(min(chunk, n - starts[i]) for i in todo), unit="order",
+             desc="simulating", disable=not progress, leave=False)
+  for i in todo:
+    start = starts[i]
+    # Pad the last chunk to full size with copies of its first order: one compiled shape.
+    idx = np.arange(start, start + chunk)
+    real = int(min(chunk, n - start))
+    idx = np.where(idx < n, idx, start)
+    take = lambda tree: jax.tree.map(lambda a: np.asarray(a)[idx], tree)  # noqa: E731
+    out = simulate_many(take(params0) if per_order_params else params0,
+                        take(knobs) if per_order_knobs else knobs, orders[idx], lrs[idx], data,
+                        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, chunk_size=chunk,
+                        devices=devices, progress=False)
+    out = jax.tree.map(lambda a: np.asarray(a)[:real], out)
+    _write_chunk(_chunk_path(folder, i), start, orders[start:start + real], out)
+    bar.update(real)
+  bar.close()
+  return load_results(folder, orders)
+
+
+def _read_manifest(path: str) -> dict:
+  try:
+    with open(path, "rb") as f:
+      manifest = json.loads(f.read().decode("utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ResultsError(f"unreadable manifest ({e})", path=path) from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise ResultsError(f"not a results manifest (format should be {FORMAT!r})", path=path,
+                       field="format")
+  return manifest
+
+
+def load_results(folder: str | os.PathLike, orders_NxTxB) -> Trajectory:
+  """Reads a complete results folder for `orders_NxTxB`; raises ResultsError naming the file
+  if a chunk is missing, truncated, altered, or holds other orders."""
+  folder = os.fspath(folder)
+  manifest = _read_manifest(os.path.join(folder, "manifest.json"))
+  orders = np.asarray(orders_NxTxB, np.int32)
+  n, chunk = int(manifest["num_orders"]), int(manifest["chunk_size"])
+  if n != len(orders):
+    raise ResultsError(f"holds {n} orders, not {len(orders)}",
+                       path=os.path.join(folder, "manifest.json"))
+  parts = [_read_chunk(_chunk_path(folder, i), start, orders[start:start + chunk])
+           for i, start in enumerate(range(0, n, chunk))]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
