@@ -112,3 +112,13 @@ def test_kill_9_then_resume_loses_duplicates_and_changes_nothing(tmp_path):
   resumed = _run(inputs, folder, resume=True)
   _assert_same(resumed, _run(inputs, tmp_path / "clean"))
   assert resumed.eval_loss_CxM.shape[0] == n
+
+
+def test_results_do_not_depend_on_chunk_size(inputs):
+  prep, params, order_NxTxB, lr_T = inputs
+  kw = {"model_cfg": CFG, "opt_cfg": OPT, "plan": PLAN, "progress": False}
+  small = simulate_many(params, optim.Knobs.identity(), order_NxTxB, lr_T, prep.data,
+                        chunk_size=4, **kw)
+  whole = simulate_many(params, optim.Knobs.identity(), order_NxTxB, lr_T, prep.data,
+                        chunk_size=N, **kw)
+  _assert_same(small, whole)
