@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -184,8 +185,7 @@ class Simulator:
     ckpt = plan.checkpoint_steps(runs[0].num_steps)
     rows = np.searchsorted(ckpt, np.asarray(steps))
     orders = np.stack([order_from_runlog(r, frags) for r in runs])
-    base_lr = optim.learning_rates(self.opt_cfg, runs[0].num_steps)
-    lrs = np.stack([_lrs(r, base_lr) for r in runs])
+    lrs = np.stack([_lrs(r) for r in runs])
     n_r, n_s = len(runs), self.num_seeds
     sel_s = np.tile(np.arange(n_s), n_r)
     sel_r = np.repeat(np.arange(n_r), n_s)
@@ -216,7 +216,7 @@ class Simulator:
     for r in runs[1:]:
       if list(wanted_eval_steps(r)) != steps.tolist():
         raise CalibrationError(f"run {r.header.run_id!r} is evaluated at other steps than "
-                         f"{runs[0].header.run_id!r}; predict them in separate calls")
+                               f"{runs[0].header.run_id!r}; predict them in separate calls")
     eval_ids = self._predicted_ids(runs)
     raw, diverged = self.simulate_raw(runs, steps.tolist(), eval_ids, progress=progress,
                                       chunk_size=chunk_size)
@@ -275,14 +275,19 @@ class Simulator:
       rid = r.header.run_id
       if r.header.dataset_sha256.lower() != self.fragments.sha256:
         raise CalibrationError(f"run {rid!r} is of another fragments file (dataset_sha256 differs "
-                         "from the simulator's)")
+                               "from the simulator's)")
       if r.num_steps > self.num_steps:
         raise CalibrationError(f"run {rid!r} has {r.num_steps} steps; the simulator was calibrated "
-                         f"on {self.num_steps}-step runs and cannot predict beyond them")
+                               f"on {self.num_steps}-step runs and cannot predict beyond them")
       name = r.header.optimizer.get("name")
       if name != self.opt_cfg.name.value:
         raise CalibrationError(f"run {rid!r} uses optimizer {name!r}; the simulator was calibrated "
-                         f"on {self.opt_cfg.name.value!r} runs")
+                               f"on {self.opt_cfg.name.value!r} runs")
+      if optim.OptimizerConfig.from_dict(r.header.optimizer) != self.opt_cfg:
+        warnings.warn(f"run {rid!r} has optimizer settings {r.header.optimizer}, the calibration "
+                      f"runs {self.opt_cfg.to_dict()}: its learning rates are simulated as given, "
+                      "the other settings as calibrated, and the prediction is an extrapolation",
+                      UserWarning, stacklevel=3)
 
   def _predicted_ids(self, runs: Sequence[RunLog]) -> list[str]:
     known = list(self.eval_ids)
@@ -331,7 +336,7 @@ class Simulator:
     if np.isnan(anchor).any():
       missing = [eval_ids[m] for m in np.nonzero(np.isnan(anchor).any(0))[0]]
       raise CalibrationError(f"no calibration data for the fragment of {missing[:3]} (its train "
-                       "examples were never evaluated in the calibration runs)")
+                             "examples were never evaluated in the calibration runs)")
     return anchor, sur_cal, frag_M, ex_sd, frag_sd
 
   # -- saving --------------------------------------------------------------------------------
@@ -435,9 +440,13 @@ class Simulator:
 _TRAIN, _PROBE = 0, 1  # Fragments.split_of codes
 
 
-def _lrs(run: RunLog, base_lr: np.ndarray) -> np.ndarray:
+def _lrs(run: RunLog) -> np.ndarray:
+  """The run's learning rates: the logged ones, else its own header's schedule."""
   logged = learning_rates_from_runlog(run)
-  return base_lr if logged is None else logged
+  if logged is not None:
+    return logged
+  return optim.learning_rates(optim.OptimizerConfig.from_dict(run.header.optimizer),
+                              run.num_steps)
 
 
 def _positions(fragments: Fragments, ids: Sequence[str]) -> np.ndarray:

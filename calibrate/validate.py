@@ -101,7 +101,7 @@ def _real(runs: Sequence[RunLog], steps: np.ndarray, ids: Sequence[str]) -> np.n
       out.append([[by_step[int(s)][i] for i in ids] for s in steps])
     except KeyError as e:
       raise CalibrationError(f"run {r.header.run_id!r} lacks the loss of {e.args[0]!r} at an eval "
-                       "step; validation needs every probe at every eval") from None
+                             "step; validation needs every probe at every eval") from None
   return np.array(out, np.float64)
 
 
@@ -142,7 +142,7 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
       raise CalibrationError(f"run {r.header.run_id!r} has no evals: nothing to validate against")
     if r.header.run_id in cal:
       raise CalibrationError(f"run {r.header.run_id!r} was used to calibrate the simulator; "
-                       "validate on held-out runs only")
+                             "validate on held-out runs only")
   reps, pairs = group_reruns(runs)
   if len(reps) < 2:
     raise CalibrationError("validation needs at least two held-out runs with different orders")

@@ -147,3 +147,14 @@ def test_bad_runs_are_clear_errors(world):
 def test_validate_refuses_calibration_runs(world, sim):
   with pytest.raises(ValueError, match="used to calibrate"):
     validate(sim, world[1][:4])
+
+
+def test_an_order_with_other_optimizer_settings_is_simulated_with_a_warning(world, sim):
+  frags, runs = world
+  order = dataclasses.replace(runs[3], evals=(), header=dataclasses.replace(
+      runs[3].header, optimizer={**OPT, "lr": 6e-3}))
+  with pytest.warns(UserWarning, match="extrapolation"):
+    faster = sim.predict([order])
+  same = sim.predict([dataclasses.replace(runs[3], evals=())])
+  # Its own (doubled) learning rate is used: the prediction moves.
+  assert not np.allclose(faster.mean_RxCxM[:, -1], same.mean_RxCxM[:, -1])
