@@ -236,6 +236,16 @@ class Simulator:
     return Prediction(tuple(r.header.run_id for r in runs), steps, tuple(eval_ids), frag_M,
                       probe_M, members, ex_sd, frag_sd, raw, diverged)
 
+  def what_if(self, order, **kw):
+    """What each fragment becomes under `order`; see `calibrate.outcomes.what_if`."""
+    from calibrate.outcomes import what_if
+    return what_if(self, order, **kw)
+
+  def compare(self, candidates, **kw):
+    """Named orders ranked by predicted probe loss; see `calibrate.outcomes.compare`."""
+    from calibrate.outcomes import compare
+    return compare(self, candidates, **kw)
+
   def predicted_runlogs(self, runs: Sequence[RunLog], prediction: Prediction,
                         level: float = 0.8) -> list[RunLog]:
     """Predictions as RunLogs on the real scale: same run ids and steps, predicted evals.

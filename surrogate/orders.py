@@ -482,6 +482,42 @@ def concat(*orders: np.ndarray) -> np.ndarray:
   return np.concatenate(arrays, axis=0).astype(np.int32)
 
 
+def without_fragment(order: np.ndarray, pools: Sequence[np.ndarray], fragment: int, *,
+                     key: jax.Array) -> np.ndarray:
+  """The counterfactual of DESIGN.md's outcomes: `order` with one fragment's batches
+  replaced by the rest.
+
+  Feeding rule: every slot that holds an example of `fragment` gets instead a train example
+  drawn uniformly from the other fragments' pools together; every other slot, every step and
+  the batch size stay as they are. Comparing a run with this counterfactual gives the
+  fragment's *own contribution* to every loss.
+
+  Args:
+    order: int array [T, B] of example positions (-1 for empty slots).
+    pools: pools[f] is the 1-D int array of fragment f's train positions.
+    fragment: the fragment number to take out.
+    key: a jax.random key (draws the replacements).
+
+  Returns:
+    int32 array [T, B].
+
+  Raises:
+    ValueError: there is no other fragment to draw from.
+  """
+  order_TxB = _check_order("order", order).astype(np.int32)
+  pools = _check_pools(pools)
+  (fragment,) = _check_fragment_numbers("fragment", [fragment], len(pools), unique=True)
+  rest = np.concatenate([p for f, p in enumerate(pools) if f != fragment]) \
+      if len(pools) > 1 else np.zeros(0, np.int32)
+  if not rest.size:
+    raise ValueError("without_fragment needs another fragment to draw replacements from")
+  own = np.isin(order_TxB, pools[fragment])
+  out = order_TxB.copy()
+  pick = _uniform_index(np.full(int(own.sum()), rest.size), key=_check_key(key))
+  out[own] = rest[pick]
+  return out
+
+
 def fragment_counts(order: np.ndarray, fragment_of: np.ndarray,
                     num_fragments: int) -> np.ndarray:
   """How many slots of each fragment an order feeds.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from calibrate.fit import FitConfig, FitError, check_runs, fit
+from calibrate.outcomes import OUTCOMES, Outcome
 from calibrate.predict import simulate_runs
 from calibrate.runlog import RunHeader, RunLog, StepRecord
 from calibrate.simulator import Simulator, SimulatorError
@@ -158,3 +159,28 @@ def test_an_order_with_other_optimizer_settings_is_simulated_with_a_warning(worl
   same = sim.predict([dataclasses.replace(runs[3], evals=())])
   # Its own (doubled) learning rate is used: the prediction moves.
   assert not np.allclose(faster.mean_RxCxM[:, -1], same.mean_RxCxM[:, -1])
+
+
+def test_what_if_outcomes(world, sim):
+  frags, runs = world
+  subset = runs[4]  # feeds fragments 0 and 1 only
+  answer = sim.what_if(subset)
+  np.testing.assert_allclose(answer.outcome_FxO.sum(1), 1.0)
+  assert answer.probe_CxF.shape == (len(answer.steps), 4)
+  # Fragments 2 and 3 are never fed: no own contribution, so they cannot generalize or be
+  # memorized, whatever else happens to them.
+  np.testing.assert_array_equal(answer.own_probe_F[2:], 0.0)
+  gen, mem = OUTCOMES.index(Outcome.GENERALIZES), OUTCOMES.index(Outcome.MEMORIZED)
+  assert (answer.outcome_FxO[2:, [gen, mem]] == 0).all()
+  assert (answer.probe_lo_CxF <= answer.probe_hi_CxF).all()
+  assert "outcome" in answer.table()
+
+
+def test_compare_ranks_orders(world, sim):
+  frags, runs = world
+  cmp = sim.compare({"blocked": runs[3], "subset": runs[4], "interleaved": runs[5]})
+  assert sorted(cmp.names) == ["blocked", "interleaved", "subset"]
+  assert (np.diff(cmp.mean) >= 0).all()
+  assert cmp.p_best.sum() == pytest.approx(1.0)
+  assert (cmp.lo <= cmp.hi).all()
+  assert cmp.table().splitlines()[1].split()[1] == cmp.names[0]

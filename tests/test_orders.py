@@ -383,3 +383,17 @@ def test_spec_validation_names_the_field():
   spec = orders.OrderSpec(kind.MIXTURE, weights=(1.0, 2.0))
   with pytest.raises(ValueError, match="weights"):
     spec.generate(POOLS, key=jax.random.key(0), steps=2, batch_size=2)
+
+
+def test_without_fragment_replaces_only_that_fragment():
+  order = orders.shuffled(POOLS, key=jax.random.key(5), steps=9, batch_size=4)
+  order[0, 0] = -1  # an empty slot stays empty
+  out = orders.without_fragment(order, POOLS, 1, key=jax.random.key(6))
+  assert out.shape == order.shape and out.dtype == np.int32
+  own = np.isin(order, POOLS[1])
+  assert own.any() and not np.isin(out, POOLS[1]).any()
+  np.testing.assert_array_equal(out[~own], order[~own])
+  others = np.concatenate([p for f, p in enumerate(POOLS) if f != 1])
+  assert np.isin(out[own], others).all()
+  with pytest.raises(ValueError, match="another fragment"):
+    orders.without_fragment(order[:, :1] * 0 + POOLS[0][0], POOLS[:1], 0, key=jax.random.key(0))
