@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from calibrate.fit import FitConfig, FitError, fit
+from calibrate.outcomes import Comparison, Outcome, Thresholds, WhatIf, compare, what_if
 from calibrate.predict import simulate_runs
 from calibrate.runlog import (FORMAT, EvalRecord, RunHeader, RunLog, RunLogWriter, StepRecord,
                               learning_rates_from_runlog, order_from_runlog, read_runlog,
@@ -12,9 +13,11 @@ from calibrate.validate import ValidationReport, validate
 
 __all__ = [
     "FORMAT",
+    "Comparison",
     "EvalRecord",
     "FitConfig",
     "FitError",
+    "Outcome",
     "Prediction",
     "RunHeader",
     "RunLog",
@@ -22,12 +25,16 @@ __all__ = [
     "Simulator",
     "SimulatorError",
     "StepRecord",
+    "Thresholds",
     "ValidationReport",
+    "WhatIf",
+    "compare",
     "fit",
     "learning_rates_from_runlog",
     "order_from_runlog",
     "read_runlog",
     "simulate_runs",
     "validate",
+    "what_if",
     "write_runlog",
 ]

@@ -89,6 +89,8 @@ class SimfluenceLinear:
           xs.append(np.concatenate([prev * n, n]))
           ys.append(loss_RxCxF[run, c, j] - prev)
       x, y = np.array(xs), np.array(ys)
+      if not np.isfinite(y).all():
+        continue  # a fragment without probes: nothing to fit, no effects
       gram = x.T @ x + ridge * len(y) * penalty
       theta = np.linalg.lstsq(gram, x.T @ y, rcond=None)[0]
       a[:, j], b[:, j] = theta[:f], theta[f:]

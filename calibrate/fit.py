@@ -102,7 +102,8 @@ def check_runs(fragments: Fragments, runs: Sequence[RunLog], *, min_steps: int =
                      f"{r.header.dataset_sha256[:12]}... is not {fragments.sha256[:12]}...")
     if r.is_order_file:
       raise FitError(f"{where} has no evals: an order file cannot calibrate")
-    if r.header.optimizer != first.header.optimizer:
+    if (optim.OptimizerConfig.from_dict(r.header.optimizer)
+        != optim.OptimizerConfig.from_dict(first.header.optimizer)):
       raise FitError(f"{where} uses optimizer {r.header.optimizer}, but "
                      f"{first.header.run_id!r} uses {first.header.optimizer}: calibrate on runs "
                      "of one optimizer setting")
@@ -144,12 +145,14 @@ def _shape_misfit(sur_RxCxF: np.ndarray, real_RxCxF: np.ndarray) -> float:
   res = []
   for f in range(real_RxCxF.shape[-1]):
     x, y = sur_RxCxF[..., f].ravel(), real_RxCxF[..., f].ravel()
+    if np.isnan(y).all():
+      continue  # a fragment with no such examples evaluated (no probes, or no train evals)
     if not np.isfinite(x).all() or not np.isfinite(y).all():
       return float("inf")
     a = np.stack([x, np.ones_like(x)], 1)
     coef = np.linalg.lstsq(a, y, rcond=None)[0]
     res.append(np.mean((a @ coef - y) ** 2))
-  return float(np.nanmean(res))
+  return float(np.mean(res)) if res else float("inf")
 
 
 def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
@@ -168,9 +171,13 @@ def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
   """
   n_s = sur_SxRxCxF.shape[0]
   sur_RxCxF = sur_SxRxCxF.mean(0)
-  dr = real_RxCxF - real_RxCxF.mean(0, keepdims=True)
-  ds = sur_RxCxF - sur_RxCxF.mean(0, keepdims=True)
-  seed_var = sur_SxRxCxF.var(0, ddof=1) / n_s if n_s > 1 else np.zeros_like(ds)
+  n_r = real_RxCxF.shape[0]
+  # A fragment without probes has NaN means: it carries no information (zero deviations).
+  dr = np.nan_to_num(real_RxCxF - real_RxCxF.mean(0, keepdims=True))
+  ds = np.nan_to_num(sur_RxCxF - sur_RxCxF.mean(0, keepdims=True))
+  # Noise of the seed mean, as it survives centring over the R runs.
+  seed_var = (np.nan_to_num(sur_SxRxCxF.var(0, ddof=1)) / n_s * (n_r - 1) / n_r
+              if n_s > 1 else np.zeros_like(ds))
   x_raw_RxF = (ds * ds)[:, 1:].mean(1)
   x_RxF = np.maximum((ds * ds - seed_var)[:, 1:].mean(1), 0.0)
   xy_RxF = (dr * ds)[:, 1:].mean(1)
@@ -223,8 +230,8 @@ def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
     real_out_f = fragment_means(real_RxCxM[out], frag_M, probe_M, num_f)
     mse_map.append(np.mean(res_f ** 2))
     mse_mean.append(np.mean((fragment_means(anchor, frag_M, probe_M, num_f) - real_out_f) ** 2))
-  frag_sd = np.sqrt(np.mean(np.square(frag_res), 0))
-  ex_sd = np.sqrt(np.mean(np.square(ex_res), 0))
+  frag_sd = np.nan_to_num(np.sqrt(np.mean(np.square(frag_res), 0)))
+  ex_sd = np.nan_to_num(np.sqrt(np.mean(np.square(ex_res), 0)))
   loo = {"mse": float(np.mean(mse_map)), "order_agnostic_mse": float(np.mean(mse_mean))}
   return frag_sd, ex_sd, loo
 
@@ -328,6 +335,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   simfluence = SimfluenceLinear.fit(real_f, shares)
   info = {
       "calibration_runs": [r.header.run_id for r in runs],
+      "calibration_orders_sha256": [order_sha256(o) for o in orders],
       "knob_candidates": [{"lr_scale": lr, "weight_decay_scale": wd, "shape_misfit": s}
                           for (lr, wd), s in zip(cands, scores)],
       "lr_scale": cands[k_best][0], "weight_decay_scale": cands[k_best][1],
@@ -343,6 +351,12 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       anchor_CxM=anchor, sur_cal_SxCxM=sur_cal, gain_F=gain_F, gain_sd_F=gain_sd_F,
       example_sd_CxM=ex_sd, fragment_sd_CxF=frag_sd, simfluence=simfluence, info=info,
       effect_error=config.effect_error)
+
+
+def order_sha256(order_TxB: np.ndarray) -> str:
+  """sha256 of an order's example positions (to recognise the same batches again)."""
+  import hashlib
+  return hashlib.sha256(np.ascontiguousarray(order_TxB, np.int32).tobytes()).hexdigest()
 
 
 def _lrs(run: RunLog, base_lr: np.ndarray) -> np.ndarray:

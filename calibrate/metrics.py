@@ -111,7 +111,9 @@ def _decisions(pred_RxF, real_RxF, pairs) -> float:
   pred_d = np.sign(pred_RxF[a] - pred_RxF[b])
   real_d = np.sign(real_RxF[a] - real_RxF[b])
   hit = np.where(pred_d == 0, 0.5, (pred_d == real_d).astype(float))
-  return float(hit[real_d != 0].mean()) if np.any(real_d != 0) else float("nan")
+  # Undecided real pairs and non-finite predictions (a diverged run) are left out.
+  keep = (real_d != 0) & np.isfinite(pred_d) & np.isfinite(real_d)
+  return float(hit[keep].mean()) if np.any(keep) else float("nan")
 
 
 def _nanmean(values) -> float:

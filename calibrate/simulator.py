@@ -185,7 +185,7 @@ class Simulator:
     ckpt = plan.checkpoint_steps(runs[0].num_steps)
     rows = np.searchsorted(ckpt, np.asarray(steps))
     orders = np.stack([order_from_runlog(r, frags) for r in runs])
-    lrs = np.stack([_lrs(r) for r in runs])
+    lrs = np.stack([run_learning_rates(r) for r in runs])
     n_r, n_s = len(runs), self.num_seeds
     sel_s = np.tile(np.arange(n_s), n_r)
     sel_r = np.repeat(np.arange(n_r), n_s)
@@ -217,12 +217,36 @@ class Simulator:
       if list(wanted_eval_steps(r)) != steps.tolist():
         raise CalibrationError(f"run {r.header.run_id!r} is evaluated at other steps than "
                                f"{runs[0].header.run_id!r}; predict them in separate calls")
+    if steps.max() > self.steps_C[-1]:
+      raise CalibrationError(f"run {runs[0].header.run_id!r} asks for step {int(steps.max())}, "
+                             f"after the calibration runs' last eval ({int(self.steps_C[-1])}); "
+                             "the real trajectory is unknown there")
+    shapes = {order_from_runlog(r, self.fragments).shape for r in runs}
+    if len(shapes) > 1:
+      raise CalibrationError(f"the runs differ in steps or batch size ({sorted(shapes)}); "
+                             "predict them in separate calls")
     eval_ids = self._predicted_ids(runs)
-    raw, diverged = self.simulate_raw(runs, steps.tolist(), eval_ids, progress=progress,
-                                      chunk_size=chunk_size)
-    anchor, sur_cal, frag_M, ex_sd, frag_sd = self._maps_at(steps, eval_ids)
+    # Simulate at the calibration eval steps too: the deviation from the calibration mean is
+    # taken where both are known and interpolated from there, so no curvature of the loss
+    # curve between evals is mistaken for an order effect.
+    cal_steps = self.steps_C[self.steps_C <= runs[0].num_steps]
+    all_steps = np.union1d(steps, cal_steps)
+    raw_all, diverged = self.simulate_raw(runs, all_steps.tolist(), eval_ids, progress=progress,
+                                          chunk_size=chunk_size)
+    raw = raw_all[:, :, np.searchsorted(all_steps, steps)]
+    anchor, _, frag_M, ex_sd, frag_sd = self._maps_at(steps, eval_ids)
+    sur_cal_at = self._maps_at(cal_steps, eval_ids)[1]           # S Ccal M, exact there
+    dev_cal = raw_all[:, :, np.searchsorted(all_steps, cal_steps)] - sur_cal_at[None]
+    dev = _interp_steps(dev_cal, cal_steps, steps)               # R S C M
+    # A train example the calibration runs never evaluated has no calibration mean of its
+    # own: it takes its fragment's mean deviation over the anchored train examples.
     probe_M = self.fragments.split_of[_positions(self.fragments, eval_ids)] == _PROBE
-    dev = raw - sur_cal[None]                                    # R S C M
+    known = set(self.eval_ids)
+    for m, i in enumerate(eval_ids):
+      if i not in known:
+        same = [c for c, j in enumerate(eval_ids) if j in known and not probe_M[c]
+                and frag_M[c] == frag_M[m]]
+        dev[..., m] = dev[..., same].mean(-1)
     gains_GxF = np.maximum(self.gain_F[None] + np.array(self.gain_quantiles)[:, None]
                            * self.gain_sd_F[None], 0.0)
     members = anchor[None, None, None] + gains_GxF[None, None, :, None, frag_M] * dev[:, :, None]
@@ -334,10 +358,7 @@ class Simulator:
       return out
 
     def interp(x):  # [..., C_cal, M] -> [..., C, M]
-      moved = np.moveaxis(x, -2, -1)
-      flat = moved.reshape(-1, moved.shape[-1])
-      res = np.stack([np.interp(steps, self.steps_C, row) for row in flat])
-      return np.moveaxis(res.reshape(moved.shape[:-1] + (len(steps),)), -1, -2)
+      return _interp_steps(x, self.steps_C, steps)
 
     anchor = interp(gather(self.anchor_CxM))
     sur_cal = interp(gather(self.sur_cal_SxCxM))
@@ -450,7 +471,15 @@ class Simulator:
 _TRAIN, _PROBE = 0, 1  # Fragments.split_of codes
 
 
-def _lrs(run: RunLog) -> np.ndarray:
+def _interp_steps(x: np.ndarray, from_steps: np.ndarray, to_steps: np.ndarray) -> np.ndarray:
+  """Linear interpolation along axis -2 ([..., C_from, M] -> [..., C_to, M])."""
+  moved = np.moveaxis(x, -2, -1)
+  flat = moved.reshape(-1, moved.shape[-1])
+  res = np.stack([np.interp(to_steps, from_steps, row) for row in flat])
+  return np.moveaxis(res.reshape(moved.shape[:-1] + (len(to_steps),)), -1, -2)
+
+
+def run_learning_rates(run: RunLog) -> np.ndarray:
   """The run's learning rates: the logged ones, else its own header's schedule."""
   logged = learning_rates_from_runlog(run)
   if logged is not None:

@@ -19,9 +19,9 @@ import numpy as np
 
 from calibrate import metrics
 from calibrate.baselines import fragment_shares
-from calibrate.runlog import RunLog, learning_rates_from_runlog, order_from_runlog
-from calibrate.simulator import Simulator
-from surrogate import optim
+from calibrate.fit import order_sha256
+from calibrate.runlog import RunLog, order_from_runlog
+from calibrate.simulator import Simulator, run_learning_rates
 from surrogate.errors import CalibrationError
 
 METHODS = ("simulator", "order_agnostic", "simfluence_linear", "uncalibrated_surrogate")
@@ -76,11 +76,16 @@ def _fmt(v: float) -> str:
 
 
 def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int]]]:
-  """Splits runs into one representative per distinct order and (representative, re-run)."""
+  """Splits runs into one representative per distinct order and (representative, re-run).
+
+  Runs are re-runs of one another when their batches, optimizer settings and logged
+  learning rates are all the same (only the seed differs).
+  """
   first: dict[tuple, int] = {}
   reps, pairs = [], []
   for i, r in enumerate(runs):
-    key = tuple(s.examples for s in r.steps)
+    key = (tuple(s.examples for s in r.steps), json.dumps(r.header.optimizer, sort_keys=True),
+           tuple(s.lr for s in r.steps))
     if key in first:
       pairs.append((first[key], i))
     else:
@@ -137,12 +142,16 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
     CalibrationError: a run is a calibration run, has no evals, or the runs cannot be compared.
   """
   cal = set(sim.info.get("calibration_runs", ()))
+  cal_orders = set(sim.info.get("calibration_orders_sha256", ()))
   for r in runs:
     if r.is_order_file:
       raise CalibrationError(f"run {r.header.run_id!r} has no evals: nothing to validate against")
     if r.header.run_id in cal:
       raise CalibrationError(f"run {r.header.run_id!r} was used to calibrate the simulator; "
                              "validate on held-out runs only")
+    if order_sha256(order_from_runlog(r, sim.fragments)) in cal_orders:
+      raise CalibrationError(f"run {r.header.run_id!r} feeds exactly the batches of a "
+                             "calibration run; validate on held-out orders only")
   reps, pairs = group_reruns(runs)
   if len(reps) < 2:
     raise CalibrationError("validation needs at least two held-out runs with different orders")
@@ -150,22 +159,27 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   pred = sim.predict(held, progress=progress)
   ids, frag_M, probe_M = pred.eval_ids, pred.frag_M, pred.is_probe_M
   steps = pred.steps
-  real_f = _fragment_probe(sim, _real(held, steps, ids), frag_M, probe_M)
   num_f = len(sim.fragments.names)
+  # Only probe losses are scored, so only they are required of the held-out runs.
+  probe_ids = [i for i, p in zip(ids, probe_M) if p]
+  all_probe = np.ones(len(probe_ids), bool)
+
+  def real_probe(rs):
+    return metrics.fragment_means(_real(rs, steps, probe_ids), frag_M[probe_M], all_probe, num_f)
+
+  real_f = real_probe(held)
 
   mean_f = _fragment_probe(sim, pred.mean_RxCxM, frag_M, probe_M)
   anchor = sim._maps_at(steps, ids)[0]
   agnostic_f = np.broadcast_to(_fragment_probe(sim, anchor, frag_M, probe_M), real_f.shape)
-  base_lr = optim.learning_rates(sim.opt_cfg, sim.num_steps)
   lr_ref = sim.info["baselines"]["lr_ref"]
   simfluence_f = []
   for r in held:
-    lrs = learning_rates_from_runlog(r)
-    lrs = base_lr[: r.num_steps] if lrs is None else lrs
-    shares = fragment_shares(order_from_runlog(r, sim.fragments), lrs, sim.fragments.fragment_of,
-                             num_f, steps, lr_ref)
+    shares = fragment_shares(order_from_runlog(r, sim.fragments), run_learning_rates(r),
+                             sim.fragments.fragment_of, num_f, steps, lr_ref)
     simfluence_f.append(sim.simfluence.predict(agnostic_f[0, 0], shares))
-  raw_f = _fragment_probe(sim, pred.raw_RxSxCxM.mean(1), frag_M, probe_M)
+  with np.errstate(invalid="ignore"):
+    raw_f = _fragment_probe(sim, np.nanmean(pred.raw_RxSxCxM, 1), frag_M, probe_M)
 
   base_mse = float(np.mean((agnostic_f[:, 1:] - real_f[:, 1:]) ** 2))
   methods = {"simulator": _scores(mean_f, real_f, base_mse),
@@ -184,8 +198,7 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   rerun_ids: list[tuple[str, str]] = []
   if len(pairs) >= 2:
     rerun_ids = [(runs[a].header.run_id, runs[b].header.run_id) for a, b in pairs]
-    again = _fragment_probe(sim, _real([runs[b] for _, b in pairs], steps, ids), frag_M,
-                            probe_M)[:, -1]
+    again = real_probe([runs[b] for _, b in pairs])[:, -1]
     pos = [reps.index(a) for a, _ in pairs]
     first = real_f[pos, -1]
     order_pairs = list(itertools.combinations(range(len(pairs)), 2))

@@ -157,16 +157,24 @@ def _simulate_calibrated(args) -> int:
     raise CalibrationError(f"{args.data} is not the fragments file the simulator was "
                            "calibrated on (sha256 differs)")
   runs = _read_runs(args.orders, sim.fragments)
+  outs = [os.path.join(args.out, os.path.basename(p)) for p in args.orders]
+  if len(set(outs)) < len(outs):
+    raise CalibrationError("two inputs have the same file name; their predictions would "
+                           "overwrite each other in --out")
+  for src, dst in zip(args.orders, outs):
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+      raise CalibrationError(f"--out would overwrite the input {src}; choose another folder")
   groups: dict[tuple, list[int]] = {}
   for i, r in enumerate(runs):
-    groups.setdefault(tuple(wanted_eval_steps(r)), []).append(i)
+    key = (tuple(wanted_eval_steps(r)), r.num_steps, r.header.batch_size)
+    groups.setdefault(key, []).append(i)
   os.makedirs(args.out, exist_ok=True)
   t0 = time.perf_counter()
   for members in groups.values():
     group = [runs[i] for i in members]
     pred = sim.predict(group, progress=not args.quiet, chunk_size=args.chunk_size)
     for i, log in zip(members, sim.predicted_runlogs(group, pred)):
-      out = os.path.join(args.out, os.path.basename(args.orders[i]))
+      out = outs[i]
       write_runlog(out, log)
       bad = log.header.extra.get("diverged_seeds")
       print(f"wrote {out}" + (f" (surrogate seeds {bad} diverged)" if bad else ""))

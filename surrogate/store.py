@@ -95,6 +95,8 @@ def _read_chunk(path: str, start: int, orders: np.ndarray) -> Trajectory:
                       arrays["diverged_step"])
   except KeyError as e:
     raise ResultsError(f"chunk lacks the array {e.args[0]!r}", path=path) from None
+  except (TypeError, ValueError) as e:
+    raise ResultsError(f"malformed chunk ({e})", path=path) from None
   if not ok or len(traj.eval_loss_CxM) != len(orders):
     raise ResultsError("chunk holds results of other orders", path=path)
   return traj
@@ -142,6 +144,9 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
       if name.startswith(".chunk-") and name.endswith(".tmp"):
         os.remove(os.path.join(folder, name))
   else:
+    if any(name.startswith("chunk-") for name in os.listdir(folder)):
+      raise ResultsError("chunk files without a manifest: results of an unknown job; "
+                         "choose an empty folder", path=folder)
     atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
 
   per_order_params = np.ndim(params0["embed_VxD"]) == 3  # as in simulate_many

@@ -184,3 +184,23 @@ def test_compare_ranks_orders(world, sim):
   assert cmp.p_best.sum() == pytest.approx(1.0)
   assert (cmp.lo <= cmp.hi).all()
   assert cmp.table().splitlines()[1].split()[1] == cmp.names[0]
+
+
+def _drop_ids(run, keep):
+  evals = tuple(dataclasses.replace(ev, losses={i: v for i, v in ev.losses.items() if keep(i)})
+                for ev in run.evals)
+  return dataclasses.replace(run, evals=evals)
+
+
+def test_partial_train_evals_fit_and_probe_only_runs_validate(world):
+  frags, runs = world
+  split = {e.id: (e.fragment, e.split.value) for e in frags.examples}
+  # Calibration runs that evaluate no train example of one fragment (evals of train
+  # examples are "where affordable"); held-out runs that evaluate probes only.
+  cal = [_drop_ids(r, lambda i: split[i] != (frags.names[3], "train")) for r in runs[:3]]
+  held = [_drop_ids(r, lambda i: split[i][1] == "probe") for r in runs[3:]]
+  sim = fit(frags, cal, model_cfg=CFG, config=dataclasses.replace(CONFIG, lr_scales=(1.0,)),
+            seed=SEED, neutral_texts=NEUTRAL, progress=False)
+  assert np.isfinite(sim.gain_F).all() and np.isfinite(sim.info["fit_mse"])
+  report = validate(sim, held)
+  assert np.isfinite(report.methods["simulator"]["trajectory_mse"])
