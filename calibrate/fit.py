@@ -37,8 +37,8 @@ import numpy as np
 from calibrate.baselines import SimfluenceLinear, fragment_shares
 from calibrate.metrics import fragment_means
 from calibrate.predict import plan_for
-from calibrate.runlog import RunLog, learning_rates_from_runlog, order_from_runlog
-from calibrate.simulator import Simulator, _positions
+from calibrate.runlog import RunLog, order_from_runlog
+from calibrate.simulator import Simulator, _positions, run_learning_rates
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
@@ -284,8 +284,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   n_k, n_s, n_r = len(cands), config.seeds, len(runs)
   steps_C = np.array(sorted(set(first.eval_steps)))
   orders = np.stack([order_from_runlog(r, fragments) for r in runs])
-  base_lr = optim.learning_rates(opt_cfg, first.num_steps)
-  lrs = np.stack([_lrs(r, base_lr) for r in runs])
+  lrs = np.stack([run_learning_rates(r) for r in runs])
   idx_k, idx_s, idx_r = (a.ravel() for a in np.meshgrid(np.arange(n_k), np.arange(n_s),
                                                         np.arange(n_r), indexing="ij"))
   knobs = optim.Knobs(jnp.asarray([cands[k][0] for k in idx_k], jnp.float32),
@@ -357,8 +356,3 @@ def order_sha256(order_TxB: np.ndarray) -> str:
   """sha256 of an order's example positions (to recognise the same batches again)."""
   import hashlib
   return hashlib.sha256(np.ascontiguousarray(order_TxB, np.int32).tobytes()).hexdigest()
-
-
-def _lrs(run: RunLog, base_lr: np.ndarray) -> np.ndarray:
-  logged = learning_rates_from_runlog(run)
-  return base_lr if logged is None else logged
