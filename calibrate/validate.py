@@ -79,7 +79,8 @@ def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int
   """Splits runs into one representative per distinct order and (representative, re-run).
 
   Runs are re-runs of one another when their batches, optimizer settings and logged
-  learning rates are all the same (only the seed differs).
+  learning rates are all the same and only the seed differs. A run that repeats another
+  with the same seed too is a duplicate and is left out of both lists.
   """
   first: dict[tuple, int] = {}
   reps, pairs = [], []
@@ -87,7 +88,8 @@ def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int
     key = (tuple(s.examples for s in r.steps), json.dumps(r.header.optimizer, sort_keys=True),
            tuple(s.lr for s in r.steps))
     if key in first:
-      pairs.append((first[key], i))
+      if runs[first[key]].header.seed != r.header.seed:
+        pairs.append((first[key], i))
     else:
       first[key] = i
       reps.append(i)
