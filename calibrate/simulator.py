@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from tokenizers import Tokenizer
 
 from calibrate.baselines import SimfluenceLinear
 from calibrate.metrics import fragment_means
-from calibrate.predict import plan_for, wanted_eval_steps
+from calibrate.predict import wanted_eval_steps
 from calibrate.runlog import (
   EvalRecord,
   RunHeader,
@@ -51,7 +52,7 @@ from surrogate.fragments import (
   write_fragments,
 )
 from surrogate.jsonl import atomic_write
-from surrogate.simulate import build_sim_data, simulate_many
+from surrogate.simulate import SimPlan, build_sim_data, simulate_many
 from surrogate.tokenize import encode_examples
 
 FORMAT = "surrogate-simulator/1"
@@ -181,9 +182,13 @@ class Simulator:
                           eval_train=train_pos, diag_probes=1, key=jax.random.key(0))
     data_ids = [frags.examples[i].id for i in np.asarray(data.eval_idx_M)]
     col = [data_ids.index(i) for i in eval_ids]
-    plan = dataclasses.replace(plan_for(runs), diagnostics=False)
-    ckpt = plan.checkpoint_steps(runs[0].num_steps)
+    t = runs[0].num_steps
+    inner = [int(x) for x in steps if 0 < x < t]
+    plan = SimPlan(eval_every=math.gcd(*inner) if inner else max(t, 1), diagnostics=False)
+    ckpt = plan.checkpoint_steps(t)
     rows = np.searchsorted(ckpt, np.asarray(steps))
+    if not np.array_equal(ckpt[np.minimum(rows, len(ckpt) - 1)], np.asarray(steps)):
+      raise CalibrationError(f"eval steps {list(steps)} are not within 0..{t}")
     orders = np.stack([order_from_runlog(r, frags) for r in runs])
     lrs = np.stack([run_learning_rates(r) for r in runs])
     n_r, n_s = len(runs), self.num_seeds

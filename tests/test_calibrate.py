@@ -204,3 +204,11 @@ def test_partial_train_evals_fit_and_probe_only_runs_validate(world):
   assert np.isfinite(sim.gain_F).all() and np.isfinite(sim.info["fit_mse"])
   report = validate(sim, held)
   assert np.isfinite(report.methods["simulator"]["trajectory_mse"])
+
+
+def test_an_order_file_is_predicted_as_its_run_at_shared_steps(world, sim):
+  run = world[1][3]                                 # evals at 0, 10, 20, 30
+  as_order = dataclasses.replace(run, evals=())     # evals every 20: 0, 20, 30
+  a, b = sim.predict([run]), sim.predict([as_order])
+  np.testing.assert_array_equal(b.steps, [0, 20, 30])
+  np.testing.assert_allclose(b.mean_RxCxM, a.mean_RxCxM[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
