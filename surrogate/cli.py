@@ -5,6 +5,7 @@
   surrogate validate --sim sim/ --runs h1.jsonl h2.jsonl ... [--json]
   surrogate simulate --sim sim/ --orders o1.jsonl h1.jsonl --out DIR   (predicted, real scale)
   surrogate simulate --data F --orders o1.jsonl o2.jsonl --out DIR    (raw surrogate)
+  surrogate what-if --sim sim/ --orders o1.jsonl o2.jsonl [--json]
   surrogate demo
 
 Run `surrogate COMMAND --help` for every option.
@@ -146,6 +147,39 @@ def cmd_validate(args) -> int:
   return 0
 
 
+def cmd_what_if(args) -> int:
+  import json
+
+  from calibrate.outcomes import OUTCOMES
+  from calibrate.simulator import Simulator
+  sim = Simulator.load(args.sim)
+  runs = _read_runs(args.orders, sim.fragments)
+  answers = [sim.what_if(r, level=args.level, progress=not args.quiet and not args.json)
+             for r in runs]
+  ranking = sim.compare({r.header.run_id: r for r in runs}, level=args.level) \
+      if len(runs) > 1 else None
+  if args.json:
+    out = {"orders": [{
+        "run_id": a.run_id, "steps": a.steps.tolist(), "fragments": list(a.fragments),
+        "probe": a.probe_CxF.tolist(), "probe_lo": a.probe_lo_CxF.tolist(),
+        "probe_hi": a.probe_hi_CxF.tolist(), "own_probe": a.own_probe_F.tolist(),
+        "own_train": a.own_train_F.tolist(),
+        "outcomes": {f: dict(zip([o.value for o in OUTCOMES], map(float, row)))
+                     for f, row in zip(a.fragments, a.outcome_FxO)}} for a in answers]}
+    if ranking is not None:
+      out["ranking"] = [{"run_id": n, "mean_final_probe": float(m), "lo": float(lo),
+                         "hi": float(hi), "p_best": float(p)} for n, m, lo, hi, p in
+                        zip(ranking.names, ranking.mean, ranking.lo, ranking.hi, ranking.p_best)]
+    print(json.dumps(out, indent=1, allow_nan=True))
+    return 0
+  for a in answers:
+    print(a.table())
+    print()
+  if ranking is not None:
+    print(ranking.table())
+  return 0
+
+
 def _simulate_calibrated(args) -> int:
   from calibrate.predict import wanted_eval_steps
   from calibrate.runlog import write_runlog
@@ -274,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--json", action="store_true", help="print the figures as JSON")
   v.add_argument("--quiet", action="store_true", help="no progress bar")
   v.set_defaults(func=cmd_validate)
+
+  w = sub.add_parser("what-if", help="predicted outcome of every fragment under given orders")
+  w.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
+  w.add_argument("--orders", nargs="+", required=True,
+                 help="order files or runs; with several, they are also ranked")
+  w.add_argument("--level", type=float, default=0.8, help="interval level (0.8)")
+  w.add_argument("--json", action="store_true", help="print JSON")
+  w.add_argument("--quiet", action="store_true", help="no progress bar")
+  w.set_defaults(func=cmd_what_if)
 
   s = sub.add_parser("simulate", help="simulate order files or runs; write simulated RunLogs")
   s.add_argument("--sim", help="a fitted simulator: predict real-scale RunLogs with intervals")

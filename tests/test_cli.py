@@ -90,3 +90,11 @@ def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
   from_run = read_runlog(pred / files[4].name, frags)
   assert from_run.eval_steps == read_runlog(real[4], frags).eval_steps
   assert "losses_lo" in from_run.evals[-1].extra
+  capsys.readouterr()
+  assert main(["what-if", "--sim", str(sim), "--orders", str(files[3]), real[4], "--json",
+               "--quiet"]) == 0
+  answer = json.loads(capsys.readouterr().out)
+  assert [o["run_id"] for o in answer["orders"]] == ["subset-3", "interleaved-4"]
+  for o in answer["orders"]:
+    assert all(abs(sum(p.values()) - 1) < 1e-9 for p in o["outcomes"].values())
+  assert {r["run_id"] for r in answer["ranking"]} == {"subset-3", "interleaved-4"}
