@@ -37,13 +37,14 @@ import numpy as np
 from calibrate.baselines import SimfluenceLinear, fragment_shares
 from calibrate.metrics import fragment_means
 from calibrate.predict import plan_for
-from calibrate.runlog import RunLog, order_from_runlog
-from calibrate.simulator import Simulator, _positions, run_learning_rates
+from calibrate.runlog import RunLog, order_from_runlog, run_learning_rates
+from calibrate.simulator import Simulator, _positions
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
 from surrogate.errors import CalibrationError
 from surrogate.fragments import Fragments
+from surrogate.orders import order_sha256
 from surrogate.prepare import prepare
 from surrogate.pretrain import pretrain_ensemble
 from surrogate.simulate import simulate_many
@@ -352,7 +353,3 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       effect_error=config.effect_error)
 
 
-def order_sha256(order_TxB: np.ndarray) -> str:
-  """sha256 of an order's example positions (to recognise the same batches again)."""
-  import hashlib
-  return hashlib.sha256(np.ascontiguousarray(order_TxB, np.int32).tobytes()).hexdigest()

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from calibrate.metrics import fragment_means
-from calibrate.runlog import RunHeader, RunLog, StepRecord
+from calibrate.runlog import RunHeader, RunLog, StepRecord, order_from_runlog
 from calibrate.simulator import Simulator
 from surrogate import orders as orders_lib
 
@@ -139,7 +139,7 @@ def what_if(sim: Simulator, order, *, key: jax.Array | None = None,
   run = dataclasses.replace(as_order_file(sim, order), evals=())
   frags = sim.fragments
   num_f = len(frags.names)
-  order_TxB = _positions(run, frags)
+  order_TxB = order_from_runlog(run, frags)
   fed = [f for f in range(num_f) if np.isin(order_TxB, frags.train_pools()[f]).any()]
   key = jax.random.key(0) if key is None else key
   counterfactuals = [as_order_file(sim, orders_lib.without_fragment(
@@ -168,11 +168,6 @@ def what_if(sim: Simulator, order, *, key: jax.Array | None = None,
   return WhatIf(run.header.run_id, frags.names, pred.steps, np.nanmean(actual, 0), lo[0], hi[0],
                 np.nanmean(train[0], 0), np.nanmean(own_probe, 0), np.nanmean(own_train, 0),
                 probs, level)
-
-
-def _positions(run: RunLog, frags) -> np.ndarray:
-  from calibrate.runlog import order_from_runlog
-  return order_from_runlog(run, frags)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from calibrate.runlog import (EvalRecord, RunHeader, RunLog, StepRecord,
-                              learning_rates_from_runlog, order_from_runlog)
+                              order_from_runlog, run_learning_rates)
 from surrogate import optim
 from surrogate.prepare import Prepared
 from surrogate.simulate import SimPlan, simulate_many
@@ -77,8 +77,7 @@ def simulate_runs(prep: Prepared, params0, runs: Sequence[RunLog], *,
     group = [runs[i] for i in members]
     plan = plan_for(group, default_every=default_every)
     orders = np.stack([order_from_runlog(r, prep.fragments) for r in group])
-    base_lr = optim.learning_rates(opt_cfg, steps)
-    lrs = np.stack([_run_lrs(r, base_lr) for r in group])
+    lrs = np.stack([run_learning_rates(r) for r in group])
     traj = simulate_many(params0, knobs, orders, lrs, prep.data, model_cfg=prep.model_cfg,
                          opt_cfg=opt_cfg, plan=plan, chunk_size=chunk_size, progress=progress)
     ckpt = plan.checkpoint_steps(steps)
@@ -88,11 +87,6 @@ def simulate_runs(prep: Prepared, params0, runs: Sequence[RunLog], *,
                           int(traj.diverged_step[n]), ckpt, eval_ids, prep, model_name,
                           default_every)
   return out  # type: ignore[return-value]
-
-
-def _run_lrs(run: RunLog, base_lr: np.ndarray) -> np.ndarray:
-  logged = learning_rates_from_runlog(run)
-  return base_lr if logged is None else logged
 
 
 def _to_runlog(run, eval_CxM, train_T, lr_T, diverged, ckpt_C, eval_ids, prep, model_name,

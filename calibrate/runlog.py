@@ -45,6 +45,7 @@ __all__ = [
     "learning_rates_from_runlog",
     "order_from_runlog",
     "read_runlog",
+    "run_learning_rates",
     "write_runlog",
 ]
 
@@ -774,3 +775,13 @@ def learning_rates_from_runlog(runlog: RunLog) -> np.ndarray | None:
   if any(s.lr is None for s in runlog.steps):
     return None
   return np.array([s.lr for s in runlog.steps], np.float32)
+
+
+def run_learning_rates(runlog: RunLog) -> np.ndarray:
+  """The run's learning rates: the logged ones, else its own header's schedule."""
+  from surrogate import optim
+  logged = learning_rates_from_runlog(runlog)
+  if logged is not None:
+    return logged
+  return optim.learning_rates(optim.OptimizerConfig.from_dict(runlog.header.optimizer),
+                              runlog.num_steps)

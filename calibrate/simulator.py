@@ -39,8 +39,8 @@ from calibrate.runlog import (
   RunHeader,
   RunLog,
   StepRecord,
-  learning_rates_from_runlog,
   order_from_runlog,
+  run_learning_rates,
 )
 from surrogate import model as model_lib
 from surrogate import optim
@@ -482,15 +482,6 @@ def _interp_steps(x: np.ndarray, from_steps: np.ndarray, to_steps: np.ndarray) -
   flat = moved.reshape(-1, moved.shape[-1])
   res = np.stack([np.interp(to_steps, from_steps, row) for row in flat])
   return np.moveaxis(res.reshape(moved.shape[:-1] + (len(to_steps),)), -1, -2)
-
-
-def run_learning_rates(run: RunLog) -> np.ndarray:
-  """The run's learning rates: the logged ones, else its own header's schedule."""
-  logged = learning_rates_from_runlog(run)
-  if logged is not None:
-    return logged
-  return optim.learning_rates(optim.OptimizerConfig.from_dict(run.header.optimizer),
-                              run.num_steps)
 
 
 def _positions(fragments: Fragments, ids: Sequence[str]) -> np.ndarray:

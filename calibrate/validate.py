@@ -19,10 +19,10 @@ import numpy as np
 
 from calibrate import metrics
 from calibrate.baselines import fragment_shares
-from calibrate.fit import order_sha256
-from calibrate.runlog import RunLog, order_from_runlog
-from calibrate.simulator import Simulator, run_learning_rates
+from calibrate.runlog import RunLog, order_from_runlog, run_learning_rates
+from calibrate.simulator import Simulator
 from surrogate.errors import CalibrationError
+from surrogate.orders import order_sha256
 
 METHODS = ("simulator", "order_agnostic", "simfluence_linear", "uncalibrated_surrogate")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -516,6 +517,11 @@ def without_fragment(order: np.ndarray, pools: Sequence[np.ndarray], fragment: i
   pick = _uniform_index(np.full(int(own.sum()), rest.size), key=_check_key(key))
   out[own] = rest[pick]
   return out
+
+
+def order_sha256(order: np.ndarray) -> str:
+  """sha256 of an order's example positions as int32 (to recognise the same batches)."""
+  return hashlib.sha256(np.ascontiguousarray(order, np.int32).tobytes()).hexdigest()
 
 
 def fragment_counts(order: np.ndarray, fragment_of: np.ndarray,

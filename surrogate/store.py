@@ -29,6 +29,7 @@ from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.errors import DataError
 from surrogate.jsonl import atomic_write
+from surrogate.orders import order_sha256
 from surrogate.simulate import SimData, SimPlan, Trajectory, simulate_many
 
 FORMAT = "surrogate-results/1"
@@ -60,13 +61,9 @@ def _chunk_path(folder: str, i: int) -> str:
   return os.path.join(folder, f"chunk-{i:06d}.npz")
 
 
-def _orders_sha(orders: np.ndarray) -> str:
-  return hashlib.sha256(np.ascontiguousarray(orders, np.int32).tobytes()).hexdigest()
-
-
 def _write_chunk(path: str, start: int, orders: np.ndarray, out: Trajectory) -> None:
   arrays = {"start": np.int64(start), "stop": np.int64(start + len(orders)),
-            "orders_sha256": np.array(_orders_sha(orders)),
+            "orders_sha256": np.array(order_sha256(orders)),
             "eval_loss_CxM": out.eval_loss_CxM, "train_loss_T": out.train_loss_T,
             "diverged_step": out.diverged_step}
   if out.diagnostics is not None:
@@ -87,7 +84,7 @@ def _read_chunk(path: str, start: int, orders: np.ndarray) -> Trajectory:
     raise ResultsError(f"unreadable chunk ({type(e).__name__}: {e})", path=path) from None
   try:
     ok = (int(arrays["start"]) == start and int(arrays["stop"]) == start + len(orders)
-          and str(arrays["orders_sha256"]) == _orders_sha(orders))
+          and str(arrays["orders_sha256"]) == order_sha256(orders))
     diag = None
     if "diag_embedding_drift" in arrays:
       diag = diag_lib.Diagnostics(*(arrays[f"diag_{k}"] for k in _DIAG_FIELDS))
