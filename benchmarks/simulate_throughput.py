@@ -70,7 +70,7 @@ def _workload(cfg_kw: dict, n: int, seed: int = 0):
   from surrogate import model as model_lib
   from surrogate import optim
   from surrogate.datasets import python_docs
-  from surrogate.demo import FAMILIES, random_spec
+  from surrogate.orders import FAMILIES, random_spec
   from surrogate.prepare import prepare
   frags = python_docs()
   cfg = model_lib.ModelConfig(**cfg_kw)

@@ -171,25 +171,32 @@ class Simulator:
 
   # -- predicting ----------------------------------------------------------------------------
 
-  def simulate_raw(self, runs: Sequence[RunLog], steps: Sequence[int], eval_ids: Sequence[str],
-                   *, progress: bool = False, chunk_size: int = 32):
-    """The surrogate's own losses (its scale) for every seed: [R, S, C, M], diverged [R, S]."""
+  def _sim_setup(self, eval_ids: Sequence[str], num_steps: int, steps: Sequence[int], *,
+                 diagnostics: bool = False):
+    """Data, plan and the columns / checkpoint rows that give `eval_ids` at `steps`."""
     frags = self.fragments
     pos = _positions(frags, eval_ids)
     train_pos = [p for p in pos if frags.split_of[p] == _TRAIN]
     tokenized = encode_examples(self.tokenizer, frags.examples, self.model_cfg.length)
     data = build_sim_data(frags, tokenized, vocab_size=self.model_cfg.vocab_size,
-                          eval_train=train_pos, diag_probes=1, key=jax.random.key(0))
+                          eval_train=train_pos, diag_probes=4 if diagnostics else 1,
+                          key=jax.random.key(0))
     data_ids = [frags.examples[i].id for i in np.asarray(data.eval_idx_M)]
-    col = [data_ids.index(i) for i in eval_ids]
-    t = runs[0].num_steps
-    inner = [int(x) for x in steps if 0 < x < t]
-    plan = SimPlan(eval_every=math.gcd(*inner) if inner else max(t, 1), diagnostics=False)
-    ckpt = plan.checkpoint_steps(t)
+    col = np.array([data_ids.index(i) for i in eval_ids])
+    inner = [int(x) for x in steps if 0 < x < num_steps]
+    plan = SimPlan(eval_every=math.gcd(*inner) if inner else max(num_steps, 1),
+                   diagnostics=diagnostics)
+    ckpt = plan.checkpoint_steps(num_steps)
     rows = np.searchsorted(ckpt, np.asarray(steps))
     if not np.array_equal(ckpt[np.minimum(rows, len(ckpt) - 1)], np.asarray(steps)):
-      raise CalibrationError(f"eval steps {list(steps)} are not within 0..{t}")
-    orders = np.stack([order_from_runlog(r, frags) for r in runs])
+      raise CalibrationError(f"eval steps {list(steps)} are not within 0..{num_steps}")
+    return data, plan, col, rows
+
+  def simulate_raw(self, runs: Sequence[RunLog], steps: Sequence[int], eval_ids: Sequence[str],
+                   *, progress: bool = False, chunk_size: int = 32):
+    """The surrogate's own losses (its scale) for every seed: [R, S, C, M], diverged [R, S]."""
+    data, plan, col, rows = self._sim_setup(eval_ids, runs[0].num_steps, steps)
+    orders = np.stack([order_from_runlog(r, self.fragments) for r in runs])
     lrs = np.stack([run_learning_rates(r) for r in runs])
     n_r, n_s = len(runs), self.num_seeds
     sel_s = np.tile(np.arange(n_s), n_r)
@@ -201,6 +208,52 @@ class Simulator:
     loss = traj.eval_loss_CxM[:, rows][:, :, col]
     shape = (n_r, n_s) + loss.shape[1:]
     return loss.reshape(shape), traj.diverged_step.reshape(n_r, n_s)
+
+  def simulate_orders(self, orders_NxTxB, seed_N=None, *, diagnostics: bool = False,
+                      progress: bool = False, chunk_size: int = 32) -> tuple[np.ndarray, Any]:
+    """Real-scale ensemble members for orders of the calibration runs' shape.
+
+    Each order is trained from the seeds `seed_N` (one per order; default every seed, the
+    seed axis then following the order axis) with the calibration schedule, evaluated at
+    the calibration steps `steps_C` on `eval_ids`, and mapped to the real scale with every
+    gain quantile.
+
+    Returns:
+      (members_NxKxCxM, trajectory): K = gain quantiles (x seeds when `seed_N` is None); the
+      surrogate's own `Trajectory` (leading axis N, or N x S flattened), its losses in
+      `eval_ids` columns at `steps_C`.
+    """
+    orders = np.asarray(orders_NxTxB, np.int32)
+    if orders.ndim != 3 or orders.shape[1:] != (self.num_steps, self.batch_size):
+      raise CalibrationError(f"orders must have shape [N, {self.num_steps}, {self.batch_size}] "
+                             f"(the calibration runs' steps and batch), got {orders.shape}")
+    n, n_s = len(orders), self.num_seeds
+    if seed_N is None:
+      seed_N, sel = np.tile(np.arange(n_s), n), np.repeat(np.arange(n), n_s)
+    else:
+      seed_N, sel = np.asarray(seed_N, np.int64) % n_s, np.arange(n)
+    data, plan, col, rows = self._sim_setup(self.eval_ids, self.num_steps,
+                                            self.steps_C.tolist(), diagnostics=diagnostics)
+    params = jax.tree.map(lambda a: np.asarray(a)[seed_N], self.params_S)
+    lrs = optim.learning_rates(self.opt_cfg, self.num_steps)
+    traj = simulate_many(params, self.knobs, orders[sel], lrs, data, model_cfg=self.model_cfg,
+                         opt_cfg=self.opt_cfg, plan=plan, chunk_size=chunk_size,
+                         progress=progress)
+    pick = lambda a: a[:, rows] if a.ndim >= 2 else a  # noqa: E731
+    traj = traj._replace(eval_loss_CxM=traj.eval_loss_CxM[:, rows][:, :, col],
+                         diagnostics=None if traj.diagnostics is None
+                         else jax.tree.map(pick, traj.diagnostics))
+    members = self.to_real(traj.eval_loss_CxM, seed_N)            # (N*S) G C M
+    members = members.reshape(n, -1, *members.shape[2:])
+    return members, traj
+
+  def to_real(self, raw_NxCxM: np.ndarray, seed_N: np.ndarray) -> np.ndarray:
+    """The anchored gain map at the calibration steps: [N, G, C, M] for each gain quantile."""
+    frag_M = self.fragments.fragment_of[_positions(self.fragments, self.eval_ids)]
+    gains_GxF = np.maximum(self.gain_F[None] + np.array(self.gain_quantiles)[:, None]
+                           * self.gain_sd_F[None], 0.0)
+    dev = np.asarray(raw_NxCxM, np.float64) - self.sur_cal_SxCxM[np.asarray(seed_N)]
+    return self.anchor_CxM[None, None] + gains_GxF[None, :, None, frag_M] * dev[:, None]
 
   def predict(self, runs: Sequence[RunLog], *, progress: bool = False,
               chunk_size: int = 32) -> Prediction:
@@ -274,6 +327,22 @@ class Simulator:
     """Named orders ranked by predicted probe loss; see `calibrate.outcomes.compare`."""
     from calibrate.outcomes import compare
     return compare(self, candidates, **kw)
+
+  def screen(self, **kw):
+    """Outcome probabilities, interference and failures over many orders; see
+    `calibrate.screen.screen`."""
+    from calibrate.screen import screen
+    return screen(self, **kw)
+
+  def search(self, **kw):
+    """The best feeding order found for an objective; see `calibrate.search.search`."""
+    from calibrate.search import search
+    return search(self, **kw)
+
+  def next_run(self, candidates=None, **kw):
+    """The real run that would most reduce the uncertainty; see `calibrate.search.next_run`."""
+    from calibrate.search import next_run
+    return next_run(self, candidates, **kw)
 
   def predicted_runlogs(self, runs: Sequence[RunLog], prediction: Prediction,
                         level: float = 0.8) -> list[RunLog]:

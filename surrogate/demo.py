@@ -25,27 +25,6 @@ from surrogate.pretrain import pretrain
 from surrogate.simulate import SimPlan, simulate_many
 from surrogate.tokenize import encode_texts
 
-FAMILIES = ("shuffled", "blocked", "interleaved", "mixture", "curriculum", "subset")
-
-
-def random_spec(family: str, num_fragments: int, *, key: jax.Array) -> orders.OrderSpec:
-  """A random member of an order family (random permutation, weights, scores or subset)."""
-  k1, k2 = jax.random.split(key)
-  perm = [int(i) for i in jax.random.permutation(k1, num_fragments)]
-  kind = orders.OrderKind(family)
-  if family == "shuffled":
-    return orders.OrderSpec(kind)
-  if family in ("blocked", "interleaved"):
-    return orders.OrderSpec(kind, sequence=perm)
-  if family == "mixture":
-    w = jax.random.dirichlet(k2, np.ones(num_fragments, np.float32))
-    return orders.OrderSpec(kind, weights=[float(x) for x in w])
-  if family == "curriculum":
-    return orders.OrderSpec(kind, scores=[float(x) for x in jax.random.uniform(k2, (num_fragments,))])
-  keep = sorted(perm[: max(1, (2 * num_fragments) // 3)])
-  return orders.OrderSpec(kind, keep=keep)
-
-
 def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
              steps: int = 200, batch_size: int = 16) -> int:
   """Runs the demo; prints a fragment table; writes `summary.json` and `trajectories.npz`."""
@@ -65,7 +44,7 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
   specs, order_list = [], []
   for n, k in enumerate(jax.random.split(k_orders, n_orders)):
     ks, kg = jax.random.split(k)
-    spec = random_spec(FAMILIES[n % len(FAMILIES)], num_f, key=ks)
+    spec = orders.random_spec(orders.FAMILIES[n % len(orders.FAMILIES)], num_f, key=ks)
     specs.append(spec)
     order_list.append(spec.generate(pools, key=kg, steps=steps, batch_size=batch_size))
   print(f"data: {len(frags.examples)} examples in {num_f} fragments (Python reference manual); "
@@ -86,7 +65,7 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
   print(f"\n{'fragment':<18}{'start':>7}{'final mean':>11}{'best':>7}{'worst':>7}  best family")
   rows = []
   for f, name in enumerate(frags.names):
-    by_family = {fam: float(np.nanmean(final_NxF[fams == fam, f])) for fam in FAMILIES
+    by_family = {fam: float(np.nanmean(final_NxF[fams == fam, f])) for fam in orders.FAMILIES
                  if (fams == fam).any()}
     best_family = min(by_family, key=by_family.get)
     rows.append({"fragment": name, "start_probe_loss": float(start_F[f]),

@@ -1,4 +1,5 @@
-"""The five per-fragment diagnostics, each comparing a checkpoint with the initial state.
+"""The five per-fragment diagnostics, each comparing a checkpoint with the initial state,
+and the output entropy.
 
 All are computed on a fragment's probe inputs (never fed), at every checkpoint, from the
 same forward pass. Axis legend: F fragments, P diagnostic probe examples, L length,
@@ -29,12 +30,16 @@ class Diagnostics(NamedTuple):
     non-padding probe positions (how far predictions moved, whether or not they improved).
   robustness: mean probe loss - mean train loss of f over the evaluated examples (the
     generalization gap on unseen inputs; NaN when no train example of f is evaluated).
+  entropy: the entropy (nats) of the next-token distribution, averaged over f's non-padding
+    probe positions; not a comparison but the state itself, to spot output collapse (a
+    model that grows certain of its next token on unseen inputs).
   """
   embedding_drift: jax.Array
   attention_shift: jax.Array
   plasticity: jax.Array
   logit_shift: jax.Array
   robustness: jax.Array
+  entropy: jax.Array
 
 
 class ProbeSet(NamedTuple):
@@ -104,6 +109,11 @@ def logit_shift(logp_PxLxV, ref: Reference, probes: ProbeSet) -> jax.Array:
   return _weighted_mean_F(kl_PxL.reshape(-1), probes)
 
 
+def entropy(logp_PxLxV, probes: ProbeSet) -> jax.Array:
+  h_PxL = -(jnp.exp(logp_PxLxV) * logp_PxLxV).sum(-1)
+  return _weighted_mean_F(h_PxL.reshape(-1), probes)
+
+
 def robustness(eval_loss_M, probe_weight_FxM, train_weight_FxM) -> jax.Array:
   """Mean probe loss minus mean train loss per fragment (weights rows sum to 1, or 0)."""
   has_train = train_weight_FxM.sum(-1) > 0
@@ -120,4 +130,5 @@ def diagnose(now: Reference, ref: Reference, probes: ProbeSet, eval_loss_M,
       plasticity=plasticity(now.hidden_PxLxD, ref, probes),
       logit_shift=logit_shift(now.logp_PxLxV, ref, probes),
       robustness=robustness(eval_loss_M, probe_weight_FxM, train_weight_FxM),
+      entropy=entropy(now.logp_PxLxV, probes),
   )

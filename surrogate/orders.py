@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 __all__ = [
+    "FAMILIES",
     "OrderKind",
     "OrderSpec",
     "blocked",
@@ -34,6 +35,8 @@ __all__ = [
     "fragment_counts",
     "interleaved",
     "mixture",
+    "mutate",
+    "random_spec",
     "repeated",
     "shuffled",
     "subset",
@@ -757,3 +760,64 @@ def _parse_kind(value: Any) -> OrderKind:
   except ValueError:
     raise ValueError(f"kind must be one of "
                      f"{[k.value for k in OrderKind]}, got {value!r}") from None
+
+
+FAMILIES = tuple(k.value for k in OrderKind)
+
+
+def random_spec(family: str | OrderKind, num_fragments: int, *, key: jax.Array) -> OrderSpec:
+  """A random member of an order family: a random sequence (blocked, interleaved),
+  Dirichlet mixture weights, uniform curriculum scores, or a random two-thirds subset."""
+  kind = _parse_kind(family)
+  k1, k2 = jax.random.split(key)
+  perm = [int(i) for i in jax.random.permutation(k1, num_fragments)]
+  if kind is OrderKind.SHUFFLED:
+    return OrderSpec(kind)
+  if kind in (OrderKind.BLOCKED, OrderKind.INTERLEAVED):
+    return OrderSpec(kind, sequence=perm)
+  if kind is OrderKind.MIXTURE:
+    w = jax.random.dirichlet(k2, np.ones(num_fragments, np.float32))
+    return OrderSpec(kind, weights=[float(x) for x in w])
+  if kind is OrderKind.CURRICULUM:
+    return OrderSpec(kind, scores=[float(x) for x in jax.random.uniform(k2, (num_fragments,))])
+  return OrderSpec(kind, keep=sorted(perm[: max(1, (2 * num_fragments) // 3)]))
+
+
+def mutate(spec: OrderSpec, num_fragments: int, *, key: jax.Array) -> OrderSpec:
+  """A neighbour of `spec` in its family, for local search.
+
+  Blocked and interleaved sequences swap two entries (block shares go with their block);
+  mixture weights and curriculum scores are multiplied by log-normal noise (sd 0.5); a
+  subset adds or drops one fragment (never all); a shuffled order becomes a mixture near
+  uniform, so that search can leave it.
+  """
+  k1, k2 = jax.random.split(key)
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(k1)).ravel())
+  kind = spec.kind
+  if kind in (OrderKind.BLOCKED, OrderKind.INTERLEAVED):
+    seq = list(spec.sequence if spec.sequence is not None else range(num_fragments))
+    shares = list(spec.shares) if spec.shares is not None else None
+    if len(seq) < 2:
+      return spec
+    i, j = rng.choice(len(seq), 2, replace=False)
+    seq[i], seq[j] = seq[j], seq[i]
+    if shares is not None:
+      shares[i], shares[j] = shares[j], shares[i]
+    return dataclasses.replace(spec, sequence=tuple(seq),
+                               shares=tuple(shares) if shares is not None else None)
+  if kind is OrderKind.MIXTURE:
+    w = np.asarray(spec.weights) * np.exp(0.5 * rng.standard_normal(len(spec.weights)))
+    return dataclasses.replace(spec, weights=tuple(w / w.sum()))
+  if kind is OrderKind.CURRICULUM:
+    sc = np.asarray(spec.scores) * np.exp(0.5 * rng.standard_normal(len(spec.scores)))
+    return dataclasses.replace(spec, scores=tuple(sc))
+  if kind is OrderKind.SUBSET:
+    keep = set(spec.keep)
+    f = int(rng.integers(num_fragments))
+    if f in keep and len(keep) > 1:
+      keep.remove(f)
+    else:
+      keep.add(f)
+    return OrderSpec(kind, keep=tuple(sorted(keep)))
+  w = np.exp(0.5 * np.asarray(jax.random.normal(k2, (num_fragments,))))
+  return OrderSpec(OrderKind.MIXTURE, weights=tuple(w / w.sum()))

@@ -60,6 +60,7 @@ class SimData(NamedTuple):
   probe_weight_FxM / train_weight_FxM: per-fragment averaging weights over the evaluated
     probe (train) examples; a row sums to 1, or is 0 when the fragment has none.
   probes: the diagnostic probes (a subsample of each fragment's probes).
+  fragment_E: the fragment of every example (for the per-fragment gradient push).
   """
   tokens_ExL1: jax.Array
   mask_ExL: jax.Array
@@ -67,6 +68,7 @@ class SimData(NamedTuple):
   probe_weight_FxM: jax.Array
   train_weight_FxM: jax.Array
   probes: diag_lib.ProbeSet
+  fragment_E: jax.Array
 
 
 class Trajectory(NamedTuple):
@@ -77,11 +79,18 @@ class Trajectory(NamedTuple):
   diagnostics: the five diagnostics, each CxF (None when the plan skips them).
   diverged_step: the first step whose loss or gradient was not finite, or -1. From then on
     the simulated run is frozen and its later checkpoints are NaN.
+  grad_push_F: how hard each fragment pushed the training over the whole run: the sum over
+    steps and over its fed target tokens of (1 - p(target)), the size of the loss
+    gradient on the target logit, each step divided by the batch's target-token count (as
+    the loss is). A fragment's share of the sum is its share of the gradient signal;
+    `surrogate`'s screen calls a fed fragment starved when that share is a small fraction
+    of its share of the fed examples.
   """
   eval_loss_CxM: jax.Array
   train_loss_T: jax.Array
   diagnostics: diag_lib.Diagnostics | None
   diverged_step: jax.Array
+  grad_push_F: jax.Array
 
 
 def build_sim_data(fragments: Fragments, tokenized: Tokenized, *, vocab_size: int,
@@ -134,7 +143,8 @@ def build_sim_data(fragments: Fragments, tokenized: Tokenized, *, vocab_size: in
   probes = diag_lib.ProbeSet(jnp.asarray(toks), jnp.asarray(w), jnp.asarray(tokens_FxV))
   return SimData(jnp.asarray(tokenized.tokens_ExL1), jnp.asarray(tokenized.mask_ExL),
                  jnp.asarray(eval_idx), jnp.asarray(weights(is_probe_M)),
-                 jnp.asarray(weights(~is_probe_M)), probes)
+                 jnp.asarray(weights(~is_probe_M)), probes,
+                 jnp.asarray(fragments.fragment_of, jnp.int32))
 
 
 def _eval_losses(params, data: SimData, cfg: model_lib.ModelConfig, chunk: int) -> jax.Array:
@@ -160,27 +170,39 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def _trainer(tokens_ExL1, mask_ExL, knobs: optim.Knobs, opt_cfg, model_cfg):
+def _loss_and_push(params, tokens_BxL1, mask_BxL, cfg: model_lib.ModelConfig):
+  """The training loss (as `model.batch_loss`) and each example's push (see `Trajectory`)."""
+  logits = model_lib.forward(params, tokens_BxL1[:, :-1], cfg)
+  tok_BxL = model_lib.token_losses(logits, tokens_BxL1[:, 1:])
+  denom = jnp.maximum(mask_BxL.sum(), 1.0)
+  push_B = ((1.0 - jnp.exp(-tok_BxL)) * mask_BxL).sum(-1) / denom
+  return (tok_BxL * mask_BxL).sum() / denom, jax.lax.stop_gradient(push_B)
+
+
+def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, opt_cfg,
+             model_cfg):
   """The training loop's pieces: `start(params0) -> carry` and the scan body `train_step`.
 
-  Carry: (params, opt_state, diverged_step, t); the body takes one optimizer step on the
-  batch `idx_B` at rate `lr`. A step whose loss or new parameters are not finite marks the
-  run diverged; from then on, and on steps with no example, nothing moves.
+  Carry: (params, opt_state, diverged_step, t, push_F); the body takes one optimizer step
+  on the batch `idx_B` at rate `lr`. A step whose loss or new parameters are not finite
+  marks the run diverged; from then on, and on steps with no example, nothing moves.
   """
   opt = optim.make_optimizer(opt_cfg)
   wd = opt_cfg.weight_decay * knobs.weight_decay_scale
 
   def start(params0):
-    return (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0))
+    return (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0),
+            jnp.zeros((num_f,), jnp.float32))
 
   def train_step(carry, xs):
-    params, opt_state, diverged_step, t = carry
+    params, opt_state, diverged_step, t, push_F = carry
     idx_B, lr = xs
     valid_B = idx_B >= 0
     safe_B = jnp.where(valid_B, idx_B, 0)
     tokens = tokens_ExL1[safe_B]
     mask = mask_ExL[safe_B] * valid_B[:, None].astype(jnp.float32)
-    loss, grads = jax.value_and_grad(model_lib.batch_loss)(params, tokens, mask, model_cfg)
+    (loss, push_B), grads = jax.value_and_grad(_loss_and_push, has_aux=True)(
+        params, tokens, mask, model_cfg)
     updates, new_state = opt.update(grads, opt_state, params, lr * knobs.lr_scale, wd)
     new_params = jax.tree.map(jnp.add, params, updates)
     finite = jnp.isfinite(loss) & _all_finite(new_params)
@@ -189,7 +211,10 @@ def _trainer(tokens_ExL1, mask_ExL, knobs: optim.Knobs, opt_cfg, model_cfg):
     move = valid_B.any() & (diverged_step < 0)
     params, opt_state = jax.tree.map(lambda a, b: jnp.where(move, a, b),
                                      (new_params, new_state), (params, opt_state))
-    return (params, opt_state, diverged_step, t + 1), jnp.where(valid_B.any(), loss, jnp.nan)
+    push_F = push_F + jnp.where(move, jax.ops.segment_sum(
+        push_B, fragment_E[safe_B], num_segments=num_f), 0.0)
+    return ((params, opt_state, diverged_step, t + 1, push_F),
+            jnp.where(valid_B.any(), loss, jnp.nan))
 
   return start, train_step
 
@@ -202,8 +227,10 @@ def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   The same step rule as `simulate` (used for pre-training and wherever only the end state
   matters).
   """
-  start, step = _trainer(tokens_ExL1, mask_ExL, knobs, opt_cfg, model_cfg)
-  (params, _, diverged_step, _), loss_T = jax.lax.scan(step, start(params0), (order_TxB, lr_T))
+  fragment_E = jnp.zeros(tokens_ExL1.shape[:1], jnp.int32)
+  start, step = _trainer(tokens_ExL1, mask_ExL, fragment_E, 1, knobs, opt_cfg, model_cfg)
+  (params, _, diverged_step, _, _), loss_T = jax.lax.scan(step, start(params0),
+                                                          (order_TxB, lr_T))
   return params, loss_T, diverged_step
 
 
@@ -232,7 +259,8 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   order_SxKxB = jnp.concatenate(
       [order_TxB, jnp.full((pad, order_TxB.shape[1]), -1, order_TxB.dtype)]).reshape(segs, k, -1)
   lr_SxK = jnp.concatenate([lr_T, jnp.zeros((pad,), lr_T.dtype)]).reshape(segs, k)
-  start, train_step = _trainer(data.tokens_ExL1, data.mask_ExL, knobs, opt_cfg, model_cfg)
+  start, train_step = _trainer(data.tokens_ExL1, data.mask_ExL, data.fragment_E,
+                               data.probe_weight_FxM.shape[0], knobs, opt_cfg, model_cfg)
   ref = diag_lib.capture(params0, data.probes, model_cfg) if plan.diagnostics else None
 
   def segment(carry, xs):
@@ -253,7 +281,7 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   if plan.diagnostics:
     diags = jax.tree.map(lambda a, b: jnp.where(bad_C[:, None], jnp.nan, stack(a, b)),
                          diag0, diag_S)
-  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step)
+  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step, carry[4])
 
 
 _TRACE_COUNT = [0]  # incremented when `_simulate_batch` is traced; tests read it.

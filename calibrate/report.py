@@ -1,0 +1,283 @@
+"""The pre-screening report: one self-contained HTML page with PNG plots.
+
+`write_report` takes what the other calls computed (a screen, a search, predicted and real
+trajectories of real runs) and writes `report.html`, with every plot embedded as a PNG and
+also saved beside it. Plots are drawn with matplotlib's non-interactive Agg backend, so the
+report can be written on a headless machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from calibrate.outcomes import OUTCOMES
+from calibrate.runlog import RunLog
+from calibrate.screen import DIAGNOSTICS, Screen
+from calibrate.search import SearchResult
+from calibrate.simulator import Simulator
+from surrogate.jsonl import atomic_write
+
+__all__ = ["TrajectoryPlot", "trajectories_of", "write_report"]
+
+_OUTCOME_COLORS = ("#d62728", "#2ca02c", "#ff7f0e", "#7f7f7f")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryPlot:
+  """Predicted and real per-fragment probe loss of one real run.
+
+  Attributes:
+    run_id: the run.
+    steps: the C eval steps.
+    real_CxF: the real mean probe loss per fragment.
+    pred_CxF, lo_CxF, hi_CxF: the predicted mean and its interval.
+    held_out: whether the run was kept out of calibration.
+  """
+  run_id: str
+  steps: np.ndarray
+  real_CxF: np.ndarray
+  pred_CxF: np.ndarray
+  lo_CxF: np.ndarray
+  hi_CxF: np.ndarray
+  held_out: bool
+
+
+def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
+                    progress: bool = False) -> list[TrajectoryPlot]:
+  """Predicts `runs` (real runs with evals at the calibration steps) for the report."""
+  from calibrate.metrics import fragment_means
+  from calibrate.runlog import order_from_runlog
+  orders = np.stack([order_from_runlog(r, sim.fragments) for r in runs])
+  members, _ = sim.simulate_orders(orders, progress=progress)     # R K C M
+  frags = sim.fragments
+  pos = [frags.index[i] for i in sim.eval_ids]
+  frag_M, probe_M = frags.fragment_of[pos], frags.split_of[pos] == 1
+  num_f = len(frags.names)
+  with np.errstate(invalid="ignore"):
+    pred = fragment_means(members, frag_M, probe_M, num_f)          # R K C F
+    q = (1 - level) / 2
+    # Interval: the members' spread plus the calibration residual of each fragment mean.
+    sd = np.sqrt(np.nanvar(pred, 1) + sim.fragment_sd_CxF[None] ** 2)
+    mean = np.nanmean(pred, 1)
+  from scipy.stats import norm
+  z = norm.ppf(1 - q)
+  cal = set(sim.info.get("calibration_runs", []))
+  out = []
+  for r, run in enumerate(runs):
+    by_step = {ev.step: ev.losses for ev in run.evals}
+    real_CxM = np.array([[by_step[int(s)].get(i, np.nan) for i in sim.eval_ids]
+                         if int(s) in by_step else [np.nan] * len(sim.eval_ids)
+                         for s in sim.steps_C], np.float64)
+    real = fragment_means(real_CxM, frag_M, probe_M, num_f)
+    out.append(TrajectoryPlot(run.header.run_id, np.asarray(sim.steps_C), real, mean[r],
+                              mean[r] - z * sd[r], mean[r] + z * sd[r],
+                              run.header.run_id not in cal))
+  return out
+
+
+def _png(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _grid(n: int):
+  import matplotlib.pyplot as plt
+  cols = min(n, 4)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False,
+                           layout="constrained")
+  for ax in axes.flat[n:]:
+    ax.set_visible(False)
+  return fig, axes.flat
+
+
+def plot_trajectories(plots: Sequence[TrajectoryPlot], fragments: Sequence[str]) -> bytes:
+  """Small multiples, one per fragment: real (solid) and predicted (dashed, band) per run."""
+  import matplotlib.pyplot as plt
+  fig, axes = _grid(len(fragments))
+  colors = plt.get_cmap("tab10")
+  for f, name in enumerate(fragments):
+    ax = axes[f]
+    for r, p in enumerate(plots):
+      c = colors(r % 10)
+      ax.plot(p.steps, p.real_CxF[:, f], color=c, lw=1.5,
+              label=f"{p.run_id} real" + (" (held out)" if p.held_out else ""))
+      ax.plot(p.steps, p.pred_CxF[:, f], color=c, lw=1.2, ls="--", label=f"{p.run_id} predicted")
+      ax.fill_between(p.steps, p.lo_CxF[:, f], p.hi_CxF[:, f], color=c, alpha=0.12, lw=0)
+    ax.set_title(name, fontsize=9)
+    ax.tick_params(labelsize=7)
+  axes[0].legend(fontsize=6, loc="upper right")
+  fig.supxlabel("step", fontsize=9)
+  fig.supylabel("mean probe loss", fontsize=9)
+  return _png(fig)
+
+
+def plot_outcomes(sc: Screen) -> bytes:
+  """Stacked bars: each fragment's probability of each outcome."""
+  import matplotlib.pyplot as plt
+  f = len(sc.fragments)
+  fig, ax = plt.subplots(figsize=(7, 0.32 * f + 1.2))
+  left = np.zeros(f)
+  probs = np.nan_to_num(sc.outcome_FxO)
+  y = np.arange(f)[::-1]
+  for o, outcome in enumerate(OUTCOMES):
+    ax.barh(y, probs[:, o], left=left, color=_OUTCOME_COLORS[o], label=outcome.value)
+    left += probs[:, o]
+  ax.set_yticks(y, sc.fragments, fontsize=8)
+  ax.set_xlim(0, 1)
+  ax.set_xlabel("probability over screened orders and the ensemble")
+  ax.legend(ncol=4, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+  return _png(fig)
+
+
+def plot_interference(sc: Screen) -> bytes:
+  """Heatmap: row i, column j, the relative change of j's final probe loss from feeding i."""
+  import matplotlib.pyplot as plt
+  m = sc.interference_FxF * 100
+  lim = max(float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0, 1e-6)
+  f = len(sc.fragments)
+  fig, ax = plt.subplots(figsize=(0.42 * f + 2.5, 0.42 * f + 1.5))
+  im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+  ax.set_xticks(range(f), sc.fragments, rotation=60, ha="right", fontsize=7)
+  ax.set_yticks(range(f), sc.fragments, fontsize=7)
+  ax.set_xlabel("fragment j (affected)")
+  ax.set_ylabel("fragment i (fed)")
+  fig.colorbar(im, ax=ax, label="% lower final probe loss of j from feeding i")
+  return _png(fig)
+
+
+def plot_diagnostics(sc: Screen) -> bytes:
+  """One panel per diagnostic: its mean trajectory over the screened orders, per fragment."""
+  import matplotlib.pyplot as plt
+  names = [n for n in (*DIAGNOSTICS, "entropy") if n in sc.diagnostics]
+  fig, axes = _grid(len(names))
+  colors = plt.get_cmap("tab20")
+  for k, name in enumerate(names):
+    ax = axes[k]
+    v = sc.diagnostics[name]
+    for f, frag in enumerate(sc.fragments):
+      ax.plot(sc.steps, v[:, f], color=colors(f % 20), lw=1, label=frag)
+    ax.set_title(name.replace("_", " "), fontsize=9)
+    ax.tick_params(labelsize=7)
+  axes[0].legend(fontsize=5, ncol=2)
+  fig.supxlabel("step", fontsize=9)
+  return _png(fig)
+
+
+def plot_ranking(result: SearchResult, top: int = 10) -> bytes:
+  """The best candidates' predicted objective with the ensemble's interval."""
+  import matplotlib.pyplot as plt
+  n = min(top, len(result.ranked.names))
+  fig, ax = plt.subplots(figsize=(7, 0.35 * n + 1.2))
+  y = np.arange(n)[::-1]
+  lo_hi = np.array([result.interval(i) for i in range(n)])
+  score = result.ranked.score_N[:n]
+  ax.errorbar(score, y, xerr=[score - lo_hi[:, 0], lo_hi[:, 1] - score], fmt="o", capsize=3)
+  ax.set_yticks(y, result.ranked.names[:n], fontsize=8)
+  ax.set_xlabel(f"predicted objective (lower is better; {result.level:.0%} over the ensemble)")
+  return _png(fig)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                 for r in rows)
+  return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | None = None,
+                 search: SearchResult | None = None,
+                 trajectories: Sequence[TrajectoryPlot] = (), title: str = "Pre-screening report",
+                 notes: Sequence[str] = ()) -> str:
+  """Writes `report.html` and its PNGs into the folder `path`; returns the HTML's path."""
+  os.makedirs(path, exist_ok=True)
+  sections, images = [], {}
+
+  def figure(name: str, png: bytes, caption: str) -> str:
+    images[name] = png
+    b64 = base64.b64encode(png).decode()
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+  info = sim.info
+  loo = info.get("leave_one_run_out", {})
+  sections.append("<h2>Simulator</h2>" + _table(
+      ["calibration runs", "surrogate", "seeds", "common gain", "fit MSE",
+       "leave-one-run-out MSE (order-agnostic)", "fit seconds"],
+      [[", ".join(info.get("calibration_runs", [])),
+        f"{sim.model_cfg.depth}x{sim.model_cfg.width}, {sim.model_cfg.length} tokens",
+        sim.num_seeds, f"{info.get('gain', {}).get('common_gain', float('nan')):.2f}",
+        f"{info.get('fit_mse', float('nan')):.4g}",
+        f"{loo.get('mse', float('nan')):.4g} ({loo.get('order_agnostic_mse', float('nan')):.4g})",
+        f"{info.get('seconds', {}).get('total', float('nan')):.0f}"]]))
+  if trajectories:
+    sections.append("<h2>Predicted against real trajectories</h2>" + figure(
+        "trajectories.png", plot_trajectories(trajectories, sim.fragments.names),
+        "Per fragment: real mean probe loss (solid) and the prediction (dashed, with its "
+        "interval) for each real run."))
+    rows = []
+    for p in trajectories:
+      err = np.nanmean((p.pred_CxF - p.real_CxF) ** 2)
+      cover = np.nanmean((p.real_CxF >= p.lo_CxF) & (p.real_CxF <= p.hi_CxF))
+      rows.append([p.run_id, "held out" if p.held_out else "calibration", f"{err:.4g}",
+                   f"{cover:.0%}"])
+    sections.append(_table(["run", "role", "MSE (probe, per fragment)", "inside interval"], rows))
+  if screen is not None:
+    pct = lambda x, fmt=".0%": "-" if not np.isfinite(x) else format(x, fmt)  # noqa: E731
+    rows = [[name, *(pct(p) for p in screen.outcome_FxO[f]),
+             pct(screen.gain_F[f], ".1%"), pct(screen.own_probe_F[f], "+.1%"),
+             f"{screen.starved_F[f]:.0%}", f"{screen.collapsed_F[f]:.0%}", int(screen.pairs_F[f])]
+            for f, name in enumerate(screen.fragments)]
+    sections.append(
+        f"<h2>Screen: {len(screen.specs)} orders, each with a counterfactual</h2>"
+        + _table(["fragment", *(o.value for o in OUTCOMES), "probe drop", "own contribution",
+                  "starved", "collapsed", "pairs"], rows)
+        + figure("outcomes.png", plot_outcomes(screen), "Outcome probabilities per fragment.")
+        + figure("interference.png", plot_interference(screen),
+                 "Interference: how feeding fragment i changes fragment j's final probe loss.")
+        + (figure("diagnostics.png", plot_diagnostics(screen),
+                  "The diagnostics, averaged over the screened orders (surrogate scale).")
+           if screen.diagnostics else ""))
+    if screen.diverged:
+      sections.append(f"<p>{len(screen.diverged)} simulated orders diverged.</p>")
+  if search is not None:
+    sections.append("<h2>Order search</h2><pre>" + html.escape(search.table()) + "</pre>"
+                    + figure("ranking.png", plot_ranking(search),
+                             "The best candidate orders with the ensemble's interval."))
+  if notes:
+    sections.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+                    + "</ul>")
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
+figcaption {{ font-size: 0.85em; color: #555; }}
+pre {{ font-size: 0.8em; background: #f6f6f6; padding: 0.6em; overflow-x: auto; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Data set: {len(sim.fragments.names)} fragments, {len(sim.fragments.examples)} examples
+(sha256 {sim.fragments.sha256[:12]}&hellip;). Written {stamp} by surrogate.</p>
+{"".join(sections)}
+</body></html>
+"""
+  for name, png in images.items():
+    atomic_write(os.path.join(path, name), png)
+  out = os.path.join(path, "report.html")
+  atomic_write(out, page.encode())
+  return out
