@@ -51,12 +51,16 @@ class TrajectoryPlot:
 
 
 def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
-                    progress: bool = False) -> list[TrajectoryPlot]:
-  """Predicts `runs` (real runs with evals at the calibration steps) for the report."""
+                    chunk_size: int = 32, progress: bool = False) -> list[TrajectoryPlot]:
+  """Predicts `runs` (real runs with evals at the calibration steps) for the report.
+
+  The interval is normal, from the members' spread and the calibration residual of each
+  fragment mean. `chunk_size` only matters for speed (see `calibrate.search.evaluate`).
+  """
   from calibrate.metrics import fragment_means
   from calibrate.runlog import order_from_runlog
   orders = np.stack([order_from_runlog(r, sim.fragments) for r in runs])
-  members, _ = sim.simulate_orders(orders, progress=progress)     # R K C M
+  members, _ = sim.simulate_orders(orders, chunk_size=chunk_size, progress=progress)
   frags = sim.fragments
   pos = [frags.index[i] for i in sim.eval_ids]
   frag_M, probe_M = frags.fragment_of[pos], frags.split_of[pos] == 1
@@ -64,7 +68,6 @@ def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.
   with np.errstate(invalid="ignore"):
     pred = fragment_means(members, frag_M, probe_M, num_f)          # R K C F
     q = (1 - level) / 2
-    # Interval: the members' spread plus the calibration residual of each fragment mean.
     sd = np.sqrt(np.nanvar(pred, 1) + sim.fragment_sd_CxF[None] ** 2)
     mean = np.nanmean(pred, 1)
   from scipy.stats import norm
@@ -234,7 +237,7 @@ def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | No
                    f"{cover:.0%}"])
     sections.append(_table(["run", "role", "MSE (probe, per fragment)", "inside interval"], rows))
   if screen is not None:
-    pct = lambda x, fmt=".0%": "-" if not np.isfinite(x) else format(x, fmt)  # noqa: E731
+    pct = lambda x, fmt=".0%": "-" if not np.isfinite(x) else format(x, fmt)
     rows = [[name, *(pct(p) for p in screen.outcome_FxO[f]),
              pct(screen.gain_F[f], ".1%"), pct(screen.own_probe_F[f], "+.1%"),
              f"{screen.starved_F[f]:.0%}", f"{screen.collapsed_F[f]:.0%}", int(screen.pairs_F[f])]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,8 +119,8 @@ class Screen:
     """One line per fragment: outcome probabilities, expected gain and failure shares."""
     w = max(len(f) for f in self.fragments) + 2
     head = "".join(f"{o.value:>13}" for o in OUTCOMES)
-    lines = [f"{len(self.specs)} orders screened, each with a counterfactual "
-             f"({2 * len(self.specs)} simulated runs); P(outcome) per fragment",
+    lines = [(f"{len(self.specs)} orders screened, each with a counterfactual "
+             f"({2 * len(self.specs)} simulated runs); P(outcome) per fragment"),
              "fragment".ljust(w) + head + "  probe drop [10%, 90%]   own   starved collapsed"]
     for f, name in enumerate(self.fragments):
       probs = ("".join(f"{p:13.0%}" for p in self.outcome_FxO[f]) if self.pairs_F[f]
@@ -154,7 +155,8 @@ class Screen:
 def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] = "all",
            key: jax.Array | None = None, thresholds: Thresholds = Thresholds(),
            failures: ScreenThresholds = ScreenThresholds(), diagnostics: bool = True,
-           progress: bool = False, chunk_size: int = 32) -> Screen:
+           progress: bool = False, chunk_size: int = 32, folder: str | os.PathLike | None = None,
+           resume: bool = False) -> Screen:
   """Simulates `n_orders` runs (`n_orders // 2` random orders and their counterfactuals).
 
   Args:
@@ -164,9 +166,12 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
     key: draws the orders (default: key 0).
     thresholds: the outcome labels' thresholds.
     failures: the failure points' thresholds.
-    diagnostics: compute the five diagnostics (about a fifth more time).
+    diagnostics: compute the diagnostics of the screened orders (about 10 % more time).
     progress: show a progress bar.
     chunk_size: orders per compiled call.
+    folder: stream the simulations' results into this folder, chunk by chunk (subfolders
+      `orders` and `counterfactuals`), so a killed screen can be resumed.
+    resume: continue the screen whose results are in `folder` (same inputs and key).
   """
   import time
   if n_orders < 2:
@@ -187,9 +192,16 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
                                                        key=jax.random.fold_in(k_cf, p)))
   seed_P = np.arange(n_p) % sim.num_seeds
   t0 = time.perf_counter()
-  members, traj = sim.simulate_orders(np.concatenate([orders, np.stack(counterfactuals)]),
-                                      np.concatenate([seed_P, seed_P]), diagnostics=diagnostics,
-                                      progress=progress, chunk_size=chunk_size)
+  run = {"progress": progress, "chunk_size": chunk_size, "resume": resume}
+  sub = (lambda name: None) if folder is None else (
+      lambda name: os.path.join(folder, name))
+  members, traj = sim.simulate_orders(orders, seed_P, diagnostics=diagnostics,
+                                      folder=sub("orders"), **run)
+  # Counterfactuals only need their losses: no diagnostics (the same compiled simulation
+  # as `calibrate.search`'s).
+  members_cf, _ = sim.simulate_orders(np.stack(counterfactuals), seed_P,
+                                      folder=sub("counterfactuals"), **run)
+  members = np.concatenate([members, members_cf])
   per_order = (time.perf_counter() - t0) / (2 * n_p)
   frag_M = frags.fragment_of[[frags.index[i] for i in sim.eval_ids]]
   is_probe = frags.split_of[[frags.index[i] for i in sim.eval_ids]] == 1
@@ -224,7 +236,7 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
   diags = {}
   if traj.diagnostics is not None:
     for name, v in traj.diagnostics._asdict().items():
-      diags[name] = np.nanmean(np.asarray(v)[:n_p], 0)
+      diags[name] = np.nanmean(np.asarray(v), 0)
   collapsed = np.full(num_f, np.nan)
   push = np.asarray(traj.grad_push_F[:n_p], np.float64)
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -234,9 +246,9 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
     fed_any = (fed_PxF > 0).sum(0)
     starved = np.where(fed_any > 0, is_starved.sum(0) / np.maximum(fed_any, 1), np.nan)
     if traj.diagnostics is not None:
-      ent = np.asarray(traj.diagnostics.entropy[:n_p])               # P C F
+      ent = np.asarray(traj.diagnostics.entropy)               # P C F
       collapsed = np.nanmean(ent[:, -1] < failures.collapse * ent[:, 0], 0)
-  diverged = tuple(int(p) for p in np.nonzero(traj.diverged_step[:n_p] >= 0)[0])
+  diverged = tuple(int(p) for p in np.nonzero(traj.diverged_step >= 0)[0])
   return Screen(
       fragments=frags.names, steps=np.asarray(sim.steps_C), specs=tuple(specs),
       left_out_P=left_out, outcome_FxO=outcome, pairs_F=pairs,

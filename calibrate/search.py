@@ -92,8 +92,13 @@ class Candidates:
 
 def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
              objective: str | Mapping[str, float] = "mean", key: jax.Array | None = None,
+             diagnostics: bool = False, chunk_size: int = 32,
              progress: bool = False) -> Candidates:
-  """Scores named orders (`OrderSpec`s, generated with `key`, or [T, B] arrays)."""
+  """Scores named orders (`OrderSpec`s, generated with `key`, or [T, B] arrays).
+
+  `diagnostics` and `chunk_size` only matter for speed: simulations with the same settings
+  and chunk shape as an earlier call (such as a screen's) reuse its compilation.
+  """
   key = jax.random.key(0) if key is None else key
   w_F = _weights(sim, objective)
   names, specs, orders = [], [], []
@@ -107,7 +112,8 @@ def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
       specs.append(None)
       orders.append(np.asarray(c, np.int32))
   orders_NxTxB = np.stack(orders)
-  members, _ = sim.simulate_orders(orders_NxTxB, progress=progress)   # N K C M
+  members, _ = sim.simulate_orders(orders_NxTxB, diagnostics=diagnostics,
+                                   chunk_size=chunk_size, progress=progress)  # N K C M
   frags = sim.fragments
   pos = [frags.index[i] for i in sim.eval_ids]
   final = fragment_means(members[:, :, -1], frags.fragment_of[pos], frags.split_of[pos] == 1,
@@ -189,6 +195,7 @@ def _rank(c: Candidates) -> Candidates:
 def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", budget: int = 32,
            start: Mapping[str, Any] | None = None, families: Sequence[str] = SEARCH_FAMILIES,
            keep: int = 4, rounds: int = 2, key: jax.Array | None = None, level: float = 0.8,
+           diagnostics: bool = False, chunk_size: int = 32,
            progress: bool = False) -> SearchResult:
   """Searches feeding orders for the lowest predicted objective.
 
@@ -203,6 +210,7 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
     rounds: rounds of variation sharing the rest of the budget.
     key: draws the start set, the variations and the orders' randomness.
     level: the interval level of the result's table.
+    diagnostics, chunk_size: as for `evaluate`.
     progress: show progress bars.
   """
   key = jax.random.key(0) if key is None else key
@@ -216,7 +224,9 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
       start[f"{fam}-{i}"] = orders_lib.random_spec(fam, num_f, key=k)
   if not start:
     raise ValueError("search needs at least one start candidate")
-  seen = evaluate(sim, start, objective=objective, key=k_eval, progress=progress)
+  run = {"objective": objective, "diagnostics": diagnostics, "chunk_size": chunk_size,
+             "progress": progress}
+  seen = evaluate(sim, start, key=k_eval, **run)
   start_best = float(np.nanmin(seen.score_N))
   left = budget - len(start)
   for r in range(rounds):
@@ -234,8 +244,7 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
       spec = orders_lib.mutate(seen.specs[parent], num_f,
                                key=jax.random.fold_in(k_mut, 1000 * r + j))
       new[f"{seen.names[parent].split('~')[0]}~r{r + 1}.{j}"] = spec
-    seen = seen.concat(evaluate(sim, new, objective=objective,
-                                key=jax.random.fold_in(k_eval, r + 1), progress=progress))
+    seen = seen.concat(evaluate(sim, new, key=jax.random.fold_in(k_eval, r + 1), **run))
   ranked = _rank(seen)
   top_k = min(5, len(ranked.names))
   m = ranked.members_NxK[:top_k]

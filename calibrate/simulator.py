@@ -210,13 +210,16 @@ class Simulator:
     return loss.reshape(shape), traj.diverged_step.reshape(n_r, n_s)
 
   def simulate_orders(self, orders_NxTxB, seed_N=None, *, diagnostics: bool = False,
-                      progress: bool = False, chunk_size: int = 32) -> tuple[np.ndarray, Any]:
+                      progress: bool = False, chunk_size: int = 32,
+                      folder: str | os.PathLike | None = None,
+                      resume: bool = False) -> tuple[np.ndarray, Any]:
     """Real-scale ensemble members for orders of the calibration runs' shape.
 
     Each order is trained from the seeds `seed_N` (one per order; default every seed, the
     seed axis then following the order axis) with the calibration schedule, evaluated at
     the calibration steps `steps_C` on `eval_ids`, and mapped to the real scale with every
-    gain quantile.
+    gain quantile. With `folder`, each chunk's results are written there as it finishes
+    (`surrogate.store.simulate_to_folder`), and `resume` continues a killed job.
 
     Returns:
       (members_NxKxCxM, trajectory): K = gain quantiles (x seeds when `seed_N` is None); the
@@ -236,9 +239,18 @@ class Simulator:
                                             self.steps_C.tolist(), diagnostics=diagnostics)
     params = jax.tree.map(lambda a: np.asarray(a)[seed_N], self.params_S)
     lrs = optim.learning_rates(self.opt_cfg, self.num_steps)
-    traj = simulate_many(params, self.knobs, orders[sel], lrs, data, model_cfg=self.model_cfg,
-                         opt_cfg=self.opt_cfg, plan=plan, chunk_size=chunk_size,
-                         progress=progress)
+    # Knobs with an order axis, as `fit` passes them: then the fit's simulations, these and
+    # any others of the same chunk shape share one compilation.
+    knobs = optim.Knobs(np.full(len(sel), self.knobs.lr_scale, np.float32),
+                        np.full(len(sel), self.knobs.weight_decay_scale, np.float32))
+    run = dict(model_cfg=self.model_cfg, opt_cfg=self.opt_cfg, plan=plan,
+               chunk_size=chunk_size, progress=progress)
+    if folder is None:
+      traj = simulate_many(params, knobs, orders[sel], lrs, data, **run)
+    else:
+      from surrogate.store import simulate_to_folder
+      traj = simulate_to_folder(folder, params, knobs, orders[sel], lrs, data,
+                                resume=resume, **run)
     pick = lambda a: a[:, rows] if a.ndim >= 2 else a  # noqa: E731
     traj = traj._replace(eval_loss_CxM=traj.eval_loss_CxM[:, rows][:, :, col],
                          diagnostics=None if traj.diagnostics is None

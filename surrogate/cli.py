@@ -254,9 +254,123 @@ def cmd_simulate(args) -> int:
   return 0
 
 
+def _objective(text: str | None):
+  """`mean`, or NAME=WEIGHT,... for target fragments."""
+  if text is None or text == "mean":
+    return "mean"
+  out = {}
+  for item in text.split(","):
+    name, _, w = item.partition("=")
+    try:
+      out[name.strip()] = float(w)
+    except ValueError:
+      raise SystemExit(f"error: --objective expects 'mean' or NAME=WEIGHT,...; got {item!r}")
+  return out
+
+
+def _key(seed: int):
+  import jax
+  return jax.random.key(seed)
+
+
+def _run_screen(sim, args):
+  families = args.family.split(",") if args.family != "all" else "all"
+  return sim.screen(n_orders=args.orders, family=families, key=_key(args.seed),
+                    diagnostics=not args.no_diagnostics, folder=args.results,
+                    resume=args.resume, progress=not args.quiet)
+
+
+def cmd_screen(args) -> int:
+  import json
+
+  from calibrate.simulator import Simulator
+  sim = Simulator.load(args.sim)
+  if args.resume and not args.results:
+    raise SystemExit("error: --resume needs --results DIR (where the killed screen streamed "
+                     "its results)")
+  sc = _run_screen(sim, args)
+  if args.json:
+    print(json.dumps(sc.to_json(), indent=1))
+  else:
+    print(sc.table())
+    print(f"{sc.seconds_per_order:.2f} s per simulated order (compilation included)")
+  return 0
+
+
+def cmd_search(args) -> int:
+  import json
+
+  from calibrate.runlog import order_from_runlog
+  from calibrate.simulator import Simulator
+  sim = Simulator.load(args.sim)
+  start = None
+  if args.start:
+    start = {r.header.run_id: order_from_runlog(r, sim.fragments)
+             for r in _read_runs(args.start, sim.fragments)}
+  result = sim.search(objective=_objective(args.objective), budget=args.budget, start=start,
+                      key=_key(args.seed), progress=not args.quiet)
+  if args.out:
+    result.save_order(sim, args.out, run_id=args.run_id)
+  if args.json:
+    print(json.dumps({"ranked": [
+        {"name": n, "score": float(sc), "interval": list(result.interval(i)),
+         "spec": spec.to_dict() if spec is not None else None}
+        for i, (n, sc, spec) in enumerate(zip(result.ranked.names, result.ranked.score_N,
+                                              result.ranked.specs))],
+        "p_best_top": result.p_best.tolist(), "start_best": result.start_best}, indent=1))
+  else:
+    print(result.table())
+  if args.out:
+    print(f"wrote the best order to {args.out} (feed it with calibrate.hf.feed_order)",
+          file=sys.stderr if args.json else sys.stdout)
+  return 0
+
+
+def cmd_next_run(args) -> int:
+  import json
+
+  from calibrate.runlog import order_from_runlog
+  from calibrate.simulator import Simulator
+  sim = Simulator.load(args.sim)
+  cands = None
+  if args.orders:
+    cands = {r.header.run_id: order_from_runlog(r, sim.fragments)
+             for r in _read_runs(args.orders, sim.fragments)}
+  nr = sim.next_run(cands, objective=_objective(args.objective), n_candidates=args.candidates,
+                    key=_key(args.seed), progress=not args.quiet)
+  if args.out:
+    nr.save_order(sim, args.out, run_id=args.run_id)
+  if args.json:
+    print(json.dumps({"ranked": [
+        {"name": n, "disagreement": float(d), "predicted": float(p),
+         "spec": spec.to_dict() if spec is not None else None}
+        for n, d, p, spec in zip(nr.ranked.names, nr.ranked.spread_N, nr.ranked.score_N,
+                                 nr.ranked.specs)]}, indent=1))
+  else:
+    print(nr.table())
+  if args.out:
+    print(f"wrote the next run's order to {args.out}: run it for real with a recorder, then "
+          "add it to `surrogate fit --runs`", file=sys.stderr if args.json else sys.stdout)
+  return 0
+
+
+def cmd_report(args) -> int:
+  from calibrate.report import trajectories_of, write_report
+  from calibrate.simulator import Simulator
+  sim = Simulator.load(args.sim)
+  runs = _read_runs(args.runs, sim.fragments) if args.runs else []
+  sc = _run_screen(sim, args)
+  result = sim.search(budget=args.budget, key=_key(args.seed), progress=not args.quiet)
+  plots = trajectories_of(sim, runs, progress=not args.quiet) if runs else []
+  path = write_report(args.out, sim, screen=sc, search=result, trajectories=plots)
+  print(f"wrote {path}")
+  return 0
+
+
 def cmd_demo(args) -> int:
   from surrogate.demo import run_demo
-  return run_demo(n_orders=args.orders, out=args.out, seed=args.seed)
+  return run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
+                  length=args.length, progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,10 +446,71 @@ def build_parser() -> argparse.ArgumentParser:
   _model_args(s)
   s.set_defaults(func=cmd_simulate)
 
-  d = sub.add_parser("demo", help="the main job on the bundled data")
-  d.add_argument("--orders", type=int, default=256, help="simulated orders (default 256)")
-  d.add_argument("--out", default="surrogate-demo", help="folder for the results")
+  def screen_args(p):
+    p.add_argument("--orders", type=int, default=256,
+                   help="simulated runs, counterfactuals included (default 256)")
+    p.add_argument("--family", default="all",
+                   help="order families, comma-separated, or 'all' (default)")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip the diagnostics")
+    p.add_argument("--results", help="stream the simulations' results into this folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed screen from --results (same inputs and --seed)")
+    p.add_argument("--seed", type=int, default=0, help="draws the orders")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+  sc = sub.add_parser("screen", help="outcome probabilities, interference and failure points "
+                                     "of every fragment over many simulated orders")
+  sc.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
+  screen_args(sc)
+  sc.add_argument("--json", action="store_true", help="print JSON")
+  sc.set_defaults(func=cmd_screen)
+
+  se = sub.add_parser("search", help="search feeding orders for the best predicted outcome")
+  se.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
+  se.add_argument("--budget", type=int, default=32,
+                  help="candidate orders to simulate, each from every seed (default 32)")
+  se.add_argument("--objective", default="mean",
+                  help="'mean' (all fragments' final probe loss) or NAME=WEIGHT,...")
+  se.add_argument("--start", nargs="+", help="order files or runs to start from")
+  se.add_argument("--out", help="write the best order here (an order file)")
+  se.add_argument("--run-id", default="searched", help="run id of the written order")
+  se.add_argument("--seed", type=int, default=0)
+  se.add_argument("--json", action="store_true", help="print JSON")
+  se.add_argument("--quiet", action="store_true", help="no progress bar")
+  se.set_defaults(func=cmd_search)
+
+  nx = sub.add_parser("next-run", help="the real run that would teach the simulator most")
+  nx.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
+  nx.add_argument("--orders", nargs="+", help="candidate order files (default: random ones)")
+  nx.add_argument("--candidates", type=int, default=12,
+                  help="random candidates when --orders is not given (default 12)")
+  nx.add_argument("--objective", default="mean", help="as for `surrogate search`")
+  nx.add_argument("--out", help="write the chosen order here (an order file)")
+  nx.add_argument("--run-id", default="next-run", help="run id of the written order")
+  nx.add_argument("--seed", type=int, default=0)
+  nx.add_argument("--json", action="store_true", help="print JSON")
+  nx.add_argument("--quiet", action="store_true", help="no progress bar")
+  nx.set_defaults(func=cmd_next_run)
+
+  rp = sub.add_parser("report", help="screen, search and write the HTML report")
+  rp.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
+  rp.add_argument("--runs", nargs="+", help="real runs to plot against their predictions")
+  rp.add_argument("--budget", type=int, default=16, help="search budget (default 16)")
+  rp.add_argument("--out", required=True, help="folder for report.html and its PNGs")
+  screen_args(rp)
+  rp.set_defaults(func=cmd_report)
+
+  d = sub.add_parser("demo", help="the main job on the bundled real runs: calibrate, screen, "
+                                   "search, check against held-out runs, report")
+  d.add_argument("--orders", type=int, default=256,
+                 help="simulated runs in the screen, counterfactuals included (default 256)")
+  d.add_argument("--budget", type=int, default=8,
+                 help="candidate orders the search simulates, each from every seed (default 8)")
+  d.add_argument("--length", type=int, default=16,
+                 help="the surrogate's tokens per example (default 16, for speed)")
+  d.add_argument("--out", default="surrogate-demo", help="folder for the report and results")
   d.add_argument("--seed", type=int, default=0)
+  d.add_argument("--quiet", action="store_true", help="no progress bars")
   d.set_defaults(func=cmd_demo)
   return p
 

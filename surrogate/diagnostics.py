@@ -56,18 +56,26 @@ class ProbeSet(NamedTuple):
 
 
 class Reference(NamedTuple):
-  """The initial state's view of the probes, the baseline for every diagnostic."""
+  """A state's view of the probes; the initial state's is the baseline for every diagnostic.
+
+  p_PxLxV and negent_PxL (sum of p log p) are kept so that the KL against this state costs
+  one multiply-add per entry instead of an exponential.
+  """
   embed_VxD: jax.Array
   attn_KxPxHxLxL: jax.Array
   hidden_PxLxD: jax.Array
   logp_PxLxV: jax.Array
+  p_PxLxV: jax.Array
+  negent_PxL: jax.Array
 
 
 def capture(params, probes: ProbeSet, cfg: model_lib.ModelConfig) -> Reference:
   """What the model at `params` shows on the probes (used for the start and each checkpoint)."""
   logits, cap = model_lib.forward(params, probes.tokens_PxL1[:, :-1], cfg, capture=True)
-  return Reference(params["embed_VxD"], cap.attn_KxBxHxLxL, cap.hidden_BxLxD,
-                   jax.nn.log_softmax(logits, axis=-1))
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  p = jnp.exp(logp)
+  return Reference(params["embed_VxD"], cap.attn_KxBxHxLxL, cap.hidden_BxLxD, logp, p,
+                   (p * logp).sum(-1))
 
 
 def _weighted_mean_F(value_PL: jax.Array, probes: ProbeSet) -> jax.Array:
@@ -105,12 +113,12 @@ def plasticity(hidden_PxLxD, ref: Reference, probes: ProbeSet) -> jax.Array:
 
 
 def logit_shift(logp_PxLxV, ref: Reference, probes: ProbeSet) -> jax.Array:
-  kl_PxL = (jnp.exp(ref.logp_PxLxV) * (ref.logp_PxLxV - logp_PxLxV)).sum(-1)
+  kl_PxL = ref.negent_PxL - (ref.p_PxLxV * logp_PxLxV).sum(-1)
   return _weighted_mean_F(kl_PxL.reshape(-1), probes)
 
 
-def entropy(logp_PxLxV, probes: ProbeSet) -> jax.Array:
-  h_PxL = -(jnp.exp(logp_PxLxV) * logp_PxLxV).sum(-1)
+def entropy(negent_PxL, probes: ProbeSet) -> jax.Array:
+  h_PxL = -negent_PxL
   return _weighted_mean_F(h_PxL.reshape(-1), probes)
 
 
@@ -130,5 +138,5 @@ def diagnose(now: Reference, ref: Reference, probes: ProbeSet, eval_loss_M,
       plasticity=plasticity(now.hidden_PxLxD, ref, probes),
       logit_shift=logit_shift(now.logp_PxLxV, ref, probes),
       robustness=robustness(eval_loss_M, probe_weight_FxM, train_weight_FxM),
-      entropy=entropy(now.logp_PxLxV, probes),
+      entropy=entropy(now.negent_PxL, probes),
   )

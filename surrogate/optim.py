@@ -76,7 +76,8 @@ class OptimizerConfig:
     return cls(**kwargs)
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
+    """JSON-friendly settings, as a RunLog header's `optimizer` (unset options left out)."""
+    d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
     d["name"], d["schedule"], d["betas"] = self.name.value, self.schedule.value, list(self.betas)
     return d
 

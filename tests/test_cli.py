@@ -98,3 +98,30 @@ def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
   for o in answer["orders"]:
     assert all(abs(sum(p.values()) - 1) < 1e-9 for p in o["outcomes"].values())
   assert {r["run_id"] for r in answer["ranking"]} == {"subset-3", "interleaved-4"}
+  # Screening streams into a results folder; a second call resumes it to the same answer.
+  results = tmp_path / "screen"
+  screen = ["screen", "--sim", str(sim), "--orders", "6", "--results", str(results), "--json",
+            "--quiet"]
+  assert main(screen) == 0
+  first = json.loads(capsys.readouterr().out)
+  assert len(first["orders"]) == 3 and len(first["outcome_probabilities"]) == 3
+  assert main(screen + ["--resume"]) == 0
+  assert json.loads(capsys.readouterr().out)["outcome_probabilities"] == \
+      first["outcome_probabilities"]
+  assert main(screen) == 2
+  assert "--resume" in capsys.readouterr().err
+  best = tmp_path / "best.jsonl"
+  assert main(["search", "--sim", str(sim), "--budget", "3", "--objective", "try=1,async=1",
+               "--out", str(best), "--quiet"]) == 0
+  assert "best of the start set" in capsys.readouterr().out
+  assert read_runlog(best, frags).num_steps == 12
+  nxt = tmp_path / "next.jsonl"
+  assert main(["next-run", "--sim", str(sim), "--orders", str(files[3]), str(files[4]),
+               "--out", str(nxt), "--json", "--quiet"]) == 0
+  ranked = json.loads(capsys.readouterr().out)["ranked"]
+  assert {r["name"] for r in ranked} == {"subset-3", "interleaved-4"}
+  assert ranked[0]["disagreement"] >= ranked[1]["disagreement"]
+  report = tmp_path / "report"
+  assert main(["report", "--sim", str(sim), "--runs", real[0], real[4], "--orders", "4",
+               "--budget", "2", "--out", str(report), "--quiet"]) == 0
+  assert (report / "report.html").exists() and (report / "interference.png").exists()

@@ -397,3 +397,22 @@ def test_without_fragment_replaces_only_that_fragment():
   assert np.isin(out[own], others).all()
   with pytest.raises(ValueError, match="another fragment"):
     orders.without_fragment(order[:, :1] * 0 + POOLS[0][0], POOLS[:1], 0, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("family", orders.FAMILIES)
+def test_random_specs_and_their_mutations_generate_valid_orders(family):
+  pools = [np.arange(0, 5), np.arange(5, 8), np.arange(8, 15), np.arange(15, 17)]
+  spec = orders.random_spec(family, 4, key=jax.random.key(0))
+  assert spec.kind.value == family
+  for i in range(6):
+    child = orders.mutate(spec, 4, key=jax.random.key(i))
+    # A shuffle has no parameters to vary: it becomes a mixture; others keep their family.
+    assert child.kind.value == ("mixture" if family == "shuffled" else family)
+    order = child.generate(pools, key=jax.random.key(i), steps=7, batch_size=3)
+    assert order.shape == (7, 3) and order.min() >= 0 and order.max() < 17
+    if family == "subset":
+      assert 1 <= len(child.keep) <= 4 and child != spec
+    if family in ("blocked", "interleaved"):
+      assert sorted(child.sequence) == sorted(spec.sequence) and child != spec
+    if family == "mixture":
+      assert abs(sum(child.weights) - 1) < 1e-9

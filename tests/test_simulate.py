@@ -133,3 +133,18 @@ def test_training_on_one_fragment_teaches_it_not_the_untouched_one():
   # ...and from the first checkpoint on, A gained more than the fragment never fed.
   assert (drop_CxF[1:, a] > drop_CxF[1:, c] + 0.1).all(), drop_CxF
   assert probe_CxF[-1, a] < probe_CxF[-1, c], probe_CxF[-1]
+
+
+def test_gradient_push_goes_to_the_fragments_fed(setup):
+  prep, _, _, _ = setup
+  pools = prep.fragments.train_pools()
+  only_first = orders.subset(pools, [0], key=jax.random.key(3), steps=T, batch_size=B)
+  out = _many(setup, np.stack([only_first, setup[2][0]]))
+  push = out.grad_push_F
+  assert push.shape == (2, 3)
+  assert push[0, 0] > 0 and (push[0, 1:] == 0).all()
+  # A shuffled order pushes every fragment; each step's push is at most 1 per fed token share.
+  assert (push[1] > 0).all() and push[1].sum() <= T + 1e-5
+  # Output entropy: a positive number of nats, at most ln V.
+  ent = out.diagnostics.entropy
+  assert ((ent > 0) & (ent <= np.log(CFG.vocab_size) + 1e-4)).all()

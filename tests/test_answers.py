@@ -1,0 +1,139 @@
+"""Answers for users on a small calibrated simulator: screen, search, next run, report."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from calibrate.outcomes import OUTCOMES, Outcome
+from calibrate.report import trajectories_of, write_report
+from calibrate.runlog import order_from_runlog, read_runlog
+from calibrate.screen import screen
+from calibrate.search import evaluate, next_run, search
+from surrogate import orders
+
+# The world has F=4 fragments; 16 runs are 8 orders with their counterfactuals, 2 per fragment.
+N_ORDERS = 16
+
+
+@pytest.fixture(scope="module")
+def screened(sim):
+  return screen(sim, n_orders=N_ORDERS, key=jax.random.key(1), chunk_size=8)
+
+
+def test_screen_outcome_probabilities_sum_to_one(sim, screened):
+  assert screened.outcome_FxO.shape == (4, len(OUTCOMES))
+  judged = screened.pairs_F > 0
+  assert judged.sum() >= 3 and screened.pairs_F.sum() == N_ORDERS // 2
+  np.testing.assert_allclose(screened.outcome_FxO[judged].sum(1), 1.0, atol=1e-9)
+  assert ((screened.outcome_FxO[judged] >= 0) & (screened.outcome_FxO[judged] <= 1)).all()
+  # The diagonal of the interference matrix is the own contribution.
+  np.testing.assert_allclose(np.diag(screened.interference_FxF), screened.own_probe_F)
+  assert set(screened.diagnostics) == {"embedding_drift", "attention_shift", "plasticity",
+                                       "logit_shift", "robustness", "entropy"}
+  assert screened.diagnostics["plasticity"].shape == (len(sim.steps_C), 4)
+  assert np.isfinite(screened.gain_F).all()
+  assert ((screened.starved_F >= 0) & (screened.starved_F <= 1)).all()
+  assert screened.diverged == ()
+  table = screened.table()
+  assert all(name in table for name in sim.fragments.names)
+
+
+def test_screen_leaves_out_only_fragments_the_order_feeds(sim, screened):
+  frags = sim.fragments
+  for spec, f in zip(screened.specs, screened.left_out_P):
+    if spec.kind is orders.OrderKind.SUBSET:
+      assert f in spec.keep
+
+
+def test_a_left_out_fragment_never_generalizes_from_its_own_training(world, sim):
+  _, runs = world
+  subset = runs[4]                                   # feeds fragments 0 and 1 only
+  answer = sim.what_if(subset)
+  g, m = OUTCOMES.index(Outcome.GENERALIZES), OUTCOMES.index(Outcome.MEMORIZED)
+  for f in (2, 3):
+    assert answer.outcome_FxO[f, g] == 0 and answer.outcome_FxO[f, m] == 0
+    assert answer.own_probe_F[f] == 0
+
+
+def test_search_is_at_least_as_good_as_its_start_set(sim, tmp_path):
+  num_f = len(sim.fragments.names)
+  start = {"shuffled": orders.OrderSpec("shuffled"),
+           "blocked": orders.OrderSpec("blocked", sequence=[3, 2, 1, 0]),
+           "mixture": orders.random_spec("mixture", num_f, key=jax.random.key(5))}
+  result = search(sim, budget=7, start=start, rounds=2, keep=2, key=jax.random.key(2),
+                  chunk_size=8)
+  assert len(result.ranked.names) == 7
+  score = dict(zip(result.ranked.names, result.ranked.score_N))
+  assert result.ranked.score_N[0] <= min(score[n] for n in start) + 1e-12
+  assert result.ranked.score_N[0] == result.start_best or result.ranked.names[0] not in start
+  assert np.all(np.diff(result.ranked.score_N) >= 0)
+  np.testing.assert_allclose(result.p_best.sum(), 1.0)
+  lo, hi = result.interval(0)
+  assert lo <= result.ranked.score_N[0] <= hi
+  # The winner, exported as an order file, reads back as the same order.
+  path = tmp_path / "best.jsonl"
+  result.save_order(sim, path)
+  back = order_from_runlog(read_runlog(path, sim.fragments), sim.fragments)
+  np.testing.assert_array_equal(back, result.best_order)
+  # ...and as a PyTorch sampler, which yields the same examples in the same order.
+  pytest.importorskip("torch")
+  assert list(result.sampler()) == [int(i) for i in result.best_order.ravel() if i >= 0]
+
+
+def test_search_objective_weights_target_fragments(sim):
+  one = evaluate(sim, {"s": orders.OrderSpec("shuffled")}, objective={"try": 1.0},
+                 key=jax.random.key(0), chunk_size=8)
+  np.testing.assert_allclose(one.members_NxK, one.final_NxKxF[..., 0])
+  with pytest.raises(ValueError, match="unknown fragments"):
+    evaluate(sim, {"s": orders.OrderSpec("shuffled")}, objective={"nope": 1.0})
+
+
+def test_next_run_prefers_the_order_the_ensemble_disagrees_on(sim):
+  cands = {"shuffled": orders.OrderSpec("shuffled"),
+           "only-try": orders.OrderSpec("subset", keep=[0]),
+           "blocked": orders.OrderSpec("blocked", sequence=[1, 2, 3, 0])}
+  nr = next_run(sim, cands, key=jax.random.key(3))
+  spread = dict(zip(nr.ranked.names, nr.ranked.spread_N))
+  assert nr.ranked.names[0] == max(spread, key=spread.get)
+  assert np.all(np.diff(nr.ranked.spread_N) <= 0)
+  # With no uncertainty left in the gains and a single seed, members agree on every order.
+  certain = dataclasses.replace(
+      sim, gain_sd_F=np.zeros_like(sim.gain_sd_F),
+      params_S=jax.tree.map(lambda a: np.repeat(np.asarray(a)[:1], 2, 0), sim.params_S),
+      sur_cal_SxCxM=np.repeat(sim.sur_cal_SxCxM[:1], 2, 0))
+  flat = next_run(certain, cands, key=jax.random.key(3))
+  np.testing.assert_allclose(flat.ranked.spread_N, 0.0, atol=1e-6)
+  assert nr.ranked.spread_N[0] > 1e-4
+
+
+def test_report_is_a_self_contained_page_that_renders(world, sim, screened, tmp_path):
+  _, runs = world
+  result = search(sim, budget=3, rounds=1, keep=1, key=jax.random.key(4), chunk_size=8)
+  plots = trajectories_of(sim, runs[:2] + runs[3:5], chunk_size=8)
+  assert [p.held_out for p in plots] == [False, False, True, True]
+  for p in plots:
+    assert (p.lo_CxF <= p.pred_CxF + 1e-9).all() and (p.pred_CxF <= p.hi_CxF + 1e-9).all()
+    np.testing.assert_allclose(p.real_CxF[0], plots[0].real_CxF[0])   # one start state
+  html_path = write_report(tmp_path, sim, screen=screened, search=result, trajectories=plots)
+  page = open(html_path, encoding="utf-8").read()
+  assert page.count("data:image/png;base64,") == 5
+  import matplotlib.image as mpimg
+  for name in ("trajectories", "outcomes", "interference", "diagnostics", "ranking"):
+    img = mpimg.imread(tmp_path / f"{name}.png")
+    assert img.shape[0] > 100 and img.shape[1] > 100
+  chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+  if chromium is None:
+    pytest.skip("no headless Chromium here (apt install chromium) to screenshot the page")
+  shot = tmp_path / "shot.png"
+  subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                  "--window-size=1100,2000", f"--screenshot={shot}", f"file://{html_path}"],
+                 check=True, capture_output=True, timeout=120)
+  img = mpimg.imread(shot)
+  assert img.shape[:2] == (2000, 1100)
+  assert img[..., :3].std() > 0.05          # not a blank page
+  assert os.path.getsize(shot) > 20_000
