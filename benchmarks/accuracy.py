@@ -9,6 +9,7 @@ the wall time of each part; `--json PATH` also writes every figure.
 
   python benchmarks/accuracy.py                # both sets, about 10 minutes here
   python benchmarks/accuracy.py --task lm --plan mixed
+  python benchmarks/accuracy.py --task lm --plan mixed --length 16   # the demo's surrogate
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from calibrate.fit import FitConfig, fit  # noqa: E402
 from calibrate.runlog import read_runlog  # noqa: E402
 from calibrate.validate import validate  # noqa: E402
 from surrogate.fragments import read_fragments  # noqa: E402
+from surrogate.model import ModelConfig  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
 
@@ -36,7 +38,7 @@ CALIBRATION = {"shuffles": ("shuffled-s0", "shuffled-s1", "shuffled-s2", "shuffl
                "mixed": ("shuffled-s0", "shuffled-s1", "blocked-p1", "subset-1")}
 
 
-def run(task: str, seeds: int, plan: str) -> dict:
+def run(task: str, seeds: int, plan: str, length: int = 32) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
@@ -44,7 +46,8 @@ def run(task: str, seeds: int, plan: str) -> dict:
   held = [r for r in runs if r.header.run_id not in CALIBRATION[plan]
           and not r.header.run_id.startswith("shuffled-")]
   t0 = time.perf_counter()
-  sim = fit(frags, cal, config=FitConfig(seeds=seeds), progress=False)
+  sim = fit(frags, cal, model_cfg=ModelConfig(length=length), config=FitConfig(seeds=seeds),
+            progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
   report = validate(sim, held)
@@ -73,10 +76,12 @@ def main() -> None:
   p.add_argument("--seeds", type=int, default=FitConfig.seeds)
   p.add_argument("--plan", choices=sorted(CALIBRATION), default="shuffles",
                  help="which runs calibrate (see above)")
+  p.add_argument("--length", type=int, default=32,
+                 help="surrogate tokens per example (the demo uses 16)")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = ["lm", "cls"] if args.task == "both" else [args.task]
-  out = {t: run(t, args.seeds, args.plan) for t in tasks}
+  out = {t: run(t, args.seeds, args.plan, args.length) for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

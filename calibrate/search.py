@@ -288,7 +288,7 @@ class NextRun:
 def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
              objective: str | Mapping[str, float] = "mean", n_candidates: int = 12,
              families: Sequence[str] = orders_lib.FAMILIES, key: jax.Array | None = None,
-             progress: bool = False) -> NextRun:
+             chunk_size: int = 32, progress: bool = False) -> NextRun:
   """The candidate order whose objective the ensemble disagrees on most.
 
   Args:
@@ -297,6 +297,7 @@ def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
       orders of `families`.
     objective: the user's question, as for `search`.
     key: draws the candidates and their randomness.
+    chunk_size: as for `evaluate`.
   """
   key = jax.random.key(0) if key is None else key
   k_draw, k_eval = jax.random.split(key)
@@ -307,7 +308,8 @@ def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
       candidates[f"{fam}-{i}"] = orders_lib.random_spec(fam, len(sim.fragments.names), key=k)
   if not candidates:
     raise ValueError("next_run needs at least one candidate order")
-  c = evaluate(sim, candidates, objective=objective, key=k_eval, progress=progress)
+  c = evaluate(sim, candidates, objective=objective, key=k_eval, chunk_size=chunk_size,
+               progress=progress)
   o = np.argsort(-np.nan_to_num(c.spread_N, nan=-np.inf), kind="stable")
   ranked = Candidates(tuple(c.names[i] for i in o), tuple(c.specs[i] for i in o),
                       c.orders_NxTxB[o], c.members_NxK[o], c.final_NxKxF[o])

@@ -103,8 +103,15 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
                        lr_NxT, data: SimData, *, model_cfg: model_lib.ModelConfig,
                        opt_cfg: optim.OptimizerConfig, plan: SimPlan, chunk_size: int = 64,
                        resume: bool = False, devices: Sequence[jax.Device] | None = None,
-                       progress: bool = True) -> Trajectory:
+                       progress: bool = True, process_index: int | None = None,
+                       process_count: int | None = None, wait_s: float = 86400.0) -> Trajectory:
   """`simulate_many`, with each chunk's results written to `folder` as it finishes.
+
+  Several processes (hosts) share the work through the folder: process i of n simulates
+  the chunks c with c % n == i on its local devices, then waits for the others' chunk files
+  and returns the whole result. Orders are independent, so no collective communication is
+  needed, only a folder every process sees. By default i and n come from `jax.distributed`
+  (`jax.process_index()`, `jax.process_count()`: 0 of 1 on a single host).
 
   Args:
     folder: where results go; created if needed. Without `resume` it must hold no results.
@@ -112,6 +119,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     chunk_size: orders per chunk file (and per compiled call).
     resume: keep the chunks already in `folder` and simulate only the missing ones.
     devices, progress: as for `simulate_many`.
+    process_index, process_count: this process's share of the chunks (see above).
+    wait_s: how long to wait for other processes' chunks before giving up.
 
   Returns:
     The whole `Trajectory` (numpy), read back from the chunk files.
@@ -120,6 +129,10 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     ResultsError: the folder holds results of other inputs, or results without `resume`.
   """
   folder = os.fspath(folder)
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count})")
   orders = np.asarray(orders_NxTxB, np.int32)
   n, steps = orders.shape[:2]
   lrs = np.broadcast_to(np.asarray(lr_NxT, np.float32), (n, steps))
@@ -129,7 +142,12 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   manifest_path = os.path.join(folder, "manifest.json")
   manifest = {"format": FORMAT, "num_orders": n, "chunk_size": chunk, "fingerprint": fp}
   os.makedirs(folder, exist_ok=True)
-  if os.path.exists(manifest_path):
+  if count > 1 and index > 0:
+    # Process 0 writes the manifest; the others wait for it, then check it is theirs.
+    _wait_for(lambda: os.path.exists(manifest_path), wait_s, manifest_path)
+    if _read_manifest(manifest_path).get("fingerprint") != fp:
+      raise ResultsError("process 0 started these results with other inputs", path=manifest_path)
+  elif os.path.exists(manifest_path):
     if not resume:
       raise ResultsError("results already exist here; pass resume=True (--resume) to "
                          "continue them, or choose another folder", path=manifest_path)
@@ -151,6 +169,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   starts = list(range(0, n, chunk))
   todo = []
   for i, start in enumerate(starts):
+    if i % count != index:
+      continue
     sel = slice(start, min(start + chunk, n))
     try:
       _read_chunk(_chunk_path(folder, i), start, orders[sel])
@@ -174,7 +194,20 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     _write_chunk(_chunk_path(folder, i), start, orders[start:start + real], out)
     bar.update(real)
   bar.close()
+  if count > 1:
+    paths = [_chunk_path(folder, i) for i in range(len(starts))]
+    _wait_for(lambda: all(os.path.exists(p) for p in paths), wait_s, folder)
   return load_results(folder, orders)
+
+
+def _wait_for(ready, wait_s: float, path: str) -> None:
+  import time
+  deadline = time.monotonic() + wait_s
+  while not ready():
+    if time.monotonic() > deadline:
+      raise ResultsError(f"gave up after {wait_s:.0f} s waiting for the other processes' "
+                         "results", path=path)
+    time.sleep(0.2)
 
 
 def _read_manifest(path: str) -> dict:

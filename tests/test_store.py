@@ -122,3 +122,24 @@ def test_results_do_not_depend_on_chunk_size(inputs):
   whole = simulate_many(params, optim.Knobs.identity(), order_NxTxB, lr_T, prep.data,
                         chunk_size=N, **kw)
   _assert_same(small, whole)
+
+
+_SHARE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import test_store as t
+    t._run(t._inputs(), {folder!r}, process_index={index}, process_count=2, wait_s=600)
+""")
+
+
+def test_two_processes_share_the_chunks_of_one_folder(inputs, tmp_path):
+  # Two processes (as two hosts under jax.distributed would be) simulate alternate chunks
+  # into one folder; each returns the whole result, equal to one process doing it all.
+  folder = str(tmp_path / "shared")
+  children = [subprocess.Popen([sys.executable, "-c", _SHARE.format(
+      tests=os.path.dirname(__file__), folder=folder, index=i)],
+      env={**os.environ, "XLA_FLAGS": ""}) for i in (1, 0)]
+  assert [c.wait(timeout=600) for c in children] == [0, 0]
+  _assert_same(load_results(folder, inputs[2]), _run(inputs, tmp_path / "alone"))
+  with pytest.raises(ValueError, match="process_index"):
+    _run(inputs, tmp_path / "bad", process_index=2, process_count=2)

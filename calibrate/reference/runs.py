@@ -97,20 +97,29 @@ def run_one(task: Task, run_id: str, spec: dict, order_seed: int, seed: int) -> 
   leaves no half run under a final name, and a rerun skips finished runs.
   """
   import jax
-  import torch
-  import transformers
 
-  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
-  from calibrate.recorders import Recorder
   from surrogate.fragments import read_fragments
   from surrogate.orders import OrderSpec
-  torch.set_num_threads(1)
   path = os.path.join(task.out, "runs", f"{run_id}.jsonl")
   if os.path.exists(path):
     return path
   frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))
   order = OrderSpec.from_dict(spec).generate(frags.train_pools(), key=jax.random.key(order_seed),
                                              steps=STEPS, batch_size=BATCH)
+  return run_order(task, run_id, order, seed, path, order_spec=spec, order_seed=order_seed)
+
+
+def run_order(task: Task, run_id: str, order, seed: int, path: str, **header) -> str:
+  """Fine-tunes the base on an exact order [STEPS, BATCH] of example positions, recording
+  it at `path` (extra header fields in `header`); returns `path`."""
+  import torch
+  import transformers
+
+  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
+  from calibrate.recorders import Recorder
+  from surrogate.fragments import read_fragments
+  torch.set_num_threads(1)
+  frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))
   model, tok = task.load(task.out)
   torch.manual_seed(seed)
   model.train()
@@ -125,8 +134,7 @@ def run_one(task: Task, run_id: str, spec: dict, order_seed: int, seed: int) -> 
   tmp = path + ".partial"
   t0 = time.time()
   with Recorder(tmp, frags, run_id=run_id, model=task.model_name, optimizer=opt_cfg,
-                batch_size=BATCH, seed=seed, overwrite=True, order_spec=spec,
-                order_seed=order_seed) as rec:
+                batch_size=BATCH, seed=seed, overwrite=True, **header) as rec:
     rec.eval(0, example_losses(model, ds, evals, collate))
     for t in range(STEPS):
       batch = collate([ds[i] for i in order[t]])
