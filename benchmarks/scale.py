@@ -5,7 +5,7 @@ Every measurement runs in a fresh process (its peak RSS is the process's), strea
 to disk with `surrogate.store.simulate_to_folder`, one chunk file per 1,024 orders.
 
 1. Orders: N = 100 ... 100,000 with a *tiny* surrogate (1 block of width 16, 8 tokens,
-   vocabulary 256; 20 steps of batch 4 on the bundled 17 fragments), so that 10^5 orders fit
+   vocabulary 300; 20 steps of batch 4 on the bundled 17 fragments), so that 10^5 orders fit
    in minutes here; seconds per order and peak memory show the growth. The default surrogate
    costs about 1 s per order here (results.md), so the same N would take 250x longer; its
    memory is bounded the same way (by the chunk).
@@ -51,7 +51,7 @@ def _setup(num_fragments: int | None, per_fragment: int, n: int, seed: int = 0):
   from surrogate.fragments import Example, Fragments, Split
   from surrogate.prepare import prepare
   from surrogate.simulate import SimPlan
-  cfg = model_lib.ModelConfig(vocab_size=256, length=8, width=16, depth=1, heads=1, mlp_ratio=2)
+  cfg = model_lib.ModelConfig(vocab_size=300, length=8, width=16, depth=1, heads=1, mlp_ratio=2)
   frags = python_docs(max_train=per_fragment, max_probe=max(2, per_fragment // 4))
   if num_fragments is not None and num_fragments != len(frags.names):
     # Regroup the manual's paragraphs into `num_fragments` fragments of `per_fragment`.

@@ -268,6 +268,15 @@ def _objective(text: str | None):
   return out
 
 
+def _named_orders(paths, sim):
+  """{run_id: order} of order files or runs (None without paths)."""
+  if not paths:
+    return None
+  from calibrate.runlog import order_from_runlog
+  return {r.header.run_id: order_from_runlog(r, sim.fragments)
+          for r in _read_runs(paths, sim.fragments)}
+
+
 def _key(seed: int):
   import jax
   return jax.random.key(seed)
@@ -300,13 +309,9 @@ def cmd_screen(args) -> int:
 def cmd_search(args) -> int:
   import json
 
-  from calibrate.runlog import order_from_runlog
   from calibrate.simulator import Simulator
   sim = Simulator.load(args.sim)
-  start = None
-  if args.start:
-    start = {r.header.run_id: order_from_runlog(r, sim.fragments)
-             for r in _read_runs(args.start, sim.fragments)}
+  start = _named_orders(args.start, sim)
   result = sim.search(objective=_objective(args.objective), budget=args.budget, start=start,
                       key=_key(args.seed), progress=not args.quiet)
   if args.out:
@@ -329,13 +334,9 @@ def cmd_search(args) -> int:
 def cmd_next_run(args) -> int:
   import json
 
-  from calibrate.runlog import order_from_runlog
   from calibrate.simulator import Simulator
   sim = Simulator.load(args.sim)
-  cands = None
-  if args.orders:
-    cands = {r.header.run_id: order_from_runlog(r, sim.fragments)
-             for r in _read_runs(args.orders, sim.fragments)}
+  cands = _named_orders(args.orders, sim)
   nr = sim.next_run(cands, objective=_objective(args.objective), n_candidates=args.candidates,
                     key=_key(args.seed), progress=not args.quiet)
   if args.out:

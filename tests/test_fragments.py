@@ -298,3 +298,11 @@ def test_fuzz_reader_raises_only_fragments_error(tmp_path, data):
     # What reads must write back and read again to the same examples.
     write_fragments(tmp_path / "again.jsonl", frags)
     assert read_fragments(tmp_path / "again.jsonl").examples == frags.examples
+
+
+@pytest.mark.slow
+@settings(max_examples=20_000, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=_mutated(_VALID, _KEYS))
+def test_fuzz_reader_many_more_inputs(tmp_path, data):
+  test_fuzz_reader_raises_only_fragments_error.hypothesis.inner_test(tmp_path, data)

@@ -401,3 +401,12 @@ def test_fuzz_reader_raises_only_runlog_error(tmp_path, data, with_fragments, al
   # What reads must write back and read again to the same log.
   write_runlog(tmp_path / "again.jsonl", log)
   assert read_runlog(tmp_path / "again.jsonl") == log
+
+
+@pytest.mark.slow
+@settings(max_examples=20_000, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=_mutated(), with_fragments=st.booleans(), allow_tail=st.booleans())
+def test_fuzz_reader_many_more_inputs(tmp_path, data, with_fragments, allow_tail):
+  test_fuzz_reader_raises_only_runlog_error.hypothesis.inner_test(tmp_path, data,
+                                                                  with_fragments, allow_tail)
