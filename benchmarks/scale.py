@@ -83,8 +83,9 @@ def one(n: int, num_fragments: int | None, per_fragment: int, folder: str, resum
   from surrogate.store import simulate_to_folder
   frags, prep, params, orders_, lrs, cfg, opt, plan = _setup(num_fragments, per_fragment, n)
   t0 = time.perf_counter()
+  # A chunk is padded to full size, so a job smaller than a chunk takes a smaller chunk.
   traj = simulate_to_folder(folder, params, optim.Knobs.identity(), orders_, lrs, prep.data,
-                            model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=CHUNK,
+                            model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=min(CHUNK, n),
                             resume=resume, progress=False)
   seconds = time.perf_counter() - t0
   return {"n": n, "fragments": len(frags.names), "examples": len(frags.examples),
@@ -108,16 +109,25 @@ def kill_test(n: int, root: str) -> dict:
   from surrogate.orders import order_sha256
   from surrogate.store import load_results, simulate_to_folder
   folder = os.path.join(root, "killed")
-  # Time a clean run's first chunk to pick a kill moment inside the job.
-  probe = _child([str(CHUNK), "-", "20", os.path.join(root, "probe"), "0"])
-  expected = probe["seconds_per_order"] * n
-  delay = random.Random().uniform(0.2, 0.8) * expected
+  total = -(-n // CHUNK)
+  rng = random.Random()
+  # Kill at a random moment inside the job: after a random number k of chunks is written,
+  # plus a random part of one chunk's time.
+  k = rng.randint(1, total - 2)
   child = subprocess.Popen([sys.executable, __file__, "--one", str(n), "-", "20", folder, "0"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  time.sleep(delay)
+  t0 = time.perf_counter()
+  count = lambda: sum(f.startswith("chunk-") for f in os.listdir(folder)) \
+      if os.path.isdir(folder) else 0  # noqa: E731
+  while count() < k and child.poll() is None:
+    time.sleep(0.01)
+  per_chunk = (time.perf_counter() - t0) / k
+  time.sleep(rng.uniform(0.0, 0.9) * per_chunk)
+  delay = time.perf_counter() - t0
   child.send_signal(signal.SIGKILL)
   child.wait()
   chunks = sorted(f for f in os.listdir(folder) if f.startswith("chunk-"))
+  assert len(chunks) < total, "the job finished before the kill"
   partial = [f for f in os.listdir(folder) if f.endswith(".tmp")]
   t0 = time.perf_counter()
   _child([str(n), "-", "20", folder, "1"])
