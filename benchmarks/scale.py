@@ -9,7 +9,7 @@ to disk with `surrogate.store.simulate_to_folder`, one chunk file per 1,024 orde
    in minutes here; seconds per order and peak memory show the growth. The default surrogate
    costs about 1 s per order here (results.md), so the same N would take 250x longer; its
    memory is bounded the same way (by the chunk).
-2. Data set: N = 256 orders of the tiny surrogate on 4 ... 68 fragments of 20 ... 80 train
+2. Data set: N = 2,048 orders of the tiny surrogate on 4 ... 68 fragments of 20 ... 80 train
    examples (paragraphs of Python's reference manual, grouped), every probe evaluated.
 3. Kill: a 10,000-order job is killed with SIGKILL at a random moment, resumed, and checked:
    every order's results present once, in order, for exactly its order (each chunk's sha256
@@ -178,9 +178,9 @@ def main() -> None:
             f"{r['results_mb']:12.1f}", flush=True)
       n *= 10
     print(f"\n{'fragments':>10}{'examples':>10}{'evaluated':>11}{'s / order':>11}"
-          f"{'peak RSS GB':>13}  (N = 256)")
+          f"{'peak RSS GB':>13}  (N = 2048)")
     for f, per in ((4, 20), (17, 20), (17, 80), (68, 20), (68, 80)):
-      r = _child(["256", str(f), str(per), os.path.join(root, f"d{f}-{per}"), "0"])
+      r = _child(["2048", str(f), str(per), os.path.join(root, f"d{f}-{per}"), "0"])
       out["dataset"].append(r)
       print(f"{r['fragments']:10d}{r['examples']:10d}{r['evaluated']:11d}"
             f"{r['seconds_per_order']:11.4f}{r['peak_rss_gb']:13.2f}", flush=True)

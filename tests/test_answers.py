@@ -137,3 +137,12 @@ def test_report_is_a_self_contained_page_that_renders(world, sim, screened, tmp_
   assert img.shape[:2] == (2000, 1100)
   assert img[..., :3].std() > 0.05          # not a blank page
   assert os.path.getsize(shot) > 20_000
+
+
+def test_a_diverging_screen_is_reported_not_a_crash(sim):
+  from surrogate import optim
+  wild = dataclasses.replace(sim, knobs=optim.Knobs(np.float32(np.inf), np.float32(1.0)))
+  sc = screen(wild, n_orders=4, chunk_size=4, diagnostics=False)
+  assert sc.diverged == (0, 1)
+  assert "2 simulated orders diverged" in sc.table()
+  assert np.isnan(sc.outcome_FxO).all()          # nothing left to judge, and no exception
