@@ -59,6 +59,7 @@ def record(out: str, run_id: str) -> str:
       seed=seed, use_cpu=True, disable_tqdm=True)
   trainer = transformers.Trainer(model=model, args=args, train_dataset=train,
                                  data_collator=collate)
+  trainer.remove_callback(transformers.PrinterCallback)  # no per-step log lines on stdout
   feed_order(trainer, order)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with Recorder(path, frags, run_id=run_id, model="gpt2-2x128", optimizer=OPTIMIZER,
