@@ -7,8 +7,8 @@ run and writes the report. Needs the torch extra: `pip install -e ".[torch]"`.
 
     python examples/hf_trainer_to_report.py --out tutorial-out
 
-About 4 minutes of real training (one thread per run, two runs at a time) and 3-4 minutes
-of simulation on a 2-core CPU.
+About 10 minutes on a 2-core CPU: 4 real runs (one thread each, two at a time), then the
+calibration, a 128-run screen, a search of 16 orders, next-run and the report.
 """
 
 from __future__ import annotations
