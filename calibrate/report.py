@@ -57,16 +57,11 @@ def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.
   The interval is normal, from the members' spread and the calibration residual of each
   fragment mean. `chunk_size` only matters for speed (see `calibrate.search.evaluate`).
   """
-  from calibrate.metrics import fragment_means
   from calibrate.runlog import order_from_runlog
   orders = np.stack([order_from_runlog(r, sim.fragments) for r in runs])
   members, _ = sim.simulate_orders(orders, chunk_size=chunk_size, progress=progress)
-  frags = sim.fragments
-  pos = [frags.index[i] for i in sim.eval_ids]
-  frag_M, probe_M = frags.fragment_of[pos], frags.split_of[pos] == 1
-  num_f = len(frags.names)
+  pred = sim.fragment_means(members)                                 # R K C F
   with np.errstate(invalid="ignore"):
-    pred = fragment_means(members, frag_M, probe_M, num_f)          # R K C F
     q = (1 - level) / 2
     sd = np.sqrt(np.nanvar(pred, 1) + sim.fragment_sd_CxF[None] ** 2)
     mean = np.nanmean(pred, 1)
@@ -79,7 +74,7 @@ def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.
     real_CxM = np.array([[by_step[int(s)].get(i, np.nan) for i in sim.eval_ids]
                          if int(s) in by_step else [np.nan] * len(sim.eval_ids)
                          for s in sim.steps_C], np.float64)
-    real = fragment_means(real_CxM, frag_M, probe_M, num_f)
+    real = sim.fragment_means(real_CxM)
     out.append(TrajectoryPlot(run.header.run_id, np.asarray(sim.steps_C), real, mean[r],
                               mean[r] - z * sd[r], mean[r] + z * sd[r],
                               run.header.run_id not in cal))

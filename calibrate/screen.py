@@ -21,7 +21,6 @@ Failure points, per fragment (the thresholds are `ScreenThresholds`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -30,7 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from calibrate.metrics import fragment_means
 from calibrate.outcomes import OUTCOMES, Thresholds
 from calibrate.simulator import Simulator
 from surrogate import orders as orders_lib
@@ -138,8 +136,7 @@ class Screen:
     """Every figure as plain JSON (NaN as null)."""
     def clean(x):
       a = np.asarray(x, np.float64)
-      return json.loads(json.dumps(np.where(np.isfinite(a), a, np.nan).tolist()).replace(
-          "NaN", "null"))
+      return np.where(np.isfinite(a), a.astype(object), None).tolist()
     return {
         "fragments": list(self.fragments), "steps": self.steps.tolist(),
         "outcomes": [o.value for o in OUTCOMES],
@@ -205,11 +202,9 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
                                       folder=sub("counterfactuals"), **run)
   members = np.concatenate([members, members_cf])
   per_order = (time.perf_counter() - t0) / (2 * n_p)
-  frag_M = frags.fragment_of[[frags.index[i] for i in sim.eval_ids]]
-  is_probe = frags.split_of[[frags.index[i] for i in sim.eval_ids]] == 1
+  probe = sim.fragment_means(members)                              # 2P G C F
+  train = sim.fragment_means(members, probe=False)
   with np.errstate(invalid="ignore", divide="ignore"):
-    probe = fragment_means(members, frag_M, is_probe, num_f)      # 2P G C F
-    train = fragment_means(members, frag_M, ~is_probe, num_f)
     main, cf = probe[:n_p], probe[n_p:]
     own_p = (cf[:, :, -1] - main[:, :, -1]) / cf[:, :, -1]          # P G F
     own_t = (train[n_p:, :, -1] - train[:n_p, :, -1]) / train[n_p:, :, -1]

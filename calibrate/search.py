@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from calibrate.metrics import fragment_means
 from calibrate.outcomes import as_order_file
 from calibrate.runlog import write_runlog
 from calibrate.simulator import Simulator
@@ -83,6 +82,11 @@ class Candidates:
     with np.errstate(invalid="ignore"):
       return np.nanstd(self.members_NxK, 1)
 
+  def take(self, idx: np.ndarray) -> Candidates:
+    """The candidates at positions `idx`, in that order."""
+    return Candidates(tuple(self.names[i] for i in idx), tuple(self.specs[i] for i in idx),
+                      self.orders_NxTxB[idx], self.members_NxK[idx], self.final_NxKxF[idx])
+
   def concat(self, other: Candidates) -> Candidates:
     return Candidates(self.names + other.names, self.specs + other.specs,
                       np.concatenate([self.orders_NxTxB, other.orders_NxTxB]),
@@ -114,10 +118,7 @@ def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
   orders_NxTxB = np.stack(orders)
   members, _ = sim.simulate_orders(orders_NxTxB, diagnostics=diagnostics,
                                    chunk_size=chunk_size, progress=progress)  # N K C M
-  frags = sim.fragments
-  pos = [frags.index[i] for i in sim.eval_ids]
-  final = fragment_means(members[:, :, -1], frags.fragment_of[pos], frags.split_of[pos] == 1,
-                         len(frags.names))                             # N K F
+  final = sim.fragment_means(members[:, :, -1])                      # N K F
   with np.errstate(invalid="ignore"):
     score = (final * w_F).sum(-1)
   return Candidates(tuple(names), tuple(specs), orders_NxTxB, score, final)
@@ -186,12 +187,6 @@ def _describe(spec: orders_lib.OrderSpec) -> str:
   return " ".join(str(p) for p in parts)
 
 
-def _rank(c: Candidates) -> Candidates:
-  o = np.argsort(np.where(np.isfinite(c.score_N), c.score_N, np.inf), kind="stable")
-  return Candidates(tuple(c.names[i] for i in o), tuple(c.specs[i] for i in o),
-                    c.orders_NxTxB[o], c.members_NxK[o], c.final_NxKxF[o])
-
-
 def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", budget: int = 32,
            start: Mapping[str, Any] | None = None, families: Sequence[str] = SEARCH_FAMILIES,
            keep: int = 4, rounds: int = 2, key: jax.Array | None = None, level: float = 0.8,
@@ -245,7 +240,8 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
                                key=jax.random.fold_in(k_mut, 1000 * r + j))
       new[f"{seen.names[parent].split('~')[0]}~r{r + 1}.{j}"] = spec
     seen = seen.concat(evaluate(sim, new, key=jax.random.fold_in(k_eval, r + 1), **run))
-  ranked = _rank(seen)
+  ranked = seen.take(np.argsort(np.where(np.isfinite(seen.score_N), seen.score_N, np.inf),
+                                kind="stable"))
   top_k = min(5, len(ranked.names))
   m = ranked.members_NxK[:top_k]
   best = np.argmin(np.where(np.isfinite(m), m, np.inf), axis=0)
@@ -310,9 +306,7 @@ def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
     raise ValueError("next_run needs at least one candidate order")
   c = evaluate(sim, candidates, objective=objective, key=k_eval, chunk_size=chunk_size,
                progress=progress)
-  o = np.argsort(-np.nan_to_num(c.spread_N, nan=-np.inf), kind="stable")
-  ranked = Candidates(tuple(c.names[i] for i in o), tuple(c.specs[i] for i in o),
-                      c.orders_NxTxB[o], c.members_NxK[o], c.final_NxKxF[o])
+  ranked = c.take(np.argsort(-np.nan_to_num(c.spread_N, nan=-np.inf), kind="stable"))
   with np.errstate(invalid="ignore"):
     dis = np.nanstd(ranked.final_NxKxF, 1)
   return NextRun(ranked, dis, sim.fragments.names)

@@ -259,6 +259,15 @@ class Simulator:
     members = members.reshape(n, -1, *members.shape[2:])
     return members, traj
 
+  def fragment_means(self, losses_xM: np.ndarray, *, probe: bool = True) -> np.ndarray:
+    """Mean over each fragment's probes (or its evaluated train examples) of losses given in
+    `eval_ids` columns: [..., M] -> [..., F] (NaN where a fragment has none)."""
+    pos = _positions(self.fragments, self.eval_ids)
+    is_probe = self.fragments.split_of[pos] == _PROBE
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return fragment_means(losses_xM, self.fragments.fragment_of[pos],
+                            is_probe if probe else ~is_probe, len(self.fragments.names))
+
   def to_real(self, raw_NxCxM: np.ndarray, seed_N: np.ndarray) -> np.ndarray:
     """The anchored gain map at the calibration steps: [N, G, C, M] for each gain quantile."""
     frag_M = self.fragments.fragment_of[_positions(self.fragments, self.eval_ids)]
