@@ -11,6 +11,7 @@ random draws). These guided the defaults on the classification (development) set
   python benchmarks/surrogate_variants.py --task cls --lr-scales 1,2
   python benchmarks/surrogate_variants.py --task cls --width 64 --lr-scales 2
   python benchmarks/surrogate_variants.py --task cls --seeds 8 --lr-scales 2 --subsample
+  python benchmarks/surrogate_variants.py --task cls --variants 'w=32;w=64,p=3000' --chunk 256
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
@@ -49,6 +51,18 @@ def scores(pred_RxF, real_RxF):
                                            drop(real_RxF[0], real_RxF[1])))
 
 
+def _variant(text: str) -> dict:
+  """'w=64,l=32,h=2,p=800' -> model width, length, heads and pre-training steps."""
+  names = {"w": "width", "l": "length", "h": "heads", "p": "pretrain_steps"}
+  out = {}
+  for part in filter(None, text.split(",")):
+    k, _, v = part.partition("=")
+    if k not in names:
+      raise SystemExit(f"--variants: unknown key {k!r} in {text!r}; use {sorted(names)}")
+    out[names[k]] = int(v)
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--task", choices=["lm", "cls"], default="cls")
@@ -56,7 +70,11 @@ def main() -> None:
   p.add_argument("--lr-scales", default="1")
   p.add_argument("--width", type=int, default=32)
   p.add_argument("--length", type=int, default=32)
+  p.add_argument("--heads", type=int, default=2)
   p.add_argument("--pretrain-steps", type=int, default=800)
+  p.add_argument("--variants", help="several surrogates in one run, ';'-separated, each like "
+                 "'w=64,l=32,h=2,p=800' (unnamed fields: the flags above)")
+  p.add_argument("--chunk", type=int, default=32, help="orders per compiled call")
   p.add_argument("--subsample", action="store_true")
   args = p.parse_args()
   folder = os.path.join(DATA, args.task)
@@ -64,7 +82,19 @@ def main() -> None:
   runs = [read_runlog(f, frags) for f in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
   runs = [r for r in runs if not r.header.run_id.startswith("shuffled-")
           and not r.header.run_id.endswith("-s1")]
-  cfg = model_lib.ModelConfig(width=args.width, length=args.length)
+  base = {"width": args.width, "length": args.length, "heads": args.heads,
+          "pretrain_steps": args.pretrain_steps}
+  variants = [{**base, **_variant(v)} for v in args.variants.split(";")] if args.variants else [base]
+  for v in variants:
+    evaluate(frags, runs, task=args.task, seeds=args.seeds, lr_scales=args.lr_scales,
+             chunk=args.chunk, subsample=args.subsample, **v)
+
+
+def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pretrain_steps: int,
+             seeds: int, lr_scales: str, chunk: int, subsample: bool) -> None:
+  """Prints the rank figures of one surrogate shape at each learning-rate scale."""
+  t0 = time.perf_counter()
+  cfg = model_lib.ModelConfig(width=width, length=length, heads=heads)
   probes = frags.probe_indices()
   prep = prepare(frags, cfg, key=jax.random.key(0), eval_train=[int(probes[0])], diag_probes=1)
   ids = prep.eval_ids()
@@ -72,36 +102,38 @@ def main() -> None:
   probe_M = frags.split_of[[frags.index[i] for i in ids]] == 1
   num_f = len(frags.names)
   corpus = encode_texts(prep.tokenizer, python_docs_neutral(), cfg.length)
-  params_S, _ = pretrain_ensemble(corpus, model_cfg=cfg, key=jax.random.key(1), seeds=args.seeds,
-                                  steps=args.pretrain_steps)
+  params_S, _ = pretrain_ensemble(corpus, model_cfg=cfg, key=jax.random.key(1), seeds=seeds,
+                                  steps=pretrain_steps)
   opt = optim.OptimizerConfig.from_dict(runs[0].header.optimizer)
   orders = np.stack([order_from_runlog(r, frags) for r in runs])
   lrs = np.stack([learning_rates_from_runlog(r) for r in runs])
   t = runs[0].num_steps
   real = np.array([[[ev.losses[i] for i in ids] for ev in (r.evals[0], r.evals[-1])] for r in runs])
   real_f = np.moveaxis(metrics.fragment_means(real, frag_M, probe_M, num_f), 1, 0)
-  n_s, n_r = args.seeds, len(runs)
+  n_s, n_r = seeds, len(runs)
   sel_s, sel_r = np.repeat(np.arange(n_s), n_r), np.tile(np.arange(n_r), n_s)
-  print(f"{args.task}: {n_r} held-out orders, surrogate {cfg.depth}x{cfg.width}, {cfg.length} "
-        f"tokens, {n_s} seeds pre-trained {args.pretrain_steps} steps")
-  print("lr_scale  decision_accuracy  kendall_tau  auroc  diverged")
-  for lr_scale in (float(x) for x in args.lr_scales.split(",")):
+  print(f"\n{task}: {n_r} held-out orders, surrogate {cfg.depth}x{cfg.width}, {cfg.heads} heads, "
+        f"{cfg.length} tokens, {n_s} seeds pre-trained {pretrain_steps} steps", flush=True)
+  print("lr_scale  decision_accuracy  kendall_tau  auroc  diverged  seconds")
+  for lr_scale in (float(x) for x in lr_scales.split(",")):
     knobs = optim.Knobs(jnp.float32(lr_scale), jnp.float32(1.0))
     traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[sel_s], params_S), knobs,
                          orders[sel_r], lrs[sel_r], prep.data, model_cfg=cfg, opt_cfg=opt,
-                         plan=SimPlan(eval_every=t, diagnostics=False), chunk_size=32)
+                         plan=SimPlan(eval_every=t, diagnostics=False), chunk_size=chunk,
+                         progress=False)
     sur = traj.eval_loss_CxM[:, [0, -1]].reshape(n_s, n_r, 2, -1)
     sur_f = np.moveaxis(metrics.fragment_means(sur, frag_M, probe_M, num_f), 2, 1)  # S 2 R F
     d, tau, auc = scores(sur_f.mean(0), real_f)
-    print(f"{lr_scale:8g}  {d:17.3f}  {tau:11.3f}  {auc:5.3f}  {int((traj.diverged_step >= 0).sum())}")
-    if args.subsample:
+    print(f"{lr_scale:8g}  {d:17.3f}  {tau:11.3f}  {auc:5.3f}  "
+          f"{int((traj.diverged_step >= 0).sum()):8d}  {time.perf_counter() - t0:7.0f}", flush=True)
+    if subsample:
       rng = np.random.default_rng(0)
       k = 1
       while k <= n_s:
         draws = [scores(sur_f[rng.choice(n_s, k, replace=False)].mean(0), real_f)
                  for _ in range(20)]
         m = np.mean(draws, 0)
-        print(f"   {k} seeds: decision {m[0]:.3f}, tau {m[1]:.3f}, auroc {m[2]:.3f}")
+        print(f"   {k} seeds: decision {m[0]:.3f}, tau {m[1]:.3f}, auroc {m[2]:.3f}", flush=True)
         k *= 2
 
 
