@@ -18,6 +18,7 @@ all orders of a chunk in one vmapped call on the first accelerator. Prints:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -47,7 +48,7 @@ def matmul_peak(device, n: int = 8192, repeats: int = 10) -> dict:
   out = {}
   for precision in ("highest", "default"):
     f = jax.jit(lambda x, y, p=precision: jnp.matmul(x, y, precision=p))
-    out[precision] = 2 * n**3 / _median_seconds(lambda: f(a, b), repeats) / 1e9
+    out[precision] = 2 * n**3 / _median_seconds(functools.partial(f, a, b), repeats) / 1e9
   return out
 
 
@@ -67,8 +68,8 @@ def main() -> None:
 
   import jax
   import numpy as np
-
   from simulate_throughput import EVAL_EVERY, STEPS, _flops, _workload
+
   from surrogate import model as model_lib
   from surrogate import optim
   from surrogate.simulate import SimPlan, simulate_many

@@ -13,6 +13,7 @@ Prints, each measured in its own process (so compile time and peak memory are it
 
   python benchmarks/simulate_throughput.py            # N = 1, 64 (about 20 minutes)
   python benchmarks/simulate_throughput.py --full     # adds N = 1024 for the default
+  python benchmarks/simulate_throughput.py --fidelity-orders 0   # speed only (about 10 minutes)
 """
 
 from __future__ import annotations
@@ -104,13 +105,14 @@ def _sim_worker(job: dict) -> dict:
 
   from surrogate import model as model_lib
   from surrogate import optim
-  from surrogate.simulate import SimPlan, simulate, simulate_many
-  n, chunk = job["n"], job.get("chunk", 64)
+  from surrogate.simulate import SimPlan, default_chunk_size, simulate, simulate_many
+  n = job["n"]
   prep, cfg, opt, orders = _workload(job["cfg"], n + 1)  # the extra order warms up
   plan = SimPlan(eval_every=EVAL_EVERY, diagnostics=job.get("diagnostics", True))
   params0 = model_lib.init_params(jax.random.key(1), cfg)
   lr = optim.learning_rates(opt, STEPS)
   devices = jax.devices()[: job.get("devices", len(jax.devices()))]
+  chunk = job.get("chunk") or default_chunk_size(devices)
   result = {"job": job}
   if job.get("loop"):
     one = jax.jit(lambda o: simulate(params0, optim.Knobs.identity(), o, lr, prep.data,
@@ -169,7 +171,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--full", action="store_true", help="also N = 1024 for the default")
-  p.add_argument("--fidelity-orders", type=int, default=48)
+  p.add_argument("--fidelity-orders", type=int, default=48, help="0: skip the fidelity part")
   args = p.parse_args()
   if args.worker:
     job = json.loads(args.worker)
@@ -198,10 +200,13 @@ def main() -> None:
 
   print("\n## side by side (default configuration, N = 32)")
   for label, job, devices in [("1 device, vmap", {"devices": 1}, 2), ("2 devices, vmap", {}, 2),
+                              ("2 devices, chunks of 32", {"chunk": 32}, 2),
                               ("1 device, Python loop", {"devices": 1, "loop": True}, 1)]:
     r = _run_worker({"cfg": DEFAULT, "n": 32, **job}, devices=devices)
     print(f"{label:<26}{r['s_per_order']:>9.3f} s/order{r['orders_per_s']:>8.2f} orders/s", flush=True)
 
+  if not args.fidelity_orders:
+    return
   print(f"\n## fidelity against a reference surrogate (D=64, L=64), {args.fidelity_orders} orders")
   ref = _run_worker({"cfg": REFERENCE, "n": args.fidelity_orders, "keep_final": True})
   print(f"{'reference (D=64, L=64)':<26}{ref['s_per_order']:>9.3f} s/order")

@@ -68,7 +68,7 @@ class FitConfig:
     effect_error: predictive sd of a fragment's loss, as a share of its predicted order
       effect (the surrogate's effects are right in pattern, not in detail).
     min_steps: runs shorter than this cannot be fitted.
-    chunk_size: orders per compiled simulation call.
+    chunk_size: orders per compiled simulation call (default: `simulate.default_chunk_size`).
   """
   seeds: int = 4
   pretrain_steps: int = 800
@@ -81,7 +81,7 @@ class FitConfig:
   effect_noise: float = 0.05
   effect_error: float = 2.0
   min_steps: int = 10
-  chunk_size: int = 32
+  chunk_size: int | None = None
 
 
 class FitError(CalibrationError):

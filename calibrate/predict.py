@@ -43,7 +43,8 @@ def plan_for(runs: Sequence[RunLog], *, diagnostics: bool = False,
 
 def simulate_runs(prep: Prepared, params0, runs: Sequence[RunLog], *,
                   knobs: optim.Knobs | None = None, model_name: str = "surrogate",
-                  default_every: int = DEFAULT_EVAL_EVERY, chunk_size: int = 64,
+                  default_every: int = DEFAULT_EVAL_EVERY,
+                  chunk_size: int | None = None,
                   progress: bool = True) -> list[RunLog]:
   """Simulates each run's exact batches and returns the predicted RunLogs (surrogate scale).
 

@@ -51,7 +51,7 @@ class TrajectoryPlot:
 
 
 def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
-                    chunk_size: int = 32, progress: bool = False) -> list[TrajectoryPlot]:
+                    chunk_size: int | None = None, progress: bool = False) -> list[TrajectoryPlot]:
   """Predicts `runs` (real runs with evals at the calibration steps) for the report.
 
   The interval is normal, from the members' spread and the calibration residual of each

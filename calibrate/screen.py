@@ -154,7 +154,8 @@ class Screen:
 def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] = "all",
            key: jax.Array | None = None, thresholds: Thresholds = Thresholds(),
            failures: ScreenThresholds = ScreenThresholds(), diagnostics: bool = True,
-           progress: bool = False, chunk_size: int = 32, folder: str | os.PathLike | None = None,
+           progress: bool = False, chunk_size: int | None = None,
+           folder: str | os.PathLike | None = None,
            resume: bool = False) -> Screen:
   """Simulates `n_orders` runs (`n_orders // 2` random orders and their counterfactuals).
 
@@ -168,7 +169,7 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
     diagnostics: compute the diagnostics of the screened orders (about a quarter more time
       for those runs here).
     progress: show a progress bar.
-    chunk_size: orders per compiled call.
+    chunk_size: orders per compiled call (default: `simulate.default_chunk_size`).
     folder: stream the simulations' results into this folder, chunk by chunk (subfolders
       `orders` and `counterfactuals`), so a killed screen can be resumed.
     resume: continue the screen whose results are in `folder` (same inputs and key).

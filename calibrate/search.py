@@ -96,7 +96,7 @@ class Candidates:
 
 def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
              objective: str | Mapping[str, float] = "mean", key: jax.Array | None = None,
-             diagnostics: bool = False, chunk_size: int = 32,
+             diagnostics: bool = False, chunk_size: int | None = None,
              progress: bool = False) -> Candidates:
   """Scores named orders (`OrderSpec`s, generated with `key`, or [T, B] arrays).
 
@@ -190,7 +190,7 @@ def _describe(spec: orders_lib.OrderSpec) -> str:
 def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", budget: int = 32,
            start: Mapping[str, Any] | None = None, families: Sequence[str] = SEARCH_FAMILIES,
            keep: int = 4, rounds: int = 2, key: jax.Array | None = None, level: float = 0.8,
-           diagnostics: bool = False, chunk_size: int = 32,
+           diagnostics: bool = False, chunk_size: int | None = None,
            progress: bool = False) -> SearchResult:
   """Searches feeding orders for the lowest predicted objective.
 
@@ -284,7 +284,7 @@ class NextRun:
 def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
              objective: str | Mapping[str, float] = "mean", n_candidates: int = 12,
              families: Sequence[str] = orders_lib.FAMILIES, key: jax.Array | None = None,
-             chunk_size: int = 32, progress: bool = False) -> NextRun:
+             chunk_size: int | None = None, progress: bool = False) -> NextRun:
   """The candidate order whose objective the ensemble disagrees on most.
 
   Args:

@@ -193,7 +193,7 @@ class Simulator:
     return data, plan, col, rows
 
   def simulate_raw(self, runs: Sequence[RunLog], steps: Sequence[int], eval_ids: Sequence[str],
-                   *, progress: bool = False, chunk_size: int = 32):
+                   *, progress: bool = False, chunk_size: int | None = None):
     """The surrogate's own losses (its scale) for every seed: [R, S, C, M], diverged [R, S]."""
     data, plan, col, rows = self._sim_setup(eval_ids, runs[0].num_steps, steps)
     orders = np.stack([order_from_runlog(r, self.fragments) for r in runs])
@@ -210,7 +210,7 @@ class Simulator:
     return loss.reshape(shape), traj.diverged_step.reshape(n_r, n_s)
 
   def simulate_orders(self, orders_NxTxB, seed_N=None, *, diagnostics: bool = False,
-                      progress: bool = False, chunk_size: int = 32,
+                      progress: bool = False, chunk_size: int | None = None,
                       folder: str | os.PathLike | None = None,
                       resume: bool = False) -> tuple[np.ndarray, Any]:
     """Real-scale ensemble members for orders of the calibration runs' shape.
@@ -277,7 +277,7 @@ class Simulator:
     return self.anchor_CxM[None, None] + gains_GxF[None, :, None, frag_M] * dev[:, None]
 
   def predict(self, runs: Sequence[RunLog], *, progress: bool = False,
-              chunk_size: int = 32) -> Prediction:
+              chunk_size: int | None = None) -> Prediction:
     """Predicts the real per-example losses of each run (or order file) at its eval steps.
 
     The runs must share their eval steps (see `wanted_eval_steps`: an order file is evaluated

@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="eval spacing for inputs without evals (default 20)")
   s.add_argument("--eval-train", type=int, default=4,
                  help="train examples evaluated per fragment when the inputs name none")
-  s.add_argument("--chunk-size", type=int, default=64, help="orders per compiled batch")
+  s.add_argument("--chunk-size", type=int,
+                 help="orders per compiled call (default: 2 per CPU device, 512 per accelerator)")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
   _model_args(s)
   s.set_defaults(func=cmd_simulate)

@@ -73,10 +73,7 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
 
   key = jax.random.key(seed)
   t = time.perf_counter()
-  # One chunk shape for every simulation after the fit: two compilations in all (the
-  # screened orders with diagnostics, everything else without).
-  chunk = 16
-  sc = sim.screen(n_orders=n_orders, key=key, progress=progress, chunk_size=chunk)
+  sc = sim.screen(n_orders=n_orders, key=key, progress=progress)
   screen_s = time.perf_counter() - t
   print(f"\n[2/4] screened {len(sc.specs)} random orders and their counterfactuals "
         f"({2 * len(sc.specs)} simulated runs) in {screen_s:.0f} s: "
@@ -90,7 +87,7 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
   start = {"shuffled": OrderSpec("shuffled")}
   start.update({f"screened-{p}": sc.specs[p] for p in best_screened})
   t = time.perf_counter()
-  result = search(sim, budget=budget, start=start, rounds=1, keep=2, key=key, chunk_size=chunk,
+  result = search(sim, budget=budget, start=start, rounds=1, keep=2, key=key,
                   progress=progress)
   print(f"\n[3/4] searched {len(result.ranked.names)} candidate orders in "
         f"{time.perf_counter() - t:.0f} s (each from all {sim.num_seeds} surrogate seeds); "
@@ -100,7 +97,7 @@ def run_demo(n_orders: int = 256, out: str = "surrogate-demo", seed: int = 0,
   result.save_order(sim, os.path.join(out, "best-order.jsonl"), run_id="searched-best")
 
   t = time.perf_counter()
-  plots = trajectories_of(sim, cal + held, chunk_size=chunk, progress=progress)
+  plots = trajectories_of(sim, cal + held, progress=progress)
   print(f"\n[4/4] predicted against real, {len(held)} real runs never used in calibration "
         f"({time.perf_counter() - t:.0f} s):")
   print(f"{'run':<24}{'predicted':>10}{'real':>8}{'MSE':>9}  inside 80% interval")

@@ -30,7 +30,8 @@ from surrogate import optim
 from surrogate.errors import DataError
 from surrogate.jsonl import atomic_write
 from surrogate.orders import order_sha256
-from surrogate.simulate import SimData, SimPlan, Trajectory, simulate_many
+from surrogate.simulate import (SimData, SimPlan, Trajectory, default_chunk_size,
+                                simulate_many)
 
 FORMAT = "surrogate-results/1"
 _DIAG_FIELDS = diag_lib.Diagnostics._fields
@@ -101,8 +102,9 @@ def _read_chunk(path: str, start: int, orders: np.ndarray) -> Trajectory:
 
 def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, orders_NxTxB,
                        lr_NxT, data: SimData, *, model_cfg: model_lib.ModelConfig,
-                       opt_cfg: optim.OptimizerConfig, plan: SimPlan, chunk_size: int = 64,
-                       resume: bool = False, devices: Sequence[jax.Device] | None = None,
+                       opt_cfg: optim.OptimizerConfig, plan: SimPlan,
+                       chunk_size: int | None = None, resume: bool = False,
+                       devices: Sequence[jax.Device] | None = None,
                        progress: bool = True, process_index: int | None = None,
                        process_count: int | None = None, wait_s: float = 86400.0) -> Trajectory:
   """`simulate_many`, with each chunk's results written to `folder` as it finishes.
@@ -116,7 +118,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   Args:
     folder: where results go; created if needed. Without `resume` it must hold no results.
     params0 ... plan: as for `simulate_many` (params0 and knobs may carry an N axis).
-    chunk_size: orders per chunk file (and per compiled call).
+    chunk_size: orders per chunk file (default: 64, or `default_chunk_size` if larger);
+      each file's orders are simulated in calls of `default_chunk_size`.
     resume: keep the chunks already in `folder` and simulate only the missing ones.
     devices, progress: as for `simulate_many`.
     process_index, process_count: this process's share of the chunks (see above).
@@ -136,7 +139,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   orders = np.asarray(orders_NxTxB, np.int32)
   n, steps = orders.shape[:2]
   lrs = np.broadcast_to(np.asarray(lr_NxT, np.float32), (n, steps))
-  chunk = max(1, chunk_size)
+  devices = list(devices or jax.local_devices())
+  chunk = max(1, chunk_size or max(64, default_chunk_size(devices)))
   fp = fingerprint(params0, knobs, orders, lrs, data, model_cfg=model_cfg, opt_cfg=opt_cfg,
                    plan=plan, chunk_size=chunk)
   manifest_path = os.path.join(folder, "manifest.json")
@@ -181,17 +185,14 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
              desc="simulating", disable=not progress, leave=False)
   for i in todo:
     start = starts[i]
-    # Pad the last chunk to full size with copies of its first order: one compiled shape.
-    idx = np.arange(start, start + chunk)
-    real = int(min(chunk, n - start))
-    idx = np.where(idx < n, idx, start)
+    idx = np.arange(start, min(start + chunk, n))
+    real = len(idx)
     take = lambda tree: jax.tree.map(lambda a: np.asarray(a)[idx], tree)  # noqa: E731
     out = simulate_many(take(params0) if per_order_params else params0,
                         take(knobs) if per_order_knobs else knobs, orders[idx], lrs[idx], data,
-                        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, chunk_size=chunk,
-                        devices=devices, progress=False)
-    out = jax.tree.map(lambda a: np.asarray(a)[:real], out)
-    _write_chunk(_chunk_path(folder, i), start, orders[start:start + real], out)
+                        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, devices=devices,
+                        progress=False)
+    _write_chunk(_chunk_path(folder, i), start, orders[idx], out)
     bar.update(real)
   bar.close()
   if count > 1:

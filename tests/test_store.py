@@ -47,7 +47,9 @@ def _run(inputs, folder, **kw):
 
 
 def _assert_same(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  # Float rounding only: processes with other device counts vmap other numbers of orders
+  # per call (`default_chunk_size`), which may reorder a reduction's sums.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a, b)
 
 
 def test_streamed_results_equal_simulate_many(inputs, tmp_path):
