@@ -60,7 +60,7 @@ def _peak_bytes(device) -> int | None:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ns", default="64,1024,4096", help="numbers of orders, comma-separated")
-  p.add_argument("--chunk", type=int, default=1024, help="orders per compiled call")
+  p.add_argument("--chunk", type=int, help="orders per compiled call (default: the library's)")
   p.add_argument("--check", type=int, default=8, help="orders compared with the host CPU (0: skip)")
   p.add_argument("--matmul-size", type=int, default=8192, help="side of the peak-rate matmul")
   p.add_argument("--json", help="also write the figures to this file")
@@ -72,7 +72,7 @@ def main() -> None:
 
   from surrogate import model as model_lib
   from surrogate import optim
-  from surrogate.simulate import SimPlan, simulate_many
+  from surrogate.simulate import SimPlan, default_chunk_size, simulate_many
 
   device = jax.devices()[0]
   report = {"date": time.strftime("%Y-%m-%d %H:%M"), "jax": jax.__version__,
@@ -95,7 +95,7 @@ def main() -> None:
   print(f"\n{'N':>6}{'chunk':>7}{'s/order':>10}{'orders/s':>10}{'GFLOP/s':>9}{'% fp32':>8}"
         f"{'% dflt':>8}{'compile s':>10}{'peak GB':>9}", flush=True)
   for n in ns:
-    chunk = min(args.chunk, n)
+    chunk = min(args.chunk or default_chunk_size([device]), n)
     kw = dict(model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=chunk, devices=[device],
               progress=False)
     t = time.perf_counter()
