@@ -172,6 +172,8 @@ def main() -> None:
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--full", action="store_true", help="also N = 1024 for the default")
   p.add_argument("--fidelity-orders", type=int, default=48, help="0: skip the fidelity part")
+  p.add_argument("--memory-n", type=int, help="only this: time and peak memory of N orders")
+  p.add_argument("--length", type=int, default=32, help="surrogate tokens for --memory-n")
   args = p.parse_args()
   if args.worker:
     job = json.loads(args.worker)
@@ -179,6 +181,11 @@ def main() -> None:
     return
   sys.path.insert(0, os.path.dirname(HERE))
   print(f"# simulate_throughput  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}")
+  if args.memory_n:
+    r = _run_worker({"cfg": {"width": 32, "length": args.length}, "n": args.memory_n})
+    print(f"N = {args.memory_n}, {args.length} tokens, default chunk: {r['seconds']:.0f} s "
+          f"({r['s_per_order']:.3f} s/order), peak RSS {r['peak_rss_gb']:.2f} GB")
+    return
   one = _run_worker({"peak": True}, devices=1)["gflops"]
   procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps({"peak": True})],
                             env=_env(1), stdout=subprocess.PIPE, text=True) for _ in range(2)]

@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--eval-train", type=int, default=4,
                  help="train examples evaluated per fragment when the inputs name none")
   s.add_argument("--chunk-size", type=int,
-                 help="orders per compiled call (default: 2 per CPU device, 512 per accelerator)")
+                 help="orders per compiled call (default: 2 per CPU device, 64 per accelerator)")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
   _model_args(s)
   s.set_defaults(func=cmd_simulate)

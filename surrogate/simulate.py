@@ -306,13 +306,17 @@ def default_chunk_size(devices: Sequence[jax.Device]) -> int:
   """Orders per compiled call when none is given: what ran fastest per platform.
 
   CPU: 2 orders per device. On this project's 2-core machine the default workload ran
-  1.4x faster per order in chunks of 2 per device than of 32 per device (docs/results.md):
+  1.14x faster per order in chunks of 2 per device than of 16 per device, side by side, and
+  1.3x faster than in chunks of 32 per device, the earlier default (docs/results.md):
   `vmap` over orders buys nothing on a CPU (each order has its own weights), and a small
-  chunk's working set stays in cache. Accelerators: 512 per device (an H200 ran chunks of
-  1,024 orders 1.5x faster per order than chunks of 64, with 10.4 GB for 1,024 orders of
-  that workload; 512 halves the memory).
+  chunk's working set stays in cache.
+
+  Accelerators: 64 per device. An H200 ran chunks of 1,024 orders 1.5x faster per order
+  than chunks of 64 (10.4 GB against 1.6 GB), but each new chunk shape costs a compilation
+  of about 35 s there, and smaller jobs (N < chunk) get a shape of their own: with 512 the
+  demo took longer than with 16. For jobs of thousands of orders pass a larger chunk_size.
   """
-  per_device = 2 if devices[0].platform == "cpu" else 512
+  per_device = 2 if devices[0].platform == "cpu" else 64
   return per_device * len(devices)
 
 
