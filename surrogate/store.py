@@ -118,8 +118,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   Args:
     folder: where results go; created if needed. Without `resume` it must hold no results.
     params0 ... plan: as for `simulate_many` (params0 and knobs may carry an N axis).
-    chunk_size: orders per chunk file (default: 64, or `default_chunk_size` if larger);
-      each file's orders are simulated in calls of `default_chunk_size`.
+    chunk_size: orders per chunk file and per compiled call. Default: files of 64 orders
+      (or `default_chunk_size`, if larger), simulated in calls of `default_chunk_size`.
     resume: keep the chunks already in `folder` and simulate only the missing ones.
     devices, progress: as for `simulate_many`.
     process_index, process_count: this process's share of the chunks (see above).
@@ -140,7 +140,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   n, steps = orders.shape[:2]
   lrs = np.broadcast_to(np.asarray(lr_NxT, np.float32), (n, steps))
   devices = list(devices or jax.local_devices())
-  chunk = max(1, chunk_size or max(64, default_chunk_size(devices)))
+  call = max(1, chunk_size or default_chunk_size(devices))
+  chunk = max(1, chunk_size or max(64, call))
   fp = fingerprint(params0, knobs, orders, lrs, data, model_cfg=model_cfg, opt_cfg=opt_cfg,
                    plan=plan, chunk_size=chunk)
   manifest_path = os.path.join(folder, "manifest.json")
@@ -187,12 +188,16 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     start = starts[i]
     idx = np.arange(start, min(start + chunk, n))
     real = len(idx)
+    # A short last chunk is padded with copies of its first order to a whole call: one
+    # compiled shape for every chunk.
+    idx = np.concatenate([idx, np.full(max(0, call - real), start)])
     take = lambda tree: jax.tree.map(lambda a: np.asarray(a)[idx], tree)  # noqa: E731
     out = simulate_many(take(params0) if per_order_params else params0,
                         take(knobs) if per_order_knobs else knobs, orders[idx], lrs[idx], data,
-                        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, devices=devices,
-                        progress=False)
-    _write_chunk(_chunk_path(folder, i), start, orders[idx], out)
+                        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, chunk_size=call,
+                        devices=devices, progress=False)
+    out = jax.tree.map(lambda a: np.asarray(a)[:real], out)
+    _write_chunk(_chunk_path(folder, i), start, orders[start:start + real], out)
     bar.update(real)
   bar.close()
   if count > 1:
