@@ -74,7 +74,7 @@ def main() -> None:
   p.add_argument("--pretrain-steps", type=int, default=800)
   p.add_argument("--variants", help="several surrogates in one run, ';'-separated, each like "
                  "'w=64,l=32,h=2,p=800' (unnamed fields: the flags above)")
-  p.add_argument("--chunk", type=int, default=32, help="orders per compiled call")
+  p.add_argument("--chunk", type=int, help="orders per compiled call (default: the library's)")
   p.add_argument("--subsample", action="store_true")
   args = p.parse_args()
   folder = os.path.join(DATA, args.task)
@@ -91,7 +91,7 @@ def main() -> None:
 
 
 def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pretrain_steps: int,
-             seeds: int, lr_scales: str, chunk: int, subsample: bool) -> None:
+             seeds: int, lr_scales: str, chunk: int | None, subsample: bool) -> None:
   """Prints the rank figures of one surrogate shape at each learning-rate scale."""
   t0 = time.perf_counter()
   cfg = model_lib.ModelConfig(width=width, length=length, heads=heads)

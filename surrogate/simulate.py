@@ -337,7 +337,8 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
     lr_NxT: base learning rate of each step of each order (or [T], shared).
     data, model_cfg, opt_cfg, plan: as for `simulate`.
     chunk_size: orders per compiled call, rounded up to a multiple of the device count
-      (default: `default_chunk_size`). Results do not depend on it.
+      (default: `default_chunk_size`). Results do not depend on it beyond float rounding
+      (the vmap width can reorder a reduction's sums).
     devices: devices to shard the order axis over (default: all local devices).
     progress: show a progress bar.
 
