@@ -108,6 +108,11 @@ def _sim_worker(job: dict) -> dict:
   from surrogate.simulate import SimPlan, default_chunk_size, simulate, simulate_many
   n = job["n"]
   prep, cfg, opt, orders = _workload(job["cfg"], n + 1)  # the extra order warms up
+  if job.get("branch_at"):
+    # Groups of `branches` orders that feed the same batches up to step `branch_at`.
+    g = job["branches"]
+    for i in range(n):
+      orders[i, :job["branch_at"]] = orders[i - i % g, :job["branch_at"]]
   plan = SimPlan(eval_every=EVAL_EVERY, diagnostics=job.get("diagnostics", True))
   params0 = model_lib.init_params(jax.random.key(1), cfg)
   lr = optim.learning_rates(opt, STEPS)
@@ -126,7 +131,7 @@ def _sim_worker(job: dict) -> dict:
     seconds = time.perf_counter() - t
   else:
     kw = dict(model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=min(chunk, n), devices=devices,
-              progress=False)
+              progress=False, share_prefixes=job.get("share"))
     # Warm up (compile) on a separate order of the same chunk shape, then time N fresh ones.
     warm = orders[-1:].repeat(min(chunk, n), 0)
     t = time.perf_counter()
@@ -136,6 +141,8 @@ def _sim_worker(job: dict) -> dict:
     traj = simulate_many(params0, optim.Knobs.identity(), orders[:n], lr, prep.data, **kw)
     seconds = time.perf_counter() - t
     result["compile_s"] = first - seconds * min(chunk, n) / n
+    if job.get("keep_all"):
+      result["eval_loss_NxCxM"] = traj.eval_loss_CxM.tolist()
     if job.get("keep_final"):
       probe = traj.eval_loss_CxM @ np.asarray(prep.data.probe_weight_FxM).T
       result["drop_NxF"] = (probe[:, 0] - probe[:, -1]).tolist()
@@ -167,6 +174,30 @@ LEVERS = {
 REFERENCE = {"width": 64, "length": 64, "heads": 4}
 
 
+def _sharing(n: int = 32) -> None:
+  """Prefix sharing side by side: off, on, and on where nothing is shared (its overhead)."""
+  import numpy as np
+  print(f"\n## prefix sharing (default configuration, N = {n}, groups of 4 orders alike up to "
+        "a step)")
+  rows = [("no common prefix, sharing off", {"share": False}),
+          ("no common prefix, sharing forced", {"share": True})]
+  for at in (100, 150):
+    rows += [(f"alike to step {at}, sharing off", {"share": False, "branch_at": at}),
+             (f"alike to step {at}, sharing on", {"share": True, "branch_at": at})]
+  base = {}
+  for label, job in rows:
+    r = _run_worker({"cfg": DEFAULT, "n": n, "branches": 4, "keep_all": True, **job})
+    loss = np.asarray(r["eval_loss_NxCxM"])
+    key = job.get("branch_at", 0)
+    if not job["share"]:
+      base[key] = (r["s_per_order"], loss)
+      print(f"{label:<36}{r['s_per_order']:>9.3f} s/order", flush=True)
+    else:
+      s0, l0 = base[key]
+      print(f"{label:<36}{r['s_per_order']:>9.3f} s/order  {s0 / r['s_per_order']:.2f}x; largest "
+            f"eval-loss difference {np.nanmax(np.abs(loss - l0)):.1e}", flush=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -174,6 +205,7 @@ def main() -> None:
   p.add_argument("--fidelity-orders", type=int, default=48, help="0: skip the fidelity part")
   p.add_argument("--memory-n", type=int, help="only this: time and peak memory of N orders")
   p.add_argument("--length", type=int, default=32, help="surrogate tokens for --memory-n")
+  p.add_argument("--sharing-only", action="store_true", help="only the prefix-sharing rows")
   args = p.parse_args()
   if args.worker:
     job = json.loads(args.worker)
@@ -185,6 +217,9 @@ def main() -> None:
     r = _run_worker({"cfg": {"width": 32, "length": args.length}, "n": args.memory_n})
     print(f"N = {args.memory_n}, {args.length} tokens, default chunk: {r['seconds']:.0f} s "
           f"({r['s_per_order']:.3f} s/order), peak RSS {r['peak_rss_gb']:.2f} GB")
+    return
+  if args.sharing_only:
+    _sharing()
     return
   one = _run_worker({"peak": True}, devices=1)["gflops"]
   procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps({"peak": True})],
@@ -212,6 +247,7 @@ def main() -> None:
     r = _run_worker({"cfg": DEFAULT, "n": 32, **job}, devices=devices)
     print(f"{label:<26}{r['s_per_order']:>9.3f} s/order{r['orders_per_s']:>8.2f} orders/s", flush=True)
 
+  _sharing()
   if not args.fidelity_orders:
     return
   print(f"\n## fidelity against a reference surrogate (D=64, L=64), {args.fidelity_orders} orders")

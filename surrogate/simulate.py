@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from surrogate import diagnostics as diag_lib
 from surrogate import model as model_lib
 from surrogate import optim
+from surrogate import prefix as prefix_lib
 from surrogate.tokenize import PAD_ID, Tokenized
 
 if TYPE_CHECKING:
@@ -234,6 +235,46 @@ def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   return params, loss_T, diverged_step
 
 
+def _begin(params0, data: SimData, model_cfg: model_lib.ModelConfig, plan: SimPlan):
+  """The diagnostics' reference state and the checkpoint at step 0: (ref, (eval_M, diag))."""
+  ref = diag_lib.capture(params0, data.probes, model_cfg) if plan.diagnostics else None
+  return ref, _checkpoint(params0, data, ref, model_cfg, plan)
+
+
+def _segment(carry, xs, train_step, data, ref, model_cfg, plan):
+  """Trains the `eval_every` steps of `xs` = (idx_KxB, lr_K), then takes a checkpoint."""
+  carry, loss_K = jax.lax.scan(train_step, carry, xs)
+  return carry, (loss_K, _checkpoint(carry[0], data, ref, model_cfg, plan))
+
+
+def _assemble(first, carry, outs, *, steps: int, plan: SimPlan) -> Trajectory:
+  """One order's `Trajectory` from its step-0 checkpoint, last carry and segment outputs."""
+  eval0_M, diag0 = first
+  loss_SxK, (eval_SxM, diag_S) = outs
+  stack = lambda a, b: jnp.concatenate([a[None], b])
+  diverged_step = carry[2]
+  # A checkpoint taken after the divergence shows a frozen model: report it as NaN.
+  ckpt_C = jnp.asarray(plan.checkpoint_steps(steps))
+  bad_C = (diverged_step >= 0) & (ckpt_C > diverged_step)
+  eval_CxM = jnp.where(bad_C[:, None], jnp.nan, stack(eval0_M, eval_SxM))
+  diags = None
+  if plan.diagnostics:
+    diags = jax.tree.map(lambda a, b: jnp.where(bad_C[:, None], jnp.nan, stack(a, b)),
+                         diag0, diag_S)
+  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step, carry[4])
+
+
+def _split_segments(order_TxB, lr_T, k: int):
+  """Pads T with empty steps to a multiple of k and splits it: [S, K, B], [S, K]."""
+  steps = order_TxB.shape[0]
+  segs = math.ceil(steps / k)
+  pad = segs * k - steps
+  order_SxKxB = jnp.concatenate(
+      [order_TxB, jnp.full((pad, order_TxB.shape[1]), -1, order_TxB.dtype)]).reshape(segs, k, -1)
+  lr_SxK = jnp.concatenate([lr_T, jnp.zeros((pad,), lr_T.dtype)]).reshape(segs, k)
+  return order_SxKxB, lr_SxK
+
+
 def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
              data: SimData, *, model_cfg: model_lib.ModelConfig,
              opt_cfg: optim.OptimizerConfig, plan: SimPlan) -> Trajectory:
@@ -252,36 +293,14 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   Returns:
     The run's `Trajectory`; checkpoints at `plan.checkpoint_steps(T)`.
   """
-  steps = order_TxB.shape[0]
-  k = plan.eval_every
-  segs = math.ceil(steps / k)
-  pad = segs * k - steps
-  order_SxKxB = jnp.concatenate(
-      [order_TxB, jnp.full((pad, order_TxB.shape[1]), -1, order_TxB.dtype)]).reshape(segs, k, -1)
-  lr_SxK = jnp.concatenate([lr_T, jnp.zeros((pad,), lr_T.dtype)]).reshape(segs, k)
+  order_SxKxB, lr_SxK = _split_segments(order_TxB, lr_T, plan.eval_every)
   start, train_step = _trainer(data.tokens_ExL1, data.mask_ExL, data.fragment_E,
                                data.probe_weight_FxM.shape[0], knobs, opt_cfg, model_cfg)
-  ref = diag_lib.capture(params0, data.probes, model_cfg) if plan.diagnostics else None
-
-  def segment(carry, xs):
-    carry, loss_K = jax.lax.scan(train_step, carry, xs)
-    return carry, (loss_K, _checkpoint(carry[0], data, ref, model_cfg, plan))
-
-  carry, (loss_SxK, (eval_SxM, diag_S)) = jax.lax.scan(segment, start(params0),
-                                                       (order_SxKxB, lr_SxK))
-  eval0_M, diag0 = _checkpoint(params0, data, ref, model_cfg, plan)
-  stack = lambda first, rest: jnp.concatenate([first[None], rest])
-  eval_CxM = stack(eval0_M, eval_SxM)
-  diverged_step = carry[2]
-  # A checkpoint taken after the divergence shows a frozen model: report it as NaN.
-  ckpt_C = jnp.minimum(jnp.arange(segs + 1) * k, steps)
-  bad_C = (diverged_step >= 0) & (ckpt_C > diverged_step)
-  eval_CxM = jnp.where(bad_C[:, None], jnp.nan, eval_CxM)
-  diags = None
-  if plan.diagnostics:
-    diags = jax.tree.map(lambda a, b: jnp.where(bad_C[:, None], jnp.nan, stack(a, b)),
-                         diag0, diag_S)
-  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step, carry[4])
+  ref, first = _begin(params0, data, model_cfg, plan)
+  segment = functools.partial(_segment, train_step=train_step, data=data, ref=ref,
+                              model_cfg=model_cfg, plan=plan)
+  carry, outs = jax.lax.scan(segment, start(params0), (order_SxKxB, lr_SxK))
+  return _assemble(first, carry, outs, steps=order_TxB.shape[0], plan=plan)
 
 
 _TRACE_COUNT = [0]  # incremented when `_simulate_batch` is traced; tests read it.
@@ -302,6 +321,24 @@ def trace_count() -> int:
   return _TRACE_COUNT[0]
 
 
+@functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
+def _begin_root(params0, knobs, data, *, model_cfg, opt_cfg, plan):
+  """One initial state's training carry, diagnostics reference and step-0 checkpoint."""
+  start, _ = _trainer(data.tokens_ExL1, data.mask_ExL, data.fragment_E,
+                      data.probe_weight_FxM.shape[0], knobs, opt_cfg, model_cfg)
+  return start(params0), *_begin(params0, data, model_cfg, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
+def _advance_batch(carry_W, order_WxKxB, lr_WxK, ref, knobs, data, *, model_cfg, opt_cfg, plan):
+  """One segment for W states of one root: vmapped `_segment`."""
+  _TRACE_COUNT[0] += 1
+  _, train_step = _trainer(data.tokens_ExL1, data.mask_ExL, data.fragment_E,
+                           data.probe_weight_FxM.shape[0], knobs, opt_cfg, model_cfg)
+  seg = lambda c, o, lr: _segment(c, (o, lr), train_step, data, ref, model_cfg, plan)
+  return jax.vmap(seg)(carry_W, order_WxKxB, lr_WxK)
+
+
 def default_chunk_size(devices: Sequence[jax.Device]) -> int:
   """Orders per compiled call when none is given: what ran fastest per platform.
 
@@ -320,15 +357,27 @@ def default_chunk_size(devices: Sequence[jax.Device]) -> int:
   return per_device * len(devices)
 
 
+# Prefix sharing is used by default when it saves at least this share of the segments and
+# this many orders' worth of work (below that, its own compilation is not worth it).
+SHARE_MIN_SAVED = 0.2
+SHARE_MIN_ORDERS = 16
+SHARE_BLOCK = 256  # orders whose prefix tree is held at once (bounds the states in memory)
+
+
 def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimData, *,
                   model_cfg: model_lib.ModelConfig, opt_cfg: optim.OptimizerConfig,
                   plan: SimPlan, chunk_size: int | None = None,
                   devices: Sequence[jax.Device] | None = None,
-                  progress: bool = True) -> Trajectory:
+                  progress: bool = True, share_prefixes: bool | None = None) -> Trajectory:
   """Simulates N orders: `simulate` vmapped, in chunks, each chunk sharded over devices.
 
   Memory is bounded by `chunk_size`, not N. Every chunk has the same shape (the last is
   padded by repeating its first order), so the function compiles once per shape.
+
+  Orders that begin alike (the same batches and learning rates from the same initial state
+  for one or more whole eval intervals) can share that part: with prefix sharing the orders
+  are simulated an eval interval at a time, each distinct prefix once
+  (`surrogate.prefix`), and the states branch where the orders part.
 
   Args:
     params0: initial parameters, shared or with a leading N axis (one per order).
@@ -336,11 +385,14 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
     orders_NxTxB: int example positions, -1 for empty slots.
     lr_NxT: base learning rate of each step of each order (or [T], shared).
     data, model_cfg, opt_cfg, plan: as for `simulate`.
-    chunk_size: orders per compiled call, rounded up to a multiple of the device count
-      (default: `default_chunk_size`). Results do not depend on it beyond float rounding
-      (the vmap width can reorder a reduction's sums).
+    chunk_size: orders (or, with prefix sharing, states) per compiled call, rounded up to a
+      multiple of the device count (default: `default_chunk_size`). Results do not depend
+      on it beyond float rounding (the vmap width can reorder a reduction's sums).
     devices: devices to shard the order axis over (default: all local devices).
     progress: show a progress bar.
+    share_prefixes: simulate common prefixes once. None (default): when that saves at
+      least `SHARE_MIN_SAVED` of the work and `SHARE_MIN_ORDERS` orders' worth. Results
+      equal those without sharing up to float rounding.
 
   Returns:
     A `Trajectory` of numpy arrays with a leading N axis.
@@ -357,17 +409,36 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   per_order_params = np.ndim(params0["embed_VxD"]) == 3
   per_order_knobs = np.ndim(knobs.lr_scale) == 1
   put_rep = lambda t: jax.device_put(t, replicated)
+  put_sharded = lambda t: jax.device_put(t, sharded)
   data = put_rep(data)
+  bar = _progress(n, progress)
+
+  if share_prefixes is not False and n > 1 and steps > 0:
+    blocks = _prefix_blocks(params0 if per_order_params else None,
+                            knobs if per_order_knobs else None, orders, lrs, plan.eval_every)
+    segs = math.ceil(steps / plan.eval_every)
+    saved = n * segs - sum(tree.work for _, _, tree in blocks)
+    if share_prefixes or (saved >= SHARE_MIN_SAVED * n * segs
+                          and saved >= SHARE_MIN_ORDERS * segs):
+      out = [_simulate_shared(
+          params0, knobs, sel, orders, lrs, root_N, tree, data, per_order_params,
+          per_order_knobs, chunk=chunk, put_rep=put_rep, put_sharded=put_sharded, bar=bar,
+          model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan) for sel, root_N, tree in blocks]
+      bar.close()
+      perm = np.concatenate([sel for sel, _, _ in blocks])
+      inverse = np.empty_like(perm)
+      inverse[perm] = np.arange(n)
+      return jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *out)
+
   if not per_order_params:
     params0 = put_rep(params0)
   if not per_order_knobs:
     knobs = put_rep(knobs)
 
   def take(tree, sel):
-    return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[sel], tree), sharded)
+    return put_sharded(jax.tree.map(lambda a: np.asarray(a)[sel], tree))
 
   results = []
-  bar = _progress(n, progress)
   for start in range(0, n, chunk):
     sel = np.arange(start, start + chunk)
     sel = np.where(sel < n, sel, start)  # pad the last chunk with a copy of its first order
@@ -377,10 +448,100 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
         take(orders, sel), take(lrs, sel), data,
         model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
     real = min(chunk, n - start)
-    results.append(jax.tree.map(lambda a: np.asarray(a)[:real], out))
+    results.append(jax.tree.map(functools.partial(_head, k=real), out))
     bar.update(real)
   bar.close()
   return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
+
+
+def _prefix_blocks(params_N, knobs_N, orders, lrs, eval_every: int):
+  """Sorts the orders so that sharers are adjacent and cuts them into blocks.
+
+  Returns:
+    [(positions of the block's orders, root of each (0 .. R-1 in the block), its
+    `prefix.PrefixTree`)].
+  """
+  n = len(orders)
+  per_order = [np.asarray(a) for t in (params_N, knobs_N) if t is not None
+               for a in jax.tree.leaves(t)]
+  root_N = prefix_lib.roots_of(per_order) if per_order else np.zeros(n, np.int64)
+  o_NxSxKxB, lr_NxSxK = prefix_lib.segment_orders(orders, lrs, eval_every)
+  key = np.concatenate([root_N[:, None], o_NxSxKxB.reshape(n, -1).astype(np.int64),
+                        lr_NxSxK.reshape(n, -1).view(np.int32).astype(np.int64)], axis=1)
+  _, inverse = np.unique(key, axis=0, return_inverse=True)
+  perm = np.argsort(inverse.reshape(-1), kind="stable")
+  blocks = []
+  for start in range(0, n, SHARE_BLOCK):
+    sel = perm[start:start + SHARE_BLOCK]
+    _, root_b = np.unique(root_N[sel], return_inverse=True)  # the block's roots: 0 .. R-1
+    root_b = root_b.reshape(-1).astype(np.int64)
+    blocks.append((sel, root_b, prefix_lib.prefix_tree(o_NxSxKxB[sel], lr_NxSxK[sel], root_b)))
+  return blocks
+
+
+def _simulate_shared(params0, knobs, sel_N, orders, lrs, root_N, tree, data, per_order_params,
+                     per_order_knobs, *, chunk, put_rep, put_sharded, bar, model_cfg, opt_cfg,
+                     plan) -> Trajectory:
+  """The orders `sel_N` simulated an eval interval at a time, each prefix once (numpy)."""
+  n, steps = len(sel_N), orders.shape[1]
+  o_NxSxKxB, lr_NxSxK = prefix_lib.segment_orders(orders[sel_N], lrs[sel_N], plan.eval_every)
+  static = {"model_cfg": model_cfg, "opt_cfg": opt_cfg, "plan": plan}
+  pick = lambda t, i: jax.tree.map(lambda a: np.asarray(a)[i], t)
+  roots = {}  # root id -> (knobs, ref) on the devices; carry and step-0 checkpoint on host
+  carry0, first0 = {}, {}
+  for r in np.unique(root_N):
+    i = sel_N[np.argmax(root_N == r)]
+    k_r = put_rep(pick(knobs, i) if per_order_knobs else knobs)
+    p_r = put_rep(pick(params0, i) if per_order_params else params0)
+    c, ref, first = _begin_root(p_r, k_r, data, **static)
+    roots[r] = (k_r, ref)
+    carry0[r], first0[r] = jax.device_get(c), jax.device_get(first)
+  carry = jax.tree.map(lambda *xs: np.stack(xs), *[carry0[r] for r in range(len(carry0))])
+  done, shown = 0, 0
+  outs_S = []
+  for s, (first_U, parent_U) in enumerate(zip(tree.first_S, tree.parent_S)):
+    root_U = root_N[first_U]
+    new_carry, out = None, None
+    for r in np.unique(root_U):
+      idx = np.nonzero(root_U == r)[0]
+      for c in range(0, len(idx), chunk):
+        sel = idx[c:c + chunk]
+        pad = np.concatenate([sel, np.repeat(sel[:1], chunk - len(sel))])
+        k_r, ref = roots[r]
+        res = _advance_batch(put_sharded(pick(carry, parent_U[pad])),
+                             put_sharded(o_NxSxKxB[first_U[pad], s]),
+                             put_sharded(lr_NxSxK[first_U[pad], s]), ref, k_r, data, **static)
+        res = jax.device_get(res)
+        if out is None:
+          new_carry, out = jax.tree.map(
+              functools.partial(_empty_like_rows, rows=len(first_U)), res)
+        jax.tree.map(functools.partial(_put_rows, sel=sel), (new_carry, out), res)
+        done += len(sel)
+        now = n * done // tree.work
+        bar.update(now - shown)
+        shown = now
+    carry = new_carry
+    outs_S.append(out)
+  # Each order's path through the tree: its node's outputs at every depth.
+  node_SxN = tree.node_SxN
+  outs = jax.tree.map(lambda *xs: np.stack([x[node_SxN[s]] for s, x in enumerate(xs)], 1),
+                      *outs_S)
+  last = pick(carry, node_SxN[-1])
+  first = jax.tree.map(lambda *xs: np.stack(xs)[root_N], *[first0[r] for r in range(len(first0))])
+  traj = jax.vmap(functools.partial(_assemble, steps=steps, plan=plan))(first, last, outs)
+  return jax.tree.map(np.asarray, traj)
+
+
+def _head(a, k: int) -> np.ndarray:
+  return np.asarray(a)[:k]
+
+
+def _empty_like_rows(a, rows: int) -> np.ndarray:
+  return np.empty((rows,) + a.shape[1:], a.dtype)
+
+
+def _put_rows(buf: np.ndarray, a: np.ndarray, sel: np.ndarray) -> None:
+  buf[sel] = a[:len(sel)]
 
 
 def _progress(total: int, enabled: bool):

@@ -1,12 +1,14 @@
 """The simulator: vmapped equals looped, determinism, compile once, devices, divergence, learning."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from surrogate import model as model_lib
-from surrogate import optim, orders
+from surrogate import optim, orders, prefix
 from surrogate.datasets import python_docs
 from surrogate.prepare import prepare
 from surrogate.simulate import SimPlan, simulate, simulate_many, trace_count
@@ -16,6 +18,8 @@ CFG = model_lib.ModelConfig(vocab_size=300, length=12, width=16, depth=2, heads=
 OPT = optim.OptimizerConfig(lr=3e-3, weight_decay=0.01, warmup_steps=2, schedule="linear")
 PLAN = SimPlan(eval_every=4, eval_chunk=5)
 T, B = 10, 3
+# The module (the package's `simulate` attribute is the function of that name).
+simulate_lib = importlib.import_module("surrogate.simulate")
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +152,74 @@ def test_gradient_push_goes_to_the_fragments_fed(setup):
   # Output entropy: a positive number of nats, at most ln V.
   ent = out.diagnostics.entropy
   assert ((ent > 0) & (ent <= np.log(CFG.vocab_size) + 1e-4)).all()
+
+
+def _branched(order_NxTxB):
+  """Five orders: 0, 0 changed from step 8, 0 changed from step 4, 1, and 0 again."""
+  a, b, c = order_NxTxB
+  late, early = a.copy(), a.copy()
+  late[8:], early[4:] = c[8:], c[4:]
+  return np.stack([a, late, early, b, a])
+
+
+def test_prefix_tree_groups_orders_by_their_common_prefix(setup):
+  o = _branched(setup[2])
+  lrs = np.broadcast_to(setup[3], (5, T))
+  seg_o, seg_lr = prefix.segment_orders(o, lrs, PLAN.eval_every)
+  assert seg_o.shape == (5, 3, 4, B) and (seg_o[:, -1, 2:] == -1).all()  # tail padded empty
+  tree = prefix.prefix_tree(seg_o, seg_lr, np.zeros(5, np.int64))
+  # After segment 1 (steps 0-3) orders 0, 1, 2, 4 are alike; after 2 only 0, 1, 4; then 0, 4.
+  assert [len(f) for f in tree.first_S] == [2, 3, 4]
+  for s, alike in enumerate([[0, 1, 2, 4], [0, 1, 4], [0, 4]]):
+    assert len(set(tree.node_SxN[s, alike])) == 1
+    assert len(set(tree.node_SxN[s])) == 5 - len(alike) + 1
+  assert tree.saved() == pytest.approx(1 - 9 / 15)
+  # Each node's parent is the node its orders were in one segment earlier.
+  for s in range(1, 3):
+    np.testing.assert_array_equal(tree.parent_S[s][tree.node_SxN[s]], tree.node_SxN[s - 1])
+  # Different roots (initial states) never share; a different learning rate neither.
+  assert prefix.prefix_tree(seg_o, seg_lr, np.arange(5)).saved() == 0
+  lr2 = seg_lr.copy()
+  lr2[4, 0, 1] *= 1.0001  # (step 0 of the warm-up has rate 0)
+  assert len(set(prefix.prefix_tree(seg_o, lr2, np.zeros(5, np.int64)).node_SxN[2, [0, 4]])) == 2
+
+
+def test_roots_are_equal_for_equal_initial_states():
+  a, b = np.arange(6.0).reshape(3, 2), np.array([[1], [2], [3]])
+  np.testing.assert_array_equal(prefix.roots_of([a[[0, 1, 0]], b]), [0, 1, 2])
+  np.testing.assert_array_equal(prefix.roots_of([a[[0, 1, 0]], b[[0, 1, 0]]]), [0, 1, 0])
+
+
+def test_prefix_sharing_gives_the_same_results(setup):
+  prep, params, order_NxTxB, lr_T = setup
+  o = _branched(order_NxTxB)
+  # Two initial states (orders 0, 1, 4 from one, 2 and 3 from another), and a learning-rate
+  # scale that makes order 1 diverge after it parts from the others.
+  params_N = jax.tree.map(lambda a, b: np.stack([a, a, b, b, a]), params,
+                          model_lib.init_params(jax.random.key(7), CFG))
+  knobs = optim.Knobs(jnp.array([1.0, 1e12, 1.0, 1.0, 1.0]), jnp.ones(5))
+  kw = {"model_cfg": CFG, "opt_cfg": OPT, "plan": PLAN, "progress": False}
+  plain = simulate_many(params_N, knobs, o, lr_T, prep.data, share_prefixes=False, **kw)
+  shared = simulate_many(params_N, knobs, o, lr_T, prep.data, share_prefixes=True, **kw)
+  assert plain.diverged_step[1] >= 0 and (np.delete(plain.diverged_step, 1) == -1).all()
+  _assert_trees_close(shared, plain, rtol=2e-4, atol=2e-5)
+  count = trace_count()
+  rev = lambda t: jax.tree.map(lambda a: a[::-1], t)
+  again = simulate_many(rev(params_N), rev(knobs), o[::-1], lr_T, prep.data,
+                        share_prefixes=True, **kw)
+  assert trace_count() == count, "a second shared call must not retrace"
+  _assert_trees_close(again, rev(shared), rtol=2e-4, atol=2e-5)
+
+
+def test_sharing_is_chosen_when_it_saves_enough(setup, monkeypatch):
+  o = np.repeat(setup[2][:1], 4, 0)  # four identical orders: 3/4 of the work is shared
+  calls = []
+  real = simulate_lib._simulate_shared
+  monkeypatch.setattr(simulate_lib, "_simulate_shared",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  _many(setup, o)
+  assert not calls, "3 orders' worth saved is below SHARE_MIN_ORDERS: not worth a compilation"
+  monkeypatch.setattr(simulate_lib, "SHARE_MIN_ORDERS", 2)
+  out = _many(setup, o)
+  assert calls
+  _assert_trees_close(out, _many(setup, o, share_prefixes=False), rtol=2e-4, atol=2e-5)
