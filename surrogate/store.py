@@ -106,7 +106,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
                        chunk_size: int | None = None, resume: bool = False,
                        devices: Sequence[jax.Device] | None = None,
                        progress: bool = True, process_index: int | None = None,
-                       process_count: int | None = None, wait_s: float = 86400.0) -> Trajectory:
+                       process_count: int | None = None, wait_s: float = 86400.0,
+                       share_prefixes: bool | None = None) -> Trajectory:
   """`simulate_many`, with each chunk's results written to `folder` as it finishes.
 
   Several processes (hosts) share the work through the folder: process i of n simulates
@@ -124,6 +125,7 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     devices, progress: as for `simulate_many`.
     process_index, process_count: this process's share of the chunks (see above).
     wait_s: how long to wait for other processes' chunks before giving up.
+    share_prefixes: as for `simulate_many`, within each chunk file.
 
   Returns:
     The whole `Trajectory` (numpy), read back from the chunk files.
@@ -195,7 +197,7 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     out = simulate_many(take(params0) if per_order_params else params0,
                         take(knobs) if per_order_knobs else knobs, orders[idx], lrs[idx], data,
                         model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, chunk_size=call,
-                        devices=devices, progress=False)
+                        devices=devices, progress=False, share_prefixes=share_prefixes)
     out = jax.tree.map(lambda a: np.asarray(a)[:real], out)
     _write_chunk(_chunk_path(folder, i), start, orders[start:start + real], out)
     bar.update(real)
