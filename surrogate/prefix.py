@@ -81,6 +81,27 @@ def prefix_tree(orders_NxSxKxB: np.ndarray, lrs_NxSxK: np.ndarray,
                     tuple(firsts), tuple(parents))
 
 
+def segment_hashes(orders_NxSxKxB: np.ndarray, lrs_NxSxK: np.ndarray,
+                   rows: int = 4096) -> np.ndarray:
+  """A 64-bit hash of each order's every segment (batches and learning rates), uint64 [N, S].
+
+  Equal segments get equal hashes; unequal ones almost surely differ. Used to sort orders so
+  that those with a common prefix are adjacent (a collision only places an order badly;
+  `prefix_tree` compares the segments themselves).
+  """
+  n, segs = orders_NxSxKxB.shape[:2]
+  out = np.zeros((n, segs), np.uint64)
+  width = int(np.prod(orders_NxSxKxB.shape[2:])) + lrs_NxSxK.shape[2]
+  powers = np.random.default_rng(0).integers(1, 2**63, size=width, dtype=np.uint64) | 1
+  with np.errstate(over="ignore"):
+    for r0 in range(0, n, rows):  # row batches bound the temporary copies
+      for s in range(segs):
+        x = np.concatenate([orders_NxSxKxB[r0:r0 + rows, s].reshape(-1, width - lrs_NxSxK.shape[2]),
+                            lrs_NxSxK[r0:r0 + rows, s].view(np.int32)], axis=1)
+        out[r0:r0 + rows, s] = (x.astype(np.int64).view(np.uint64) * powers[None]).sum(1)
+  return out
+
+
 def roots_of(arrays_N: list[np.ndarray]) -> np.ndarray:
   """An int id per order, equal for two orders iff all their rows of `arrays_N` are equal.
 

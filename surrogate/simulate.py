@@ -416,11 +416,9 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
 
   if share_prefixes is not False and n > 1 and steps > 0:
     blocks = _prefix_blocks(params0 if per_order_params else None,
-                            knobs if per_order_knobs else None, orders, lrs, plan.eval_every)
-    segs = math.ceil(steps / plan.eval_every)
-    saved = n * segs - sum(tree.work for _, _, tree in blocks)
-    if share_prefixes or (saved >= SHARE_MIN_SAVED * n * segs
-                          and saved >= SHARE_MIN_ORDERS * segs):
+                            knobs if per_order_knobs else None, orders, lrs, plan.eval_every,
+                            check=share_prefixes is None)
+    if blocks:
       out = [_simulate_shared(
           params0, knobs, sel, orders, lrs, root_N, tree, data, per_order_params,
           per_order_knobs, chunk=chunk, put_rep=put_rep, put_sharded=put_sharded, bar=bar,
@@ -455,8 +453,12 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
 
 
-def _prefix_blocks(params_N, knobs_N, orders, lrs, eval_every: int):
+def _prefix_blocks(params_N, knobs_N, orders, lrs, eval_every: int, *, check: bool):
   """Sorts the orders so that sharers are adjacent and cuts them into blocks.
+
+  Args:
+    check: return [] unless sharing saves `SHARE_MIN_SAVED` of the work and
+      `SHARE_MIN_ORDERS` orders' worth.
 
   Returns:
     [(positions of the block's orders, root of each (0 .. R-1 in the block), its
@@ -467,16 +469,25 @@ def _prefix_blocks(params_N, knobs_N, orders, lrs, eval_every: int):
                for a in jax.tree.leaves(t)]
   root_N = prefix_lib.roots_of(per_order) if per_order else np.zeros(n, np.int64)
   o_NxSxKxB, lr_NxSxK = prefix_lib.segment_orders(orders, lrs, eval_every)
-  key = np.concatenate([root_N[:, None], o_NxSxKxB.reshape(n, -1).astype(np.int64),
-                        lr_NxSxK.reshape(n, -1).view(np.int32).astype(np.int64)], axis=1)
-  _, inverse = np.unique(key, axis=0, return_inverse=True)
-  perm = np.argsort(inverse.reshape(-1), kind="stable")
+  hash_NxS = prefix_lib.segment_hashes(o_NxSxKxB, lr_NxSxK)
+  segs = hash_NxS.shape[1]
+  need = max(SHARE_MIN_SAVED * n * segs, SHARE_MIN_ORDERS * segs)
+  # Quick bound: every depth has at least as many states as the first.
+  first_states = len(np.unique(np.stack([root_N.astype(np.uint64), hash_NxS[:, 0]], 1), axis=0))
+  if check and n * segs - first_states * segs < need:
+    return []
+  # Sorted by root, then by each segment's hash in turn: orders alike up to any depth are
+  # adjacent, so the blocks keep them together.
+  perm = np.lexsort(np.concatenate([hash_NxS[:, ::-1], root_N[:, None].astype(np.uint64)],
+                                   axis=1).T)
   blocks = []
   for start in range(0, n, SHARE_BLOCK):
     sel = perm[start:start + SHARE_BLOCK]
     _, root_b = np.unique(root_N[sel], return_inverse=True)  # the block's roots: 0 .. R-1
     root_b = root_b.reshape(-1).astype(np.int64)
     blocks.append((sel, root_b, prefix_lib.prefix_tree(o_NxSxKxB[sel], lr_NxSxK[sel], root_b)))
+  if check and n * segs - sum(tree.work for _, _, tree in blocks) < need:
+    return []
   return blocks
 
 

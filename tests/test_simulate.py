@@ -223,3 +223,21 @@ def test_sharing_is_chosen_when_it_saves_enough(setup, monkeypatch):
   out = _many(setup, o)
   assert calls
   _assert_trees_close(out, _many(setup, o, share_prefixes=False), rtol=2e-4, atol=2e-5)
+
+
+def test_sharers_are_sorted_together_across_blocks(setup, monkeypatch):
+  o = _branched(setup[2])[[0, 3, 1, 4, 2]]  # sharers apart: 0, 2, 3 and 4 begin alike
+  seg_o, seg_lr = prefix.segment_orders(o, np.broadcast_to(setup[3], (5, T)), PLAN.eval_every)
+  h = prefix.segment_hashes(seg_o, seg_lr, rows=2)  # row batches of 2: the same hashes
+  np.testing.assert_array_equal(h, prefix.segment_hashes(seg_o, seg_lr))
+  assert (h[[0, 2, 3, 4], 0] == h[0, 0]).all() and h[1, 0] != h[0, 0]
+  monkeypatch.setattr(simulate_lib, "SHARE_BLOCK", 2)
+  blocks = simulate_lib._prefix_blocks(None, None, o, np.broadcast_to(setup[3], (5, T)),
+                                       PLAN.eval_every, check=False)
+  assert [len(sel) for sel, _, _ in blocks] == [2, 2, 1]
+  perm = np.concatenate([sel for sel, _, _ in blocks])
+  at = np.sort(np.nonzero(np.isin(perm, [0, 2, 3, 4]))[0])
+  np.testing.assert_array_equal(at, np.arange(at[0], at[0] + 4))  # the sharers are adjacent
+  assert sum(tree.saved() > 0 for _, _, tree in blocks) >= 1
+  _assert_trees_close(_many(setup, o, share_prefixes=True),
+                      _many(setup, o, share_prefixes=False), rtol=2e-4, atol=2e-5)
