@@ -44,7 +44,7 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "
 
 
 def scores(pred_RxF, real_RxF):
-  drop = lambda x0, x: (x0 - x) / x0  # noqa: E731
+  drop = lambda x0, x: (x0 - x) / x0
   return (metrics.decision_accuracy(pred_RxF[1], real_RxF[1]),
           metrics.counterfactual_rank(pred_RxF[1], real_RxF[1])["kendall_tau"],
           metrics.better_than_median_auroc(drop(pred_RxF[0], pred_RxF[1]),
@@ -52,8 +52,8 @@ def scores(pred_RxF, real_RxF):
 
 
 def _variant(text: str) -> dict:
-  """'w=64,l=32,h=2,p=800' -> model width, length, heads and pre-training steps."""
-  names = {"w": "width", "l": "length", "h": "heads", "p": "pretrain_steps"}
+  """'w=64,l=32,h=2,p=800,v=512' -> width, length, heads, pre-training steps, vocabulary."""
+  names = {"w": "width", "l": "length", "h": "heads", "p": "pretrain_steps", "v": "vocab"}
   out = {}
   for part in filter(None, text.split(",")):
     k, _, v = part.partition("=")
@@ -72,6 +72,7 @@ def main() -> None:
   p.add_argument("--length", type=int, default=32)
   p.add_argument("--heads", type=int, default=2)
   p.add_argument("--pretrain-steps", type=int, default=800)
+  p.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size")
   p.add_argument("--variants", help="several surrogates in one run, ';'-separated, each like "
                  "'w=64,l=32,h=2,p=800' (unnamed fields: the flags above)")
   p.add_argument("--chunk", type=int, help="orders per compiled call (default: the library's)")
@@ -83,7 +84,7 @@ def main() -> None:
   runs = [r for r in runs if not r.header.run_id.startswith("shuffled-")
           and not r.header.run_id.endswith("-s1")]
   base = {"width": args.width, "length": args.length, "heads": args.heads,
-          "pretrain_steps": args.pretrain_steps}
+          "pretrain_steps": args.pretrain_steps, "vocab": args.vocab}
   variants = [{**base, **_variant(v)} for v in args.variants.split(";")] if args.variants else [base]
   for v in variants:
     evaluate(frags, runs, task=args.task, seeds=args.seeds, lr_scales=args.lr_scales,
@@ -91,10 +92,11 @@ def main() -> None:
 
 
 def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pretrain_steps: int,
-             seeds: int, lr_scales: str, chunk: int | None, subsample: bool) -> None:
+             seeds: int, lr_scales: str, chunk: int | None, subsample: bool,
+             vocab: int = 512) -> None:
   """Prints the rank figures of one surrogate shape at each learning-rate scale."""
   t0 = time.perf_counter()
-  cfg = model_lib.ModelConfig(width=width, length=length, heads=heads)
+  cfg = model_lib.ModelConfig(vocab_size=vocab, width=width, length=length, heads=heads)
   probes = frags.probe_indices()
   prep = prepare(frags, cfg, key=jax.random.key(0), eval_train=[int(probes[0])], diag_probes=1)
   ids = prep.eval_ids()
@@ -113,7 +115,8 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
   n_s, n_r = seeds, len(runs)
   sel_s, sel_r = np.repeat(np.arange(n_s), n_r), np.tile(np.arange(n_r), n_s)
   print(f"\n{task}: {n_r} held-out orders, surrogate {cfg.depth}x{cfg.width}, {cfg.heads} heads, "
-        f"{cfg.length} tokens, {n_s} seeds pre-trained {pretrain_steps} steps", flush=True)
+        f"{cfg.length} tokens, vocabulary {cfg.vocab_size}, {n_s} seeds pre-trained "
+        f"{pretrain_steps} steps", flush=True)
   print("lr_scale  decision_accuracy  kendall_tau  auroc  diverged  seconds")
   for lr_scale in (float(x) for x in lr_scales.split(",")):
     knobs = optim.Knobs(jnp.float32(lr_scale), jnp.float32(1.0))
