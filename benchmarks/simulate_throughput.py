@@ -174,12 +174,15 @@ LEVERS = {
     "evals every 50 steps": {"cfg": DEFAULT, "eval_every": 50},
     "16 tok, no diag, evals/50": {"cfg": {"width": 32, "length": 16}, "diagnostics": False,
                                   "eval_every": 50},
+    "narrow16, no diag, ev/50": {"cfg": {"width": 16, "length": 16, "heads": 1},
+                                 "diagnostics": False, "eval_every": 50},
 }
 # Levers that leave the trajectories at the checkpoints they keep as they are: their
 # fidelity is that of the configuration named.
 SAME_TRAJECTORIES = {"no diagnostics": "default (D=32, L=32)",
                      "evals every 50 steps": "default (D=32, L=32)",
-                     "16 tok, no diag, evals/50": "16 tokens (D=32, L=16)"}
+                     "16 tok, no diag, evals/50": "16 tokens (D=32, L=16)",
+                     "narrow16, no diag, ev/50": "narrow, 16 tokens"}
 REFERENCE = {"width": 64, "length": 64, "heads": 4}
 
 
@@ -215,6 +218,8 @@ def main() -> None:
   p.add_argument("--memory-n", type=int, help="only this: time and peak memory of N orders")
   p.add_argument("--length", type=int, default=32, help="surrogate tokens for --memory-n")
   p.add_argument("--sharing-only", action="store_true", help="only the prefix-sharing rows")
+  p.add_argument("--levers", help="only these configurations (';'-separated names, as "
+                 "printed), without the side-by-side, sharing and fidelity parts")
   args = p.parse_args()
   if args.worker:
     job = json.loads(args.worker)
@@ -242,13 +247,17 @@ def main() -> None:
   print(f"{'configuration':<26}{'N':>6}{'s/order':>9}{'orders/s':>9}{'GFLOP/s':>9}{'% peak':>8}"
         f"{'compile s':>10}{'RSS GB':>8}")
   ns = {"default (D=32, L=32)": [1, 64] + ([1024] if args.full else [])}
-  for name, job in LEVERS.items():
+  chosen = args.levers.split(";") if args.levers else list(LEVERS)
+  for name in chosen:
+    job = LEVERS[name]
     for n in ns.get(name, [64]):
       r = _run_worker({**job, "n": n})
       print(f"{name:<26}{n:>6}{r['s_per_order']:>9.3f}{r['orders_per_s']:>9.2f}{r['gflops']:>9.1f}"
             f"{100 * r['gflops'] / peak:>7.0f}%{r['compile_s']:>10.1f}{r['peak_rss_gb']:>8.2f}",
             flush=True)
 
+  if args.levers:
+    return
   print("\n## side by side (default configuration, N = 32)")
   for label, job, devices in [("1 device, vmap", {"devices": 1}, 2), ("2 devices, vmap", {}, 2),
                               ("2 devices, chunks of 32", {"chunk": 32}, 2),
