@@ -303,7 +303,9 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   return _assemble(first, carry, outs, steps=order_TxB.shape[0], plan=plan)
 
 
-_TRACE_COUNT = [0]  # incremented when `_simulate_batch` is traced; tests read it.
+# Incremented when `_simulate_batch` or `_advance_batch` (prefix sharing) is traced; tests
+# read it.
+_TRACE_COUNT = [0]
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
