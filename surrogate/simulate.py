@@ -362,8 +362,8 @@ def default_chunk_size(devices: Sequence[jax.Device]) -> int:
 
 # Prefix sharing is used by default when it saves at least this share of the segments and
 # this many orders' worth of work. Its own compilation costs about 15-20 orders' worth on a
-# CPU, but replaces the whole-run one in a process that has not compiled that yet (17
-# variants of the docs' example, a fresh process: 27 s shared, 42 s not).
+# CPU, but replaces the whole-run one in a process that has not compiled that yet (the 17
+# variants of docs/simulator.md's example, a fresh process: 30.7 s shared, 46.6 s not).
 SHARE_MIN_SAVED = 0.2
 SHARE_MIN_ORDERS = 8
 SHARE_BLOCK = 256  # orders whose prefix tree is held at once (bounds the states in memory)
