@@ -51,6 +51,14 @@ def segment_orders(orders_NxTxB: np.ndarray, lrs_NxT: np.ndarray,
           lrs.reshape(n, segs, eval_every).astype(np.float32))
 
 
+def _segment_rows(orders_NxSxKxB: np.ndarray, lrs_NxSxK: np.ndarray, s: int) -> np.ndarray:
+  """Segment s of every order as one int64 row: its batches, then its learning rates
+  (compared bit for bit, as int32 views of the float32s)."""
+  n = len(orders_NxSxKxB)
+  return np.concatenate([orders_NxSxKxB[:, s].reshape(n, -1),
+                         lrs_NxSxK[:, s].view(np.int32)], axis=1).astype(np.int64)
+
+
 def prefix_tree(orders_NxSxKxB: np.ndarray, lrs_NxSxK: np.ndarray,
                 root_N: np.ndarray) -> PrefixTree:
   """Groups orders by identical (root, batches, learning rates) up to each segment's end.
@@ -69,9 +77,7 @@ def prefix_tree(orders_NxSxKxB: np.ndarray, lrs_NxSxK: np.ndarray,
   node = np.asarray(root_N, np.int64)
   nodes, firsts, parents = [], [], []
   for s in range(segs):
-    # Learning rates are compared bit for bit, as int32 views of the float32s.
-    key = np.concatenate([node[:, None], orders_NxSxKxB[:, s].reshape(n, -1).astype(np.int64),
-                          lrs_NxSxK[:, s].view(np.int32).astype(np.int64)], axis=1)
+    key = np.concatenate([node[:, None], _segment_rows(orders_NxSxKxB, lrs_NxSxK, s)], axis=1)
     _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
     parents.append(node[first])
     node = inverse.reshape(-1).astype(np.int64)
@@ -95,10 +101,10 @@ def segment_hashes(orders_NxSxKxB: np.ndarray, lrs_NxSxK: np.ndarray,
   powers = np.random.default_rng(0).integers(1, 2**63, size=width, dtype=np.uint64) | 1
   with np.errstate(over="ignore"):
     for r0 in range(0, n, rows):  # row batches bound the temporary copies
+      batch = slice(r0, r0 + rows)
       for s in range(segs):
-        x = np.concatenate([orders_NxSxKxB[r0:r0 + rows, s].reshape(-1, width - lrs_NxSxK.shape[2]),
-                            lrs_NxSxK[r0:r0 + rows, s].view(np.int32)], axis=1)
-        out[r0:r0 + rows, s] = (x.astype(np.int64).view(np.uint64) * powers[None]).sum(1)
+        x = _segment_rows(orders_NxSxKxB[batch], lrs_NxSxK[batch], s)
+        out[batch, s] = (x.view(np.uint64) * powers[None]).sum(1)
   return out
 
 

@@ -419,13 +419,14 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   bar = _progress(n, progress)
 
   if share_prefixes is not False and n > 1 and steps > 0:
+    o_NxSxKxB, lr_NxSxK = prefix_lib.segment_orders(orders, lrs, plan.eval_every)
     blocks = _prefix_blocks(params0 if per_order_params else None,
-                            knobs if per_order_knobs else None, orders, lrs, plan.eval_every,
+                            knobs if per_order_knobs else None, o_NxSxKxB, lr_NxSxK,
                             check=share_prefixes is None)
     if blocks:
       out = [_simulate_shared(
-          params0, knobs, sel, orders, lrs, root_N, tree, data, per_order_params,
-          per_order_knobs, chunk=chunk, put_rep=put_rep, put_sharded=put_sharded, bar=bar,
+          params0, knobs, sel, o_NxSxKxB[sel], lr_NxSxK[sel], root_N, tree, data,
+          steps=steps, chunk=chunk, put_rep=put_rep, put_sharded=put_sharded, bar=bar,
           model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan) for sel, root_N, tree in blocks]
       bar.close()
       perm = np.concatenate([sel for sel, _, _ in blocks])
@@ -457,7 +458,7 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
 
 
-def _prefix_blocks(params_N, knobs_N, orders, lrs, eval_every: int, *, check: bool):
+def _prefix_blocks(params_N, knobs_N, o_NxSxKxB, lr_NxSxK, *, check: bool):
   """Sorts the orders so that sharers are adjacent and cuts them into blocks.
 
   Args:
@@ -468,11 +469,10 @@ def _prefix_blocks(params_N, knobs_N, orders, lrs, eval_every: int, *, check: bo
     [(positions of the block's orders, root of each (0 .. R-1 in the block), its
     `prefix.PrefixTree`)].
   """
-  n = len(orders)
+  n = len(o_NxSxKxB)
   per_order = [np.asarray(a) for t in (params_N, knobs_N) if t is not None
                for a in jax.tree.leaves(t)]
   root_N = prefix_lib.roots_of(per_order) if per_order else np.zeros(n, np.int64)
-  o_NxSxKxB, lr_NxSxK = prefix_lib.segment_orders(orders, lrs, eval_every)
   hash_NxS = prefix_lib.segment_hashes(o_NxSxKxB, lr_NxSxK)
   segs = hash_NxS.shape[1]
   need = max(SHARE_MIN_SAVED * n * segs, SHARE_MIN_ORDERS * segs)
@@ -495,24 +495,25 @@ def _prefix_blocks(params_N, knobs_N, orders, lrs, eval_every: int, *, check: bo
   return blocks
 
 
-def _simulate_shared(params0, knobs, sel_N, orders, lrs, root_N, tree, data, per_order_params,
-                     per_order_knobs, *, chunk, put_rep, put_sharded, bar, model_cfg, opt_cfg,
-                     plan) -> Trajectory:
-  """The orders `sel_N` simulated an eval interval at a time, each prefix once (numpy)."""
-  n, steps = len(sel_N), orders.shape[1]
-  o_NxSxKxB, lr_NxSxK = prefix_lib.segment_orders(orders[sel_N], lrs[sel_N], plan.eval_every)
+def _simulate_shared(params0, knobs, sel_N, o_NxSxKxB, lr_NxSxK, root_N, tree, data, *, steps,
+                     chunk, put_rep, put_sharded, bar, model_cfg, opt_cfg, plan) -> Trajectory:
+  """The orders `sel_N` (segmented: `o_NxSxKxB`, `lr_NxSxK`) simulated an eval interval at
+  a time, each prefix once; numpy results."""
+  n = len(sel_N)
   static = {"model_cfg": model_cfg, "opt_cfg": opt_cfg, "plan": plan}
   pick = lambda t, i: jax.tree.map(lambda a: np.asarray(a)[i], t)
-  roots = {}  # root id -> (knobs, ref) on the devices; carry and step-0 checkpoint on host
-  carry0, first0 = {}, {}
-  for r in np.unique(root_N):
+  # Per root (0 .. R-1): knobs and diagnostics reference on the devices; training carry and
+  # step-0 checkpoint on the host.
+  roots, carry0, first0 = [], [], []
+  for r in range(int(root_N.max()) + 1):
     i = sel_N[np.argmax(root_N == r)]
-    k_r = put_rep(pick(knobs, i) if per_order_knobs else knobs)
-    p_r = put_rep(pick(params0, i) if per_order_params else params0)
+    k_r = put_rep(pick(knobs, i) if np.ndim(knobs.lr_scale) == 1 else knobs)
+    p_r = put_rep(pick(params0, i) if np.ndim(params0["embed_VxD"]) == 3 else params0)
     c, ref, first = _begin_root(p_r, k_r, data, **static)
-    roots[r] = (k_r, ref)
-    carry0[r], first0[r] = jax.device_get(c), jax.device_get(first)
-  carry = jax.tree.map(lambda *xs: np.stack(xs), *[carry0[r] for r in range(len(carry0))])
+    roots.append((k_r, ref))
+    carry0.append(jax.device_get(c))
+    first0.append(jax.device_get(first))
+  carry = jax.tree.map(lambda *xs: np.stack(xs), *carry0)
   done, shown = 0, 0
   outs_S = []
   for s, (first_U, parent_U) in enumerate(zip(tree.first_S, tree.parent_S)):
@@ -543,7 +544,7 @@ def _simulate_shared(params0, knobs, sel_N, orders, lrs, root_N, tree, data, per
   outs = jax.tree.map(lambda *xs: np.stack([x[node_SxN[s]] for s, x in enumerate(xs)], 1),
                       *outs_S)
   last = pick(carry, node_SxN[-1])
-  first = jax.tree.map(lambda *xs: np.stack(xs)[root_N], *[first0[r] for r in range(len(first0))])
+  first = jax.tree.map(lambda *xs: np.stack(xs)[root_N], *first0)
   traj = jax.vmap(functools.partial(_assemble, steps=steps, plan=plan))(first, last, outs)
   return jax.tree.map(np.asarray, traj)
 
