@@ -232,8 +232,7 @@ def test_sharers_are_sorted_together_across_blocks(setup, monkeypatch):
   np.testing.assert_array_equal(h, prefix.segment_hashes(seg_o, seg_lr))
   assert (h[[0, 2, 3, 4], 0] == h[0, 0]).all() and h[1, 0] != h[0, 0]
   monkeypatch.setattr(simulate_lib, "SHARE_BLOCK", 2)
-  blocks = simulate_lib._prefix_blocks(None, None, o, np.broadcast_to(setup[3], (5, T)),
-                                       PLAN.eval_every, check=False)
+  blocks = simulate_lib._prefix_blocks(None, None, seg_o, seg_lr, check=False)
   assert [len(sel) for sel, _, _ in blocks] == [2, 2, 1]
   perm = np.concatenate([sel for sel, _, _ in blocks])
   at = np.sort(np.nonzero(np.isin(perm, [0, 2, 3, 4]))[0])
