@@ -64,6 +64,9 @@ def run(task: str, seeds: int, plan: str, length: int = 32) -> dict:
         f"{info['leave_one_run_out']['mse']:.5f} vs order-agnostic "
         f"{info['leave_one_run_out']['order_agnostic_mse']:.5f}; Simfluence ridge "
         f"{info['baselines']['simfluence_ridge']:g}")
+  e = info["effect_error"]
+  loo_e = "none" if e["leave_one_run_out"] is None else f"{e['leave_one_run_out']:.3f}"
+  print(f"effect error {e['used']:.3f} (prior {e['prior']:g}, leave-one-run-out {loo_e})")
   print(report.format_table())
   sys.stdout.flush()
   return {"fit_seconds": t_fit, "validate_seconds": t_val, "fit": info,

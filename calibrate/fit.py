@@ -17,7 +17,9 @@ What is fitted, and why this way (DESIGN.md, last section):
    only as far as they carry order effects larger than `effect_noise`; otherwise they stay
    at the prior (shuffled runs barely differ, so they cannot tell the gain).
 4. **Uncertainty.** Seeds x gain quantiles form an ensemble; leave-one-run-out residuals on
-   the calibration runs add the spread the ensemble does not show.
+   the calibration runs add the spread the ensemble does not show, plus an error in
+   proportion to each fragment's predicted order effect (`effect_error`): a prior when the
+   runs are shuffles, estimated from the left-out runs when they carry order effects.
 5. **Baselines** on the same runs (order-agnostic mean, Simfluence-linear) are fitted too and
    saved with the simulator, so `validate` can report them beside it.
 """
@@ -65,8 +67,10 @@ class FitConfig:
     fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
     effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
       treated as noise when fitting gains.
-    effect_error: predictive sd of a fragment's loss, as a share of its predicted order
-      effect (the surrogate's effects are right in pattern, not in detail).
+    effect_error: prior of the predictive sd of a fragment's loss as a share of its
+      predicted order effect (the surrogate's effects are right in pattern, not in detail).
+      The value used blends it with the leave-one-run-out estimate (`effect_error_from`)
+      by the gain's data weight: shuffled runs keep it, structured runs replace it.
     min_steps: runs shorter than this cannot be fitted.
     chunk_size: orders per compiled simulation call (default: `simulate.default_chunk_size`).
   """
@@ -207,15 +211,16 @@ def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
   """Leave-one-run-out residuals of the anchored map on the calibration runs.
 
   Returns:
-    (frag_sd_CxF, example_sd_CxM, loo): the spread of fragment-mean probe residuals, of
-    each example's residual around its fragment's, and the leave-one-out MSEs (map and
-    order-agnostic) on fragment probe means.
+    (frag_sd_CxF, example_sd_CxM, loo, res_RxCxF, effect_RxCxF): the spread of
+    fragment-mean probe residuals, of each example's residual around its fragment's, the
+    leave-one-out MSEs (map and order-agnostic) on fragment probe means, and each left-out
+    run's fragment residuals and predicted order effects (|prediction - anchor|).
   """
   r = real_RxCxM.shape[0]
   c, m = real_RxCxM.shape[1:]
   if r < 2:
-    return np.zeros((c, num_f)), np.zeros((c, m)), None
-  frag_res, ex_res, mse_map, mse_mean = [], [], [], []
+    return np.zeros((c, num_f)), np.zeros((c, m)), None, None, None
+  frag_res, ex_res, effects, mse_map, mse_mean = [], [], [], [], []
   for out in range(r):
     keep = [i for i in range(r) if i != out]
     anchor = real_RxCxM[keep].mean(0)
@@ -228,13 +233,34 @@ def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
     res_f = fragment_means(res, frag_M, probe_M, num_f)
     frag_res.append(res_f)
     ex_res.append(res - res_f[:, frag_M])
+    effects.append(np.abs(fragment_means(pred - anchor, frag_M, probe_M, num_f)))
     real_out_f = fragment_means(real_RxCxM[out], frag_M, probe_M, num_f)
     mse_map.append(np.mean(res_f ** 2))
     mse_mean.append(np.mean((fragment_means(anchor, frag_M, probe_M, num_f) - real_out_f) ** 2))
   frag_sd = np.nan_to_num(np.sqrt(np.mean(np.square(frag_res), 0)))
   ex_sd = np.nan_to_num(np.sqrt(np.mean(np.square(ex_res), 0)))
   loo = {"mse": float(np.mean(mse_map)), "order_agnostic_mse": float(np.mean(mse_mean))}
-  return frag_sd, ex_sd, loo
+  return frag_sd, ex_sd, loo, np.array(frag_res), np.array(effects)
+
+
+def effect_error_from(res_RxCxF: np.ndarray, effect_RxCxF: np.ndarray,
+                      frag_sd_CxF: np.ndarray) -> float:
+  """Maximum-likelihood share of the predicted order effect that is error, from
+  leave-one-run-out residuals.
+
+  The predictive model of a fragment's probe mean is Normal(prediction, frag_sd^2 +
+  (e x effect)^2), as `Simulator.predict` uses it; this is the e under which the left-out
+  runs' residuals are most likely (steps after 0; a grid from 0 to 8). It is large only when
+  residuals grow with the predicted effect beyond the common spread `frag_sd`.
+  """
+  res, eff = res_RxCxF[:, 1:], effect_RxCxF[:, 1:]
+  s2 = np.square(frag_sd_CxF[1:])[None]
+  ok = np.isfinite(res) & np.isfinite(eff)
+  res, eff, s2 = res[ok], eff[ok], np.broadcast_to(s2, ok.shape)[ok]
+  grid = np.concatenate([[0.0], np.geomspace(0.01, 8.0, 120)])
+  var = np.maximum(s2[None] + np.square(grid[:, None] * eff[None]), 1e-12)
+  loglik = -0.5 * (np.log(var) + np.square(res)[None] / var).sum(1)
+  return float(grid[int(np.argmax(loglik))])
 
 
 def fit(fragments: Fragments, runs: Sequence[RunLog], *,
@@ -323,8 +349,14 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   real_f = fragment_means(real, frag_M, probe_M, num_f)
   sur_f = fragment_means(sur_k, frag_M, probe_M, num_f)
   gain_F, gain_sd_F, gain_info = fit_gains(real_f, sur_f, config)
-  frag_sd, ex_sd, loo = _residual_sds(real, np.moveaxis(sur_k, 0, 1), frag_M, probe_M, num_f,
-                                      config)
+  frag_sd, ex_sd, loo, res_f, effect_f = _residual_sds(real, np.moveaxis(sur_k, 0, 1), frag_M,
+                                                       probe_M, num_f, config)
+  # The order effects that pin the gain (its data weight) also show how wrong the predicted
+  # effects are; shuffled runs show neither, and the prior stands.
+  weight = gain_info["data_weight"]
+  e_runs = effect_error_from(res_f, effect_f, frag_sd) if res_f is not None else None
+  effect_error = (config.effect_error if e_runs is None
+                  else weight * e_runs + (1 - weight) * config.effect_error)
   anchor = real.mean(0)
   sur_cal = sur_k.mean(1)                                         # S C M
   fitted = anchor[None] + gain_F[frag_M] * (sur_k.mean(0) - sur_cal.mean(0))
@@ -340,6 +372,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
                           for (lr, wd), s in zip(cands, scores)],
       "lr_scale": cands[k_best][0], "weight_decay_scale": cands[k_best][1],
       "gain": gain_info, "fit_mse": fit_mse, "leave_one_run_out": loo,
+      "effect_error": {"prior": config.effect_error, "leave_one_run_out": e_runs,
+                       "used": effect_error},
       "seconds": {"pretrain": t_pre, "total": time.perf_counter() - t0},
       "baselines": {"simfluence_ridge": simfluence.ridge, "lr_ref": float(lrs.max())},
   }
@@ -350,6 +384,6 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       batch_size=first.header.batch_size, steps_C=steps_C, eval_ids=tuple(eval_ids),
       anchor_CxM=anchor, sur_cal_SxCxM=sur_cal, gain_F=gain_F, gain_sd_F=gain_sd_F,
       example_sd_CxM=ex_sd, fragment_sd_CxF=frag_sd, simfluence=simfluence, info=info,
-      effect_error=config.effect_error)
+      effect_error=effect_error)
 
 

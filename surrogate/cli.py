@@ -133,6 +133,10 @@ def cmd_fit(args) -> int:
   if loo:
     print(f"  leave-one-run-out MSE: {loo['mse']:.5f} (order-agnostic mean: "
           f"{loo['order_agnostic_mse']:.5f})")
+  err = info["effect_error"]
+  print(f"  effect error {err['used']:.3f} x each predicted order effect in the intervals "
+        f"(prior {err['prior']:g}" + ("" if err["leave_one_run_out"] is None else
+                                      f", from the runs {err['leave_one_run_out']:.3f}") + ")")
   print(f"wrote {args.out}")
   return 0
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from self_made import CFG, CONFIG, NEUTRAL, OPT, SEED, TRUE_LR_SCALE
 
-from calibrate.fit import FitError, check_runs, fit
+from calibrate.fit import FitError, check_runs, effect_error_from, fit
 from calibrate.outcomes import OUTCOMES, Outcome
 from calibrate.simulator import Simulator, SimulatorError
 from calibrate.validate import validate
@@ -22,6 +22,20 @@ def test_fit_recovers_the_learning_rate_scale(sim):
   assert sim.info["calibration_runs"] == ["shuffled-a", "blocked-a", "shuffled-b"]
   # A structured calibration run shows order effects, so the runs move the gain off its prior.
   assert sim.info["gain"]["data_weight"] > 0.5
+  # ... and the same runs, not the prior, set the error of the predicted effects.
+  e = sim.info["effect_error"]
+  assert abs(e["used"] - e["leave_one_run_out"]) < 0.5 * abs(e["prior"] - e["leave_one_run_out"])
+  assert sim.effect_error == e["used"]
+
+
+@pytest.mark.parametrize("true_e", [0.0, 0.6])
+def test_effect_error_is_recovered_from_residuals(true_e):
+  # Residuals of 5 left-out runs x 9 steps x 7 fragments, Normal(0, s^2 + (e x effect)^2).
+  rng = np.random.default_rng(3)
+  s_CxF = rng.uniform(0.01, 0.03, (9, 7))
+  effect = rng.uniform(0.0, 0.4, (5, 9, 7))
+  res = rng.standard_normal(effect.shape) * np.sqrt(s_CxF ** 2 + (true_e * effect) ** 2)
+  assert abs(effect_error_from(res, effect, s_CxF) - true_e) < 0.15
 
 
 def test_predictions_on_held_out_orders_beat_the_mean(world, sim):

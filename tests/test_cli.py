@@ -74,7 +74,7 @@ def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
   assert main(["fit", "--data", str(data), "--runs", *real[:2], "--out", str(sim), "--seeds", "2",
                "--pretrain-steps", "20", "--lr-scales", "1", "--quiet", *TINY]) == 0
   out = capsys.readouterr().out
-  assert "calibrated on 2 runs" in out and "common gain" in out
+  assert "calibrated on 2 runs" in out and "common gain" in out and "effect error" in out
   assert (sim / "simulator.json").exists() and (sim / "arrays.npz").exists()
   assert main(["validate", "--sim", str(sim), "--runs", *real[2:], "--json"]) == 0
   report = json.loads(capsys.readouterr().out)
