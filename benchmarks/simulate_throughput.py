@@ -14,6 +14,7 @@ Prints, each measured in its own process (so compile time and peak memory are it
   python benchmarks/simulate_throughput.py            # N = 1, 64 (about 20 minutes)
   python benchmarks/simulate_throughput.py --full     # adds N = 1024 for the default
   python benchmarks/simulate_throughput.py --fidelity-orders 0   # speed only (about 10 minutes)
+  python benchmarks/simulate_throughput.py --widths-only  # share of the peak at widths 32-128
 """
 
 from __future__ import annotations
@@ -205,6 +206,12 @@ SAME_TRAJECTORIES = {"no diagnostics": "default (D=32, L=32)",
                      "16 tok, no diag, evals/50": "16 tokens (D=32, L=16)",
                      "narrow16, no diag, ev/50": "narrow, 16 tokens"}
 REFERENCE = {"width": 64, "length": 64, "heads": 4}
+# Wider surrogates, for where the share of the matmul peak is reached (not speed levers:
+# each costs more per order). N is smaller for the slow ones, to keep the run short.
+WIDTHS = [("D=32, L=32 (default)", DEFAULT, 64),
+          ("D=64, L=32, 2 heads", {"width": 64, "length": 32, "heads": 2}, 32),
+          ("D=128, L=32, 4 heads", {"width": 128, "length": 32, "heads": 4}, 16),
+          ("D=128, L=64, 4 heads", {"width": 128, "length": 64, "heads": 4}, 8)]
 
 
 def _sharing(n: int = 32) -> None:
@@ -243,6 +250,8 @@ def main() -> None:
   p.add_argument("--memory-n", type=int, help="only this: time and peak memory of N orders")
   p.add_argument("--length", type=int, default=32, help="surrogate tokens for --memory-n")
   p.add_argument("--sharing-only", action="store_true", help="only the prefix-sharing rows")
+  p.add_argument("--widths-only", action="store_true",
+                 help="only the matmul peak and the share of it reached by wider surrogates")
   p.add_argument("--levers", help="only these configurations (';'-separated names, as "
                  "printed), without the side-by-side, sharing and fidelity parts")
   args = p.parse_args()
@@ -269,6 +278,14 @@ def main() -> None:
   peak = max(one, two)
   print(f"matmul peak float32 (1024^3): 1 process {one:.0f} GFLOP/s, 2 processes at once "
         f"{two:.0f} GFLOP/s in all -> peak {peak:.0f}")
+
+  if args.widths_only:
+    print("\n## share of the peak by width (2 XLA devices, one per core; no speed levers)")
+    for name, cfg, n in WIDTHS:
+      r = _run_worker({"cfg": cfg, "n": n})
+      print(f"{name:<26}{n:>6}{r['s_per_order']:>9.3f} s/order{r['gflops']:>9.1f} GFLOP/s"
+            f"{100 * r['gflops'] / peak:>7.0f}%", flush=True)
+    return
 
   print("\n## throughput (2 XLA devices, one per core)")
   print(f"{'configuration':<26}{'N':>6}{'s/order':>9}{'orders/s':>9}{'GFLOP/s':>9}{'% peak':>8}"

@@ -38,12 +38,17 @@ class ValidationReport:
     ceiling: the noise ceiling (decision accuracies between real seeds) and the simulator's
       accuracy on the same pairs.
     interval: the nominal level of the predictive intervals whose coverage is reported.
+    decisions_by_kind: the simulator's per-fragment decision accuracy over the pairs of
+      orders of each two kinds ("blocked/subset": pairs, accuracy), where the runs' headers
+      name their order kind (`order_spec.kind`, as `surrogate orders` writes it); empty
+      otherwise.
   """
   run_ids: tuple[str, ...]
   reruns: tuple[tuple[str, str], ...]
   methods: dict[str, dict[str, float]]
   ceiling: dict[str, float]
   interval: float
+  decisions_by_kind: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -68,6 +73,10 @@ class ValidationReport:
       lines.append("")
       for k, v in self.ceiling.items():
         lines.append(f"{k}: {_fmt(v)}")
+    if self.decisions_by_kind:
+      lines += ["", "simulator's per-fragment decision accuracy by kinds of the two orders:"]
+      lines += [f"  {k:<26}{int(v['pairs']):>5} pairs  {_fmt(v['accuracy'])}"
+                for k, v in self.decisions_by_kind.items()]
     return "\n".join(lines)
 
 
@@ -94,6 +103,24 @@ def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int
       first[key] = i
       reps.append(i)
   return reps, pairs
+
+
+def _order_kind(run: RunLog) -> str | None:
+  spec = run.header.extra.get("order_spec")
+  return spec.get("kind") if isinstance(spec, dict) else None
+
+
+def _decisions_by_kind(runs: Sequence[RunLog], pred_RxF, real_RxF) -> dict[str, dict[str, float]]:
+  """Per-fragment decision accuracy over the order pairs of each two kinds (empty when a
+  run's kind is unknown)."""
+  kinds = [_order_kind(r) for r in runs]
+  if None in kinds:
+    return {}
+  groups: dict[str, list[tuple[int, int]]] = {}
+  for a, b in itertools.combinations(range(len(runs)), 2):
+    groups.setdefault("/".join(sorted((kinds[a], kinds[b]))), []).append((a, b))
+  return {k: {"pairs": len(p), "accuracy": metrics.decision_accuracy(pred_RxF, real_RxF, p)}
+          for k, p in sorted(groups.items())}
 
 
 def _fragment_probe(sim: Simulator, losses_RxCxM, frag_M, probe_M):
@@ -213,4 +240,5 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
         "seed_gap_final_mean": float(np.mean(np.abs(again - first))),
     }
   return ValidationReport(tuple(r.header.run_id for r in held), tuple(rerun_ids), methods,
-                          ceiling, level)
+                          ceiling, level,
+                          _decisions_by_kind(held, mean_f[:, -1], real_f[:, -1]))

@@ -32,6 +32,11 @@ def test_fit_and_validate_on_real_runs_beat_the_order_agnostic_mean(lm):
   report = validate(sim, [runs[k] for k in HELD_OUT])
   assert report.run_ids == HELD_OUT[:4]
   assert len(report.reruns) == 2 and "ceiling_decision_accuracy" in report.ceiling
+  # The headers name each order's kind, so decisions are also broken down by kinds of pair.
+  by_kind = report.decisions_by_kind
+  assert set(by_kind) == {"blocked/blocked", "blocked/interleaved", "blocked/subset",
+                          "interleaved/subset"}
+  assert [v["pairs"] for v in by_kind.values()] == [1, 2, 2, 1]
   ours = report.methods["simulator"]
   assert ours["trajectory_mse_ratio"] < 0.6
   assert ours["decision_accuracy"] > 0.6
