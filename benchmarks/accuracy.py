@@ -38,7 +38,8 @@ CALIBRATION = {"shuffles": ("shuffled-s0", "shuffled-s1", "shuffled-s2", "shuffl
                "mixed": ("shuffled-s0", "shuffled-s1", "blocked-p1", "subset-1")}
 
 
-def run(task: str, seeds: int, plan: str, length: int = 32) -> dict:
+def run(task: str, seeds: int, plan: str, length: int = 32,
+        lr_scales: tuple[float, ...] = FitConfig.lr_scales) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
@@ -46,8 +47,8 @@ def run(task: str, seeds: int, plan: str, length: int = 32) -> dict:
   held = [r for r in runs if r.header.run_id not in CALIBRATION[plan]
           and not r.header.run_id.startswith("shuffled-")]
   t0 = time.perf_counter()
-  sim = fit(frags, cal, model_cfg=ModelConfig(length=length), config=FitConfig(seeds=seeds),
-            progress=False)
+  sim = fit(frags, cal, model_cfg=ModelConfig(length=length),
+            config=FitConfig(seeds=seeds, lr_scales=lr_scales), progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
   report = validate(sim, held)
@@ -75,16 +76,20 @@ def run(task: str, seeds: int, plan: str, length: int = 32) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--task", choices=["lm", "cls", "both"], default="both")
+  p.add_argument("--task", choices=["lm", "cls", "lm-dev", "both"], default="both",
+                 help="both: lm (the test set) and cls; lm-dev: the LM development set")
   p.add_argument("--seeds", type=int, default=FitConfig.seeds)
   p.add_argument("--plan", choices=sorted(CALIBRATION), default="shuffles",
                  help="which runs calibrate (see above)")
   p.add_argument("--length", type=int, default=32,
                  help="surrogate tokens per example (the demo uses 16)")
+  p.add_argument("--lr-scales", default=",".join(map(str, FitConfig.lr_scales)),
+                 help="candidate learning-rate scales for fit (one: no choice)")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = ["lm", "cls"] if args.task == "both" else [args.task]
-  out = {t: run(t, args.seeds, args.plan, args.length) for t in tasks}
+  scales = tuple(float(x) for x in args.lr_scales.split(","))
+  out = {t: run(t, args.seeds, args.plan, args.length, scales) for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

@@ -65,7 +65,7 @@ def _variant(text: str) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--task", choices=["lm", "cls"], default="cls")
+  p.add_argument("--task", choices=["lm", "cls", "lm-dev"], default="cls")
   p.add_argument("--seeds", type=int, default=4)
   p.add_argument("--lr-scales", default="1")
   p.add_argument("--width", type=int, default=32)

@@ -2,6 +2,11 @@
 documentation, fine-tuned on categories of the `fortunes` quotes under many feeding orders.
 
     python -m calibrate.reference.lm --out calibrate/reference/data/lm      # about 20 minutes
+    python -m calibrate.reference.lm --set dev  # 12 other categories, the same base: lm-dev
+
+Two sets: `test` (the default, `data/lm`) and `dev` (`data/lm-dev`): the same base model and
+run plan on twelve other `fortunes` categories, so that settings can be chosen on real runs
+of the same kind as the test set's without looking at the test set.
 
 Steps (each skipped when its output exists, so a killed job resumes):
   1. corpus: the text of the man pages in /usr/share/man/man1 (troff requests stripped) and
@@ -20,6 +25,7 @@ Real training of a real model; nothing here imitates one. Requires the `[torch]`
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import gzip
 import json
@@ -38,7 +44,10 @@ N_TRAIN, N_PROBE = 40, 10
 LENGTH = 64
 OPTIMIZER = {"name": "adamw", "lr": 5e-4, "weight_decay": 0.01, "warmup_steps": 20,
              "schedule": "linear", "grad_clip": 1.0}
+DEV_CATEGORIES = ("cookie", "debian", "drugs", "education", "food", "humorists", "kids",
+                  "literature", "love", "perl", "riddles", "sports")
 MODEL_NAME = "gpt2-2x128"
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,13 +138,13 @@ def _quotes(category: str) -> list[str]:
   return [q for q in quotes if 40 <= len(q) <= 300]
 
 
-def make_fragments(out: str) -> str:
+def make_fragments(out: str, categories: tuple[str, ...] = CATEGORIES) -> str:
   from surrogate.fragments import Example, write_fragments
   path = os.path.join(out, "fragments.jsonl")
   if os.path.exists(path):
     return path
   examples = []
-  for cat in CATEGORIES:
+  for cat in categories:
     qs = _quotes(cat)[: N_TRAIN + N_PROBE]
     if len(qs) < N_TRAIN + N_PROBE:
       raise RuntimeError(f"fortunes category {cat!r} has only {len(qs)} usable quotes")
@@ -152,32 +161,39 @@ def make_fragments(out: str) -> str:
 # 4. The run set (calibrate.reference.runs).
 
 
-def load_base(out: str):
-  """A fresh copy of the pre-trained base and its tokenizer."""
+def load_base(out: str, base_dir: str | None = None):
+  """A fresh copy of the pre-trained base (`out/base`, or `base_dir`) and its tokenizer."""
   import transformers
-  base = os.path.join(out, "base")
+  base = base_dir or os.path.join(out, "base")
   tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(base, "tokenizer.json"),
                                              bos_token="<|endoftext|>", pad_token="<|endoftext|>")
   return transformers.GPT2LMHeadModel.from_pretrained(base), tok
 
 
-def task(out: str) -> Task:
+def task(out: str, base_dir: str | None = None) -> Task:
+  load = load_base if base_dir is None else functools.partial(load_base, base_dir=base_dir)
   return Task(out=out, model_name=MODEL_NAME, optimizer=OPTIMIZER, max_length=LENGTH,
-              load=load_base)
+              load=load)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "data", "lm"))
+  p.add_argument("--set", choices=["test", "dev"], default="test",
+                 help="dev: other categories, the test set's base (made first if missing)")
+  p.add_argument("--out", help="default: data/lm (test) or data/lm-dev (dev)")
   p.add_argument("--workers", type=int, default=2)
   args = p.parse_args()
   import torch
   torch.set_num_threads(1)
-  make_fragments(args.out)
+  test_out = os.path.join(DATA, "lm")
+  out = args.out or (test_out if args.set == "test" else os.path.join(DATA, "lm-dev"))
+  make_fragments(out, CATEGORIES if args.set == "test" else DEV_CATEGORIES)
   t0 = time.time()
-  make_base(args.out)
+  base_out = out if args.set == "test" else test_out
+  make_base(base_out)
   print(f"base ready ({time.time() - t0:.0f} s)", flush=True)
-  run_all(task(args.out), workers=args.workers)
+  base_dir = None if args.set == "test" else os.path.join(base_out, "base")
+  run_all(task(out, base_dir), workers=args.workers)
 
 
 if __name__ == "__main__":
