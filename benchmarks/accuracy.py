@@ -7,7 +7,8 @@ ceiling). `--plan mixed` calibrates instead on two shuffles and two structured r
 validates on the 18 others. Prints the fit summary, the validation table (simulator beside the baselines) and
 the wall time of each part; `--json PATH` also writes every figure.
 
-  python benchmarks/accuracy.py                # both sets, about 10 minutes here
+  python benchmarks/accuracy.py                # lm (test) and cls, about 10 minutes here
+  python benchmarks/accuracy.py --task lm-dev --lr-scales 2   # the LM development set
   python benchmarks/accuracy.py --task lm --plan mixed
   python benchmarks/accuracy.py --task lm --plan mixed --length 16   # the demo's surrogate
 """
