@@ -107,7 +107,8 @@ def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int
 
 def _order_kind(run: RunLog) -> str | None:
   spec = run.header.extra.get("order_spec")
-  return spec.get("kind") if isinstance(spec, dict) else None
+  kind = spec.get("kind") if isinstance(spec, dict) else None
+  return kind if isinstance(kind, str) else None
 
 
 def _decisions_by_kind(runs: Sequence[RunLog], pred_RxF, real_RxF) -> dict[str, dict[str, float]]:
