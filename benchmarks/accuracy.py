@@ -40,7 +40,8 @@ CALIBRATION = {"shuffles": ("shuffled-s0", "shuffled-s1", "shuffled-s2", "shuffl
 
 
 def run(task: str, seeds: int, plan: str, length: int = 32,
-        lr_scales: tuple[float, ...] = FitConfig.lr_scales) -> dict:
+        lr_scales: tuple[float, ...] = FitConfig.lr_scales,
+        gain_prior: float = FitConfig.gain_prior) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
@@ -49,7 +50,8 @@ def run(task: str, seeds: int, plan: str, length: int = 32,
           and not r.header.run_id.startswith("shuffled-")]
   t0 = time.perf_counter()
   sim = fit(frags, cal, model_cfg=ModelConfig(length=length),
-            config=FitConfig(seeds=seeds, lr_scales=lr_scales), progress=False)
+            config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior),
+            progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
   report = validate(sim, held)
@@ -86,11 +88,13 @@ def main() -> None:
                  help="surrogate tokens per example (the demo uses 16)")
   p.add_argument("--lr-scales", default=",".join(map(str, FitConfig.lr_scales)),
                  help="candidate learning-rate scales for fit (one: no choice)")
+  p.add_argument("--gain-prior", type=float, default=FitConfig.gain_prior,
+                 help="prior mean of the common gain (see calibrate.fit.FitConfig)")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = ["lm", "cls"] if args.task == "both" else [args.task]
   scales = tuple(float(x) for x in args.lr_scales.split(","))
-  out = {t: run(t, args.seeds, args.plan, args.length, scales) for t in tasks}
+  out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior) for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
