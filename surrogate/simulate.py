@@ -308,12 +308,16 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
 _TRACE_COUNT = [0]
 
 
+def _per_order(params0, knobs) -> tuple[bool, bool]:
+  """Whether the initial parameters and the knobs carry their own leading order axis
+  (ensembles, calibration) rather than being shared by every order."""
+  return jnp.ndim(params0["embed_VxD"]) == 3, jnp.ndim(knobs.lr_scale) == 1
+
+
 @functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
 def _simulate_batch(params0, knobs, orders_NxTxB, lr_NxT, data, *, model_cfg, opt_cfg, plan):
   _TRACE_COUNT[0] += 1
-  # Initial parameters and knobs may carry their own leading N axis (ensembles, calibration).
-  p_axis = 0 if params0["embed_VxD"].ndim == 3 else None
-  k_axis = 0 if jnp.ndim(knobs.lr_scale) == 1 else None
+  p_axis, k_axis = (0 if own else None for own in _per_order(params0, knobs))
   fn = functools.partial(simulate, data=data, model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
   return jax.vmap(fn, in_axes=(p_axis, k_axis, 0, 0))(params0, knobs, orders_NxTxB, lr_NxT)
 
@@ -411,8 +415,7 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   mesh = jax.sharding.Mesh(np.array(devices), ("orders",))
   sharded = NamedSharding(mesh, PartitionSpec("orders"))
   replicated = NamedSharding(mesh, PartitionSpec())
-  per_order_params = np.ndim(params0["embed_VxD"]) == 3
-  per_order_knobs = np.ndim(knobs.lr_scale) == 1
+  per_order_params, per_order_knobs = _per_order(params0, knobs)
   put_rep = lambda t: jax.device_put(t, replicated)
   put_sharded = lambda t: jax.device_put(t, sharded)
   data = put_rep(data)
@@ -504,11 +507,12 @@ def _simulate_shared(params0, knobs, sel_N, o_NxSxKxB, lr_NxSxK, root_N, tree, d
   pick = lambda t, i: jax.tree.map(lambda a: np.asarray(a)[i], t)
   # Per root (0 .. R-1): knobs and diagnostics reference on the devices; training carry and
   # step-0 checkpoint on the host.
+  own_params, own_knobs = _per_order(params0, knobs)
   roots, carry0, first0 = [], [], []
   for r in range(int(root_N.max()) + 1):
     i = sel_N[np.argmax(root_N == r)]
-    k_r = put_rep(pick(knobs, i) if np.ndim(knobs.lr_scale) == 1 else knobs)
-    p_r = put_rep(pick(params0, i) if np.ndim(params0["embed_VxD"]) == 3 else params0)
+    k_r = put_rep(pick(knobs, i) if own_knobs else knobs)
+    p_r = put_rep(pick(params0, i) if own_params else params0)
     c, ref, first = _begin_root(p_r, k_r, data, **static)
     roots.append((k_r, ref))
     carry0.append(jax.device_get(c))
