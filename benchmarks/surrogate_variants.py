@@ -67,7 +67,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--task", choices=["lm", "cls", "lm-dev"], default="cls")
   p.add_argument("--seeds", type=int, default=4)
-  p.add_argument("--lr-scales", default="1")
+  p.add_argument("--lr-scales", default="2", help="learning-rate scales (fit's default: 2)")
   p.add_argument("--width", type=int, default=32)
   p.add_argument("--length", type=int, default=32)
   p.add_argument("--heads", type=int, default=2)

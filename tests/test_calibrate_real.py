@@ -25,9 +25,9 @@ def lm():
 
 def test_fit_and_validate_on_real_runs_beat_the_order_agnostic_mean(lm):
   frags, runs = lm
-  # A small, fast setting: two seeds, short pre-training, the real learning rate.
+  # A small, fast setting: two seeds, short pre-training (the default learning-rate scale).
   sim = fit(frags, [runs[k] for k in CALIBRATION],
-            config=FitConfig(seeds=2, pretrain_steps=300, lr_scales=(1.0,)), progress=False)
+            config=FitConfig(seeds=2, pretrain_steps=300), progress=False)
   assert sim.info["gain"]["data_weight"] > 0.5  # the blocked run tells the gain
   report = validate(sim, [runs[k] for k in HELD_OUT])
   assert report.run_ids == HELD_OUT[:4]
