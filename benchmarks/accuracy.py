@@ -11,11 +11,17 @@ the wall time of each part; `--json PATH` also writes every figure.
   python benchmarks/accuracy.py --task lm-dev --lr-scales 2   # the LM development set
   python benchmarks/accuracy.py --task lm --plan mixed
   python benchmarks/accuracy.py --task lm --plan mixed --length 16   # the demo's surrogate
+  python benchmarks/accuracy.py --task lm-dev --effect-errors 0.25,0.5,1,2   # interval sweep
+
+`--effect-errors` validates the same fit again with each value of the intervals' effect
+error in place of the one fit chose (how `FitConfig.effect_error`'s default was set, on the
+development sets): only the intervals change, so the surrogate is simulated once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -28,6 +34,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 from calibrate.fit import FitConfig, fit  # noqa: E402
 from calibrate.runlog import read_runlog  # noqa: E402
+from calibrate.simulator import Simulator  # noqa: E402
 from calibrate.validate import validate  # noqa: E402
 from surrogate.fragments import read_fragments  # noqa: E402
 from surrogate.model import ModelConfig  # noqa: E402
@@ -39,9 +46,28 @@ CALIBRATION = {"shuffles": ("shuffled-s0", "shuffled-s1", "shuffled-s2", "shuffl
                "mixed": ("shuffled-s0", "shuffled-s1", "blocked-p1", "subset-1")}
 
 
+def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[float, float]:
+  """Interval coverage on `held` with each effect error in place of `sim`'s."""
+  simulate_raw, cache = Simulator.simulate_raw, {}
+
+  def once(self, runs, steps, eval_ids, **kw):
+    key = (tuple(r.header.run_id for r in runs), tuple(steps), tuple(eval_ids))
+    if key not in cache:
+      cache[key] = simulate_raw(self, runs, steps, eval_ids, **kw)
+    return cache[key]
+
+  Simulator.simulate_raw = once  # the simulations do not depend on the effect error
+  try:
+    return {e: validate(dataclasses.replace(sim, effect_error=e), held).methods["simulator"]
+            ["coverage"] for e in values}
+  finally:
+    Simulator.simulate_raw = simulate_raw
+
+
 def run(task: str, seeds: int, plan: str, length: int = 32,
         lr_scales: tuple[float, ...] = FitConfig.lr_scales,
-        gain_prior: float = FitConfig.gain_prior) -> dict:
+        gain_prior: float = FitConfig.gain_prior,
+        effect_errors: tuple[float, ...] = ()) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
@@ -72,9 +98,12 @@ def run(task: str, seeds: int, plan: str, length: int = 32,
   loo_e = "none" if e["leave_one_run_out"] is None else f"{e['leave_one_run_out']:.3f}"
   print(f"effect error {e['used']:.3f} (prior {e['prior']:g}, leave-one-run-out {loo_e})")
   print(report.format_table())
+  sweep = coverage_sweep(sim, held, list(effect_errors)) if effect_errors else {}
+  for e, c in sweep.items():
+    print(f"coverage with effect error {e:g}: {c:.3f}")
   sys.stdout.flush()
   return {"fit_seconds": t_fit, "validate_seconds": t_val, "fit": info,
-          "validation": report.to_dict()}
+          "validation": report.to_dict(), "coverage_by_effect_error": sweep}
 
 
 def main() -> None:
@@ -90,11 +119,15 @@ def main() -> None:
                  help="candidate learning-rate scales for fit (one: no choice)")
   p.add_argument("--gain-prior", type=float, default=FitConfig.gain_prior,
                  help="prior mean of the common gain (see calibrate.fit.FitConfig)")
+  p.add_argument("--effect-errors", default="",
+                 help="comma-separated effect errors: coverage of the same fit with each")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = ["lm", "cls"] if args.task == "both" else [args.task]
   scales = tuple(float(x) for x in args.lr_scales.split(","))
-  out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior) for t in tasks}
+  sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
+  out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior, sweep)
+         for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

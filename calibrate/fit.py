@@ -344,7 +344,9 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
     scores.append(misfit)
   best_misfit = min(scores)
   if not np.isfinite(best_misfit):
-    raise FitError("every candidate learning rate diverged in the surrogate; lower lr_scales")
+    raise FitError("the surrogate diverged at every candidate learning-rate scale "
+                   f"{list(config.lr_scales)} (x the runs' logged rates); pass lower ones, "
+                   "e.g. FitConfig(lr_scales=(1.0,)) or `surrogate fit --lr-scales 1`")
   n_curves = 2 * num_f
   post = [0.5 * n_curves * s / max(best_misfit, 1e-12)
           + (np.log(lr) ** 2 + np.log(wd) ** 2) / (2 * config.knob_prior_sd ** 2)

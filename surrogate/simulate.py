@@ -78,8 +78,10 @@ class Trajectory(NamedTuple):
   eval_loss_CxM: per-example losses of the evaluated examples at each checkpoint.
   train_loss_T: the training loss of each step (the batch's mean token loss).
   diagnostics: the five diagnostics, each CxF (None when the plan skips them).
-  diverged_step: the first step whose loss or gradient was not finite, or -1. From then on
-    the simulated run is frozen and its later checkpoints are NaN.
+  diverged_step: the first step whose loss or new parameters were not finite, or whose loss
+    rose past `DIVERGED_LOSS_FACTOR` x its first step's (or x a uniform guess's, log V, if
+    that is higher); -1 if none. From then on the simulated run is frozen and its later
+    checkpoints are NaN.
   grad_push_F: how hard each fragment pushed the training over the whole run: the sum over
     steps and over its fed target tokens of (1 - p(target)), the size of the loss
     gradient on the target logit, each step divided by the batch's target-token count (as
@@ -180,23 +182,31 @@ def _loss_and_push(params, tokens_BxL1, mask_BxL, cfg: model_lib.ModelConfig):
   return (tok_BxL * mask_BxL).sum() / denom, jax.lax.stop_gradient(push_B)
 
 
+# With Adam and layer norms a run at far too high a rate stays finite while its loss climbs
+# by orders of magnitude, so finiteness alone would not catch it; no fine-tune a real run
+# would make multiplies its batch loss by this much.
+DIVERGED_LOSS_FACTOR = 4.0
+
+
 def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, opt_cfg,
              model_cfg):
   """The training loop's pieces: `start(params0) -> carry` and the scan body `train_step`.
 
-  Carry: (params, opt_state, diverged_step, t, push_F); the body takes one optimizer step
-  on the batch `idx_B` at rate `lr`. A step whose loss or new parameters are not finite
-  marks the run diverged; from then on, and on steps with no example, nothing moves.
+  Carry: (params, opt_state, diverged_step, t, push_F, ref_loss); the body takes one
+  optimizer step on the batch `idx_B` at rate `lr`. A step whose loss or new parameters are
+  not finite, or whose loss exceeds `DIVERGED_LOSS_FACTOR` x `ref_loss` (the first fed
+  step's loss, at least log V), marks the run diverged; from then on, and on steps with no
+  example, nothing moves.
   """
   opt = optim.make_optimizer(opt_cfg)
   wd = opt_cfg.weight_decay * knobs.weight_decay_scale
 
   def start(params0):
     return (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0),
-            jnp.zeros((num_f,), jnp.float32))
+            jnp.zeros((num_f,), jnp.float32), jnp.float32(jnp.nan))
 
   def train_step(carry, xs):
-    params, opt_state, diverged_step, t, push_F = carry
+    params, opt_state, diverged_step, t, push_F, ref_loss = carry
     idx_B, lr = xs
     valid_B = idx_B >= 0
     safe_B = jnp.where(valid_B, idx_B, 0)
@@ -206,7 +216,10 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
         params, tokens, mask, model_cfg)
     updates, new_state = opt.update(grads, opt_state, params, lr * knobs.lr_scale, wd)
     new_params = jax.tree.map(jnp.add, params, updates)
-    finite = jnp.isfinite(loss) & _all_finite(new_params)
+    ref_loss = jnp.where(jnp.isnan(ref_loss) & valid_B.any(),
+                         jnp.maximum(loss, math.log(model_cfg.vocab_size)), ref_loss)
+    finite = (jnp.isfinite(loss) & _all_finite(new_params)
+              & ~(loss > DIVERGED_LOSS_FACTOR * ref_loss))
     newly_diverged = (diverged_step < 0) & ~finite & valid_B.any()
     diverged_step = jnp.where(newly_diverged, t, diverged_step)
     move = valid_B.any() & (diverged_step < 0)
@@ -214,7 +227,7 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
                                      (new_params, new_state), (params, opt_state))
     push_F = push_F + jnp.where(move, jax.ops.segment_sum(
         push_B, fragment_E[safe_B], num_segments=num_f), 0.0)
-    return ((params, opt_state, diverged_step, t + 1, push_F),
+    return ((params, opt_state, diverged_step, t + 1, push_F, ref_loss),
             jnp.where(valid_B.any(), loss, jnp.nan))
 
   return start, train_step
@@ -230,7 +243,7 @@ def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   """
   fragment_E = jnp.zeros(tokens_ExL1.shape[:1], jnp.int32)
   start, step = _trainer(tokens_ExL1, mask_ExL, fragment_E, 1, knobs, opt_cfg, model_cfg)
-  (params, _, diverged_step, _, _), loss_T = jax.lax.scan(step, start(params0),
+  (params, _, diverged_step, *_), loss_T = jax.lax.scan(step, start(params0),
                                                           (order_TxB, lr_T))
   return params, loss_T, diverged_step
 

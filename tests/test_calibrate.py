@@ -167,3 +167,11 @@ def test_an_order_file_is_predicted_as_its_run_at_shared_steps(world, sim):
   a, b = sim.predict([run]), sim.predict([as_order])
   np.testing.assert_array_equal(b.steps, [0, 20, 30])
   np.testing.assert_allclose(b.mean_RxCxM, a.mean_RxCxM[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
+
+
+def test_a_surrogate_diverging_at_every_scale_is_a_clear_fit_error(world):
+  frags, runs = world
+  config = dataclasses.replace(CONFIG, lr_scales=(3e4,), pretrain_steps=10)
+  with pytest.raises(FitError, match=r"diverged at every candidate .*\[30000\.0\].*lr-scales 1"):
+    fit(frags, runs[:2], model_cfg=CFG, config=config, seed=SEED, neutral_texts=NEUTRAL,
+        progress=False)

@@ -11,7 +11,7 @@ from surrogate import model as model_lib
 from surrogate import optim, orders, prefix
 from surrogate.datasets import python_docs
 from surrogate.prepare import prepare
-from surrogate.simulate import SimPlan, simulate, simulate_many, trace_count
+from surrogate.simulate import DIVERGED_LOSS_FACTOR, SimPlan, simulate, simulate_many, trace_count
 
 # Distinct sizes: N=3 orders, T=10 steps, B=3, L=12, D=16, F=3, eval every 4 (padded tail).
 CFG = model_lib.ModelConfig(vocab_size=300, length=12, width=16, depth=2, heads=2, mlp_ratio=2)
@@ -88,6 +88,21 @@ def test_chunks_and_devices_do_not_change_results(setup):
   four = _many(setup, chunk_size=4)
   one = _many(setup, chunk_size=1, devices=jax.devices()[:1])
   _assert_trees_close(four, one, rtol=2e-4, atol=2e-5)
+
+
+def test_a_loss_that_explodes_but_stays_finite_is_divergence(setup):
+  prep, params, order_NxTxB, lr_T = setup
+  # Adam's steps are bounded by the rate, so a far too high one blows the loss up by orders
+  # of magnitude without ever producing inf or NaN.
+  knobs = optim.Knobs(jnp.array([1.0, 3e4, 1.0]), jnp.ones(3))
+  out = simulate_many(params, knobs, order_NxTxB, lr_T, prep.data, model_cfg=CFG, opt_cfg=OPT,
+                      plan=PLAN, progress=False)
+  step = int(out.diverged_step[1])
+  assert step > 0 and (out.diverged_step[[0, 2]] == -1).all()
+  loss_T = np.asarray(out.train_loss_T[1])
+  assert np.isfinite(loss_T[:step + 1]).all()
+  ref = max(loss_T[0], np.log(CFG.vocab_size))
+  assert loss_T[step] > DIVERGED_LOSS_FACTOR * ref >= loss_T[:step].max()
 
 
 def test_divergence_is_reported_for_that_order_alone(setup):
