@@ -62,7 +62,8 @@ class FitConfig:
     pretrain_steps: steps of pre-training on neutral text per seed.
     lr_scales, weight_decay_scales: the candidate knobs (every combination is simulated).
       The default trains the surrogate at twice the real learning rate: on both development
-      sets it ranks fragments and orders better than the real rate (docs/results.md).
+      sets it ranks fragments better than the real rate does (orders too on the LM-like
+      one; docs/results.md).
     knob_prior_sd: sd of the prior on log(scale), centred on the real settings.
     gain_prior, gain_prior_sd: prior of the common gain. The default 1.6 is the gain that
       structured runs of both development sets gave at twice the real rate (1.65 and 1.59);

@@ -183,8 +183,8 @@ def _loss_and_push(params, tokens_BxL1, mask_BxL, cfg: model_lib.ModelConfig):
 
 
 # With Adam and layer norms a run at far too high a rate stays finite while its loss climbs
-# by orders of magnitude, so finiteness alone would not catch it; no fine-tune a real run
-# would make multiplies its batch loss by this much.
+# by orders of magnitude, so finiteness alone would not catch it. A fine-tune that behaves
+# like a real one never multiplies its batch loss by this much.
 DIVERGED_LOSS_FACTOR = 4.0
 
 
