@@ -129,6 +129,10 @@ def cmd_fit(args) -> int:
         + ")")
   print(f"  common gain {gain['common_gain']:.2f} +- {gain['common_gain_sd']:.2f} "
         f"(weight of the runs against the prior: {gain['data_weight']:.2f})")
+  if gain["data_weight"] < 0.5:
+    print("  the runs show little order effect (shuffled runs?), so the gain and the "
+          "intervals rest on priors; one run of a structured order pins them (`surrogate "
+          "next-run --sim " + args.out + "` suggests which)")
   print(f"  fit MSE of fragment probe losses: {info['fit_mse']:.5f}")
   if loo:
     print(f"  leave-one-run-out MSE: {loo['mse']:.5f} (order-agnostic mean: "

@@ -76,6 +76,9 @@ def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "calibrated on 2 runs" in out and "common gain" in out and "effect error" in out
   assert (sim / "simulator.json").exists() and (sim / "arrays.npz").exists()
+  # Runs without order effects are told that the priors decide, and what to run next.
+  weight = json.loads((sim / "simulator.json").read_text())["info"]["gain"]["data_weight"]
+  assert ("rest on priors" in out and "next-run" in out) == (weight < 0.5)
   assert main(["validate", "--sim", str(sim), "--runs", *real[2:], "--json"]) == 0
   report = json.loads(capsys.readouterr().out)
   assert set(report["methods"]) >= {"simulator", "order_agnostic", "simfluence_linear"}
