@@ -218,9 +218,9 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
     new_params = jax.tree.map(jnp.add, params, updates)
     ref_loss = jnp.where(jnp.isnan(ref_loss) & valid_B.any(),
                          jnp.maximum(loss, math.log(model_cfg.vocab_size)), ref_loss)
-    finite = (jnp.isfinite(loss) & _all_finite(new_params)
-              & ~(loss > DIVERGED_LOSS_FACTOR * ref_loss))
-    newly_diverged = (diverged_step < 0) & ~finite & valid_B.any()
+    healthy = (jnp.isfinite(loss) & _all_finite(new_params)
+               & ~(loss > DIVERGED_LOSS_FACTOR * ref_loss))
+    newly_diverged = (diverged_step < 0) & ~healthy & valid_B.any()
     diverged_step = jnp.where(newly_diverged, t, diverged_step)
     move = valid_B.any() & (diverged_step < 0)
     params, opt_state = jax.tree.map(lambda a, b: jnp.where(move, a, b),

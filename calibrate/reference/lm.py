@@ -171,9 +171,8 @@ def load_base(out: str, base_dir: str | None = None):
 
 
 def task(out: str, base_dir: str | None = None) -> Task:
-  load = load_base if base_dir is None else functools.partial(load_base, base_dir=base_dir)
   return Task(out=out, model_name=MODEL_NAME, optimizer=OPTIMIZER, max_length=LENGTH,
-              load=load)
+              load=functools.partial(load_base, base_dir=base_dir))
 
 
 def main() -> None:
@@ -189,11 +188,10 @@ def main() -> None:
   out = args.out or (test_out if args.set == "test" else os.path.join(DATA, "lm-dev"))
   make_fragments(out, CATEGORIES if args.set == "test" else DEV_CATEGORIES)
   t0 = time.time()
-  base_out = out if args.set == "test" else test_out
+  base_out = out if args.set == "test" else test_out  # dev shares the test set's base
   make_base(base_out)
   print(f"base ready ({time.time() - t0:.0f} s)", flush=True)
-  base_dir = None if args.set == "test" else os.path.join(base_out, "base")
-  run_all(task(out, base_dir), workers=args.workers)
+  run_all(task(out, os.path.join(base_out, "base")), workers=args.workers)
 
 
 if __name__ == "__main__":
