@@ -11,7 +11,12 @@ from tokenizers import Tokenizer
 from surrogate import model as model_lib
 from surrogate.fragments import Fragments
 from surrogate.simulate import SimData, build_sim_data
-from surrogate.tokenize import Tokenized, encode_examples, train_tokenizer
+from surrogate.tokenize import (
+  Tokenized,
+  context_length,
+  encode_examples,
+  train_tokenizer,
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -34,6 +39,26 @@ class Prepared:
   def eval_ids(self) -> list[str]:
     """The example ids whose losses each checkpoint records, in `data.eval_idx_M` order."""
     return [self.fragments.examples[i].id for i in self.data.eval_idx_M.tolist()]
+
+
+def model_config_for(fragments: Fragments, *, length: int | None = None,
+                     **shape) -> tuple[model_lib.ModelConfig, Tokenizer]:
+  """The surrogate's shape for `fragments`, with the BPE it was sized with.
+
+  Args:
+    fragments: the data set.
+    length: context length in tokens; None picks it from the data (`context_length`: 32,
+      or 64 when the median example is longer than 32 tokens).
+    **shape: other `ModelConfig` fields (their defaults otherwise); `vocab_size` sizes the BPE.
+
+  Returns:
+    (model_cfg, tokenizer): pass the tokenizer to `prepare` to reuse it.
+  """
+  vocab = shape.get("vocab_size", model_lib.ModelConfig.vocab_size)
+  tokenizer = train_tokenizer(fragments.texts_for_tokenizer(), vocab)
+  if length is None:
+    length = context_length(tokenizer, fragments.examples)
+  return model_lib.ModelConfig(length=length, **shape), tokenizer
 
 
 def prepare(fragments: Fragments, model_cfg: model_lib.ModelConfig = model_lib.ModelConfig(), *,

@@ -5,7 +5,14 @@ import pytest
 
 from surrogate.datasets import python_docs
 from surrogate.fragments import Example
-from surrogate.tokenize import BOS_ID, PAD_ID, encode_examples, train_tokenizer
+from surrogate.tokenize import (
+  BOS_ID,
+  PAD_ID,
+  context_length,
+  encode_examples,
+  token_counts,
+  train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +51,25 @@ def test_prompt_completion_masks_completion_only_and_keeps_it_when_cut(tok):
   np.testing.assert_array_equal(row[13 - len(ids_c):], ids_c)
   np.testing.assert_array_equal(row[1:13 - len(ids_c)], ids_p[len(ids_p) - (12 - len(ids_c)):])
   assert mask.sum() == len(ids_c) and mask[-len(ids_c):].all()
+
+
+def _texts_of(tok, counts):
+  """Examples of exactly `counts` tokens each (a word the BPE keeps whole, repeated)."""
+  word = next(w for w in (" import", " try", " the", " a") if
+              len(tok.encode(w * 3, add_special_tokens=False).ids) == 3)
+  return [Example(str(i), "f", "train", text=word * n) for i, n in enumerate(counts)]
+
+
+def test_context_length_holds_the_median_example(tok):
+  short = _texts_of(tok, [10, 20, 30, 40, 90])       # median 30
+  long = _texts_of(tok, [10, 40, 50, 60, 90])        # median 50
+  np.testing.assert_array_equal(token_counts(tok, long), [10, 40, 50, 60, 90])
+  assert context_length(tok, short) == 32
+  assert context_length(tok, long) == 64
+  assert context_length(tok, _texts_of(tok, [200, 300, 400])) == 64   # none fits: the longest
+  assert context_length(tok, long, choices=(16, 48, 128)) == 128
+  qa = [Example("q", "f", "probe", prompt=ex.text, completion=" try") for ex in long]
+  n_completion = len(tok.encode(" try", add_special_tokens=False).ids)
+  np.testing.assert_array_equal(token_counts(tok, qa), token_counts(tok, long) + n_completion)
+  with pytest.raises(ValueError, match="choices"):
+    context_length(tok, short, choices=())
