@@ -163,7 +163,7 @@ class Simulator:
   simfluence: SimfluenceLinear
   info: dict[str, Any]
   gain_quantiles: tuple[float, ...] = (-1.28, 0.0, 1.28)
-  effect_error: float = 0.5
+  effect_error: float = 0.25
 
   @property
   def num_seeds(self) -> int:

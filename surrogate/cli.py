@@ -34,15 +34,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--width", type=int, default=32, help="residual width D (default 32)")
   g.add_argument("--depth", type=int, default=2, help="transformer blocks (default 2)")
   g.add_argument("--heads", type=int, default=2, help="attention heads (default 2)")
-  g.add_argument("--length", type=int, default=32, help="context length in tokens (default 32)")
+  g.add_argument("--length", type=int, default=None,
+                 help="context length in tokens (default: 32, or 64 when the median example "
+                      "is longer than 32 tokens)")
   g.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size (default 512)")
   g.add_argument("--seed", type=int, default=0, help="seed of the surrogate's initial weights")
 
 
-def _model_cfg(args):
-  from surrogate.model import ModelConfig
-  return ModelConfig(vocab_size=args.vocab, length=args.length, width=args.width,
-                     depth=args.depth, heads=args.heads)
+def _model_cfg(args, frags):
+  from surrogate.prepare import model_config_for
+  return model_config_for(frags, length=args.length, vocab_size=args.vocab, width=args.width,
+                          depth=args.depth, heads=args.heads)[0]
 
 
 def _parse_named(text: str | None, names: Sequence[str], what: str) -> list[float] | None:
@@ -115,15 +117,18 @@ def cmd_fit(args) -> int:
   frags = read_fragments(args.data)
   runs = _read_runs(args.runs, frags)
   config = FitConfig(seeds=args.seeds, pretrain_steps=args.pretrain_steps,
-                     lr_scales=tuple(float(x) for x in args.lr_scales.split(",")))
-  sim = fit(frags, runs, model_cfg=_model_cfg(args), config=config, seed=args.seed,
+                     lr_scales=(tuple(float(x) for x in args.lr_scales.split(","))
+                                if args.lr_scales else None))
+  sim = fit(frags, runs, model_cfg=_model_cfg(args, frags), config=config, seed=args.seed,
             progress=not args.quiet)
   sim.save(args.out)
   info = sim.info
   gain = info["gain"]
   loo = info["leave_one_run_out"]
+  cfg = sim.model_cfg
   print(f"calibrated on {len(runs)} runs ({', '.join(info['calibration_runs'])}) in "
-        f"{info['seconds']['total']:.0f} s")
+        f"{info['seconds']['total']:.0f} s; surrogate {cfg.depth} x {cfg.width}, "
+        f"{cfg.length} tokens per example, {sim.num_seeds} seeds")
   print(f"  learning-rate scale {info['lr_scale']:g} (shape misfit per candidate: "
         + ", ".join(f"x{c['lr_scale']:g}: {c['shape_misfit']:.4f}" for c in info["knob_candidates"])
         + ")")
@@ -240,7 +245,7 @@ def cmd_simulate(args) -> int:
   from surrogate.prepare import prepare
   frags = read_fragments(args.data)
   runs = [read_runlog(p, frags) for p in args.orders]
-  cfg = _model_cfg(args)
+  cfg = _model_cfg(args, frags)
   train_ids = sorted({i for r in runs for e in r.evals for i in e.losses
                       if frags.examples[frags.index[i]].split.value == "train"})
   eval_train = [frags.index[i] for i in train_ids] if train_ids else args.eval_train
@@ -417,10 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
   f.add_argument("--seeds", type=int, default=4, help="surrogate seeds in the ensemble (4)")
   f.add_argument("--pretrain-steps", type=int, default=800,
                  help="pre-training steps on neutral text per seed (800)")
-  f.add_argument("--lr-scales", default="2",
+  f.add_argument("--lr-scales", default=None,
                  help="candidate learning-rate scales of the surrogate, comma-separated "
-                      "(default 2: twice the real rate, which ranked best on the development "
-                      "sets; e.g. 1,2,4 to choose by the loss curves' shape)")
+                      "(default: 2 with a 32-token context, 3 with 64, the rates that ranked "
+                      "best on the development sets; e.g. 1,2,4 to choose by the loss "
+                      "curves' shape)")
   f.add_argument("--quiet", action="store_true", help="no progress bar")
   _model_args(f)
   f.set_defaults(func=cmd_fit)
@@ -517,9 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="simulated runs in the screen, counterfactuals included (default 128)")
   d.add_argument("--budget", type=int, default=8,
                  help="candidate orders the search simulates, each from every seed (default 8)")
-  d.add_argument("--length", type=int, default=32,
-                 help="the surrogate's tokens per example (default 32, as ModelConfig; 16 is "
-                      "about twice as fast and ranks worse)")
+  d.add_argument("--length", type=int, default=None,
+                 help="the surrogate's tokens per example (default: fit's, 64 on this data; "
+                      "32 is about twice as fast and ranks worse)")
   d.add_argument("--out", default="surrogate-demo", help="folder for the report and results")
   d.add_argument("--seed", type=int, default=0)
   d.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -34,7 +34,7 @@ def _data_dir() -> str:
 
 
 def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
-             budget: int = 8, length: int = 32, progress: bool = True) -> int:
+             budget: int = 8, length: int | None = None, progress: bool = True) -> int:
   """Runs the demo; prints the fragment table, the best order and held-out checks.
 
   Args:
@@ -42,7 +42,7 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
     out: folder for `report.html`, its PNGs, `summary.json` and the best order's file.
     seed: drives the surrogate seeds and every drawn order.
     budget: candidate orders the search simulates (each from every surrogate seed).
-    length: the surrogate's context length in tokens.
+    length: the surrogate's context length in tokens (default: fit's, from the data).
     progress: show progress bars.
   """
   import jax
@@ -64,11 +64,12 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
   print(f"data: {len(frags.examples)} examples in {len(frags.names)} fragments (Debian "
         f"fortunes); real runs: {cal[0].header.model}, {cal[0].num_steps} steps of "
         f"{cal[0].header.batch_size}")
-  model_cfg = ModelConfig(length=length)
+  model_cfg = None if length is None else ModelConfig(length=length)
   sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), seed=seed, progress=progress)
   gain = sim.info["gain"]
   loo = sim.info["leave_one_run_out"]
-  print(f"[1/4] calibrated on {', '.join(CALIBRATION)} in {sim.info['seconds']['total']:.0f} s: "
+  print(f"[1/4] calibrated on {', '.join(CALIBRATION)} in {sim.info['seconds']['total']:.0f} s "
+        f"(surrogate: {sim.model_cfg.length} tokens, {sim.info['lr_scale']:g} x the real rate): "
         f"gain {gain['common_gain']:.2f} +- {gain['common_gain_sd']:.2f}; leave-one-run-out "
         f"MSE {loo['mse']:.4f} (order-agnostic mean {loo['order_agnostic_mse']:.4f})")
 
@@ -117,8 +118,9 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
   print("(mean final probe loss over fragments; rank of the held-out runs predicted "
         f"{[int(x) + 1 for x in pred_rank]}, real {[int(x) + 1 for x in real_rank]})")
 
-  notes = [(f"The demo's surrogate reads {length} tokens per example; accuracy figures for it "
-           "and for the default are in docs/results.md."),
+  notes = [(f"The demo's surrogate reads {sim.model_cfg.length} tokens per example at "
+            f"{sim.info['lr_scale']:g} x the real learning rate; accuracy figures for it are in "
+            "docs/results.md."),
            ("Outcome probabilities come from pairs of an order and its counterfactual; a "
            "fragment with few pairs has a coarse estimate (see the pairs column).")]
   report = write_report(out, sim, screen=sc, search=result, trajectories=plots,

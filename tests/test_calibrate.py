@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from self_made import CFG, CONFIG, NEUTRAL, OPT, SEED, TRUE_LR_SCALE
 
-from calibrate.fit import FitError, check_runs, effect_error_from, fit
+from calibrate.fit import FitError, check_runs, default_lr_scale, effect_error_from, fit
 from calibrate.outcomes import OUTCOMES, Outcome
 from calibrate.simulator import Simulator, SimulatorError
 from calibrate.validate import validate
 from surrogate.datasets import python_docs
+from surrogate.prepare import model_config_for
 
 
 def test_fit_recovers_the_learning_rate_scale(sim):
@@ -175,3 +176,13 @@ def test_a_surrogate_diverging_at_every_scale_is_a_clear_fit_error(world):
   with pytest.raises(FitError, match=r"diverged at every candidate .*\[30000\.0\].*lr-scales 1"):
     fit(frags, runs[:2], model_cfg=CFG, config=config, seed=SEED, neutral_texts=NEUTRAL,
         progress=False)
+
+
+def test_fit_picks_the_context_and_its_rate_from_the_data(world):
+  frags, runs = world
+  cfg, _ = model_config_for(frags)
+  config = dataclasses.replace(CONFIG, seeds=1, pretrain_steps=5, lr_scales=None)
+  sim = fit(frags, runs[:2], config=config, seed=SEED, neutral_texts=NEUTRAL, progress=False)
+  assert sim.model_cfg == cfg and cfg.length in (32, 64)
+  assert sim.info["lr_scale"] == default_lr_scale(cfg.length)
+  assert [default_lr_scale(n) for n in (16, 32, 64)] == [2.0, 2.0, 3.0]
