@@ -1,0 +1,25 @@
+"""Accuracy metrics: the estimated noise ceiling over pairs that were run once."""
+
+import numpy as np
+
+from calibrate import metrics
+
+
+def test_seed_agreement_bounds_and_order():
+  real = np.array([[1.0, 2.0], [1.5, 2.1], [3.0, 2.2]])          # R=3 orders, F=2
+  assert metrics.expected_seed_agreement(real, np.zeros(2)) == 1.0
+  assert abs(metrics.expected_seed_agreement(real, np.full(2, 1e6)) - 0.5) < 1e-3
+  noisy = [metrics.expected_seed_agreement(real, np.full(2, v)) for v in (1e-4, 1e-2, 1.0)]
+  assert noisy[0] > noisy[1] > noisy[2] >= 0.5
+  assert np.isnan(metrics.expected_seed_agreement(real, np.full(2, 1e-2), pairs=[]))
+
+
+def test_seed_agreement_estimates_the_agreement_of_two_re_runs():
+  rng = np.random.default_rng(0)
+  r, f, sd = 40, 12, 0.01
+  true = rng.normal(0, 0.02, (r, f))                 # order effects of a few sd of seed noise
+  once, again, third = (true + rng.normal(0, sd, (r, f)) for _ in range(3))
+  measured = metrics.decision_accuracy(again, third)  # two re-runs of every order
+  estimate = metrics.expected_seed_agreement(once, np.full(f, sd ** 2))
+  assert 0.6 < measured < 0.95
+  assert abs(estimate - measured) < 0.03
