@@ -10,7 +10,7 @@ the wall time of each part; `--json PATH` also writes every figure.
   python benchmarks/accuracy.py                # lm (test) and cls, about 10 minutes here
   python benchmarks/accuracy.py --task lm-dev --lr-scales 2   # the LM development set
   python benchmarks/accuracy.py --task lm --plan mixed
-  python benchmarks/accuracy.py --task lm --plan mixed --length 16   # the demo's surrogate
+  python benchmarks/accuracy.py --task lm --plan mixed --length 32 --lr-scales 2
   python benchmarks/accuracy.py --task lm-dev --effect-errors 0.25,0.5,1,2   # interval sweep
 
 `--effect-errors` validates the same fit again with each value of the intervals' effect
@@ -64,8 +64,8 @@ def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[floa
     Simulator.simulate_raw = simulate_raw
 
 
-def run(task: str, seeds: int, plan: str, length: int = 32,
-        lr_scales: tuple[float, ...] = FitConfig.lr_scales,
+def run(task: str, seeds: int, plan: str, length: int | None = None,
+        lr_scales: tuple[float, ...] | None = FitConfig.lr_scales,
         gain_prior: float = FitConfig.gain_prior,
         effect_errors: tuple[float, ...] = ()) -> dict:
   folder = os.path.join(DATA, task)
@@ -75,7 +75,7 @@ def run(task: str, seeds: int, plan: str, length: int = 32,
   held = [r for r in runs if r.header.run_id not in CALIBRATION[plan]
           and not r.header.run_id.startswith("shuffled-")]
   t0 = time.perf_counter()
-  sim = fit(frags, cal, model_cfg=ModelConfig(length=length),
+  sim = fit(frags, cal, model_cfg=None if length is None else ModelConfig(length=length),
             config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior),
             progress=False)
   t_fit = time.perf_counter() - t0
@@ -84,7 +84,7 @@ def run(task: str, seeds: int, plan: str, length: int = 32,
   t_val = time.perf_counter() - t0
   print(f"\n== {task}, plan {plan}: calibrated on {len(cal)} runs in {t_fit:.0f} s "
         f"(pre-training {sim.info['seconds']['pretrain']:.0f} s), validated on {len(held)} "
-        f"runs in {t_val:.0f} s")
+        f"runs in {t_val:.0f} s; surrogate {sim.model_cfg.length} tokens per example")
   info = sim.info
   print(f"lr scale {info['lr_scale']:g}; shape misfit "
         + ", ".join(f"x{c['lr_scale']:g} {c['shape_misfit']:.4f}" for c in info["knob_candidates"]))
@@ -113,10 +113,11 @@ def main() -> None:
   p.add_argument("--seeds", type=int, default=FitConfig.seeds)
   p.add_argument("--plan", choices=sorted(CALIBRATION), default="shuffles",
                  help="which runs calibrate (see above)")
-  p.add_argument("--length", type=int, default=32,
-                 help="surrogate tokens per example (the demo uses 16)")
-  p.add_argument("--lr-scales", default=",".join(map(str, FitConfig.lr_scales)),
-                 help="candidate learning-rate scales for fit (one: no choice)")
+  p.add_argument("--length", type=int, default=None,
+                 help="surrogate tokens per example (default: fit's, from the data)")
+  p.add_argument("--lr-scales", default="",
+                 help="candidate learning-rate scales for fit (one: no choice; default: "
+                      "fit's, by the context length)")
   p.add_argument("--gain-prior", type=float, default=FitConfig.gain_prior,
                  help="prior mean of the common gain (see calibrate.fit.FitConfig)")
   p.add_argument("--effect-errors", default="",
@@ -124,7 +125,7 @@ def main() -> None:
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = ["lm", "cls"] if args.task == "both" else [args.task]
-  scales = tuple(float(x) for x in args.lr_scales.split(","))
+  scales = tuple(float(x) for x in args.lr_scales.split(",") if x) or None
   sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
   out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior, sweep)
          for t in tasks}
