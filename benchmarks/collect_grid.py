@@ -14,7 +14,6 @@ the real runs, `diverged_KxSxR`, run ids and kinds, the knob grid.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import itertools
 import os
@@ -25,13 +24,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE)]
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from calibrate.fit import _real_losses
+from calibrate.fit import _real_losses, simulate_knob_grid
 from calibrate.metrics import fragment_means
-from calibrate.predict import plan_for
-from calibrate.runlog import order_from_runlog, read_runlog, run_learning_rates
+from calibrate.runlog import read_runlog
 from calibrate.simulator import _positions
 from surrogate import model as model_lib
 from surrogate import optim
@@ -39,7 +36,6 @@ from surrogate.datasets import python_docs_neutral
 from surrogate.fragments import read_fragments
 from surrogate.prepare import prepare
 from surrogate.pretrain import pretrain_ensemble
-from surrogate.simulate import simulate_many
 from surrogate.tokenize import encode_texts
 
 DATA = os.path.join(HERE, "..", "calibrate", "reference", "data")
@@ -63,39 +59,29 @@ def collect(task: str, *, seeds: int, length: int, lr_scales, wd_scales, pretrai
   jax.block_until_ready(params_S)
   t_pre = time.perf_counter() - t0
   cands = list(itertools.product(lr_scales, wd_scales))
-  n_k, n_r = len(cands), len(runs)
-  orders = np.stack([order_from_runlog(r, frags) for r in runs])
-  lrs = np.stack([run_learning_rates(r) for r in runs])
-  idx_k, idx_s, idx_r = (a.ravel() for a in np.meshgrid(np.arange(n_k), np.arange(seeds),
-                                                        np.arange(n_r), indexing="ij"))
-  knobs = optim.Knobs(jnp.asarray([cands[k][0] for k in idx_k], jnp.float32),
-                      jnp.asarray([cands[k][1] for k in idx_k], jnp.float32))
-  plan = dataclasses.replace(plan_for(runs), diagnostics=False)
-  steps_C = np.array(sorted(set(runs[0].eval_steps)))
-  ckpt = plan.checkpoint_steps(runs[0].num_steps)
   opt_cfg = optim.OptimizerConfig.from_dict(runs[0].header.optimizer)
   t1 = time.perf_counter()
-  traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[idx_s], params_S), knobs,
-                       orders[idx_r], lrs[idx_r], prep.data, model_cfg=cfg, opt_cfg=opt_cfg,
-                       plan=plan, chunk_size=chunk, progress=False, share_prefixes=False)
+  # Prefix sharing goes back to the host between eval intervals: plain vmap on a GPU.
+  sur, diverged = simulate_knob_grid(params_S, cands, runs, frags, prep.data, model_cfg=cfg,
+                                     opt_cfg=opt_cfg, chunk_size=chunk, progress=False,
+                                     share_prefixes=False)
   t_sim = time.perf_counter() - t1
-  sur = traj.eval_loss_CxM[:, np.searchsorted(ckpt, steps_C)]
   pos = _positions(frags, eval_ids)
   frag_M, probe_M = frags.fragment_of[pos], frags.split_of[pos] == 1
   num_f = len(frags.names)
   real = _real_losses(runs, eval_ids)
-  sur = sur.reshape(n_k, seeds, n_r, len(steps_C), -1)
-  print(f"{task} L{length}: {len(idx_k)} simulations, pretrain {t_pre:.0f} s, "
-        f"simulate {t_sim:.0f} s, diverged {(traj.diverged_step >= 0).sum()}", flush=True)
+  print(f"{task} L{length}: {diverged.size} simulations, pretrain {t_pre:.0f} s, "
+        f"simulate {t_sim:.0f} s, diverged {(diverged >= 0).sum()}", flush=True)
   return {
       "sur_KxSxRxCxF": fragment_means(sur, frag_M, probe_M, num_f),
       "sur_train_KxSxRxCxF": fragment_means(sur, frag_M, ~probe_M, num_f),
-      "diverged_KxSxR": traj.diverged_step.reshape(n_k, seeds, n_r),
+      "diverged_KxSxR": diverged,
       "real_RxCxF": fragment_means(real, frag_M, probe_M, num_f),
       "real_train_RxCxF": fragment_means(real, frag_M, ~probe_M, num_f),
       "run_ids": np.array([r.header.run_id for r in runs]),
       "kinds": np.array([str((r.header.extra.get("order_spec") or {}).get("kind")) for r in runs]),
-      "fragment_names": np.array(frags.names), "steps_C": steps_C,
+      "fragment_names": np.array(frags.names),
+      "steps_C": np.array(sorted(set(runs[0].eval_steps))),
       "lr_scale_K": np.array([c[0] for c in cands]), "wd_scale_K": np.array([c[1] for c in cands]),
   }
 

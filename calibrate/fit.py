@@ -282,6 +282,42 @@ def effect_error_from(res_RxCxF: np.ndarray, effect_RxCxF: np.ndarray,
   return float(grid[int(np.argmax(loglik))])
 
 
+def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Sequence[RunLog],
+                       fragments: Fragments, data, *, model_cfg: model_lib.ModelConfig,
+                       opt_cfg: optim.OptimizerConfig, chunk_size: int | None = None,
+                       progress: bool = True, share_prefixes: bool | None = None):
+  """Every (knobs, seed, run) simulated at once, on the runs' exact batches and rates.
+
+  Args:
+    params_S: surrogate seeds (leading axis S).
+    cands: K (learning-rate scale, weight-decay scale) pairs.
+    runs: R runs of one length, evaluated at the same steps (their C distinct eval steps).
+    fragments, data: the data set and its `SimData`.
+    model_cfg, opt_cfg, chunk_size, progress, share_prefixes: as for `simulate_many`.
+
+  Returns:
+    (sur_KxSxRxCxM, diverged_KxSxR): eval losses at the runs' eval steps, and the step each
+    simulation diverged at (-1 if none).
+  """
+  n_k, n_s, n_r = len(cands), int(jax.tree.leaves(params_S)[0].shape[0]), len(runs)
+  steps_C = np.array(sorted(set(runs[0].eval_steps)))
+  orders = np.stack([order_from_runlog(r, fragments) for r in runs])
+  lrs = np.stack([run_learning_rates(r) for r in runs])
+  idx_k, idx_s, idx_r = (a.ravel() for a in np.meshgrid(np.arange(n_k), np.arange(n_s),
+                                                        np.arange(n_r), indexing="ij"))
+  knobs = optim.Knobs(jnp.asarray([cands[k][0] for k in idx_k], jnp.float32),
+                      jnp.asarray([cands[k][1] for k in idx_k], jnp.float32))
+  plan = dataclasses.replace(plan_for(runs), diagnostics=False)
+  ckpt = plan.checkpoint_steps(runs[0].num_steps)
+  traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[idx_s], params_S), knobs,
+                       orders[idx_r], lrs[idx_r], data, model_cfg=model_cfg, opt_cfg=opt_cfg,
+                       plan=plan, chunk_size=chunk_size, progress=progress,
+                       share_prefixes=share_prefixes)
+  sur = traj.eval_loss_CxM[:, np.searchsorted(ckpt, steps_C)]
+  return (sur.reshape(n_k, n_s, n_r, len(steps_C), -1),
+          traj.diverged_step.reshape(n_k, n_s, n_r))
+
+
 def fit(fragments: Fragments, runs: Sequence[RunLog], *,
         model_cfg: model_lib.ModelConfig | None = None,
         config: FitConfig = FitConfig(), seed: int = 0, neutral_texts: Sequence[str] | None = None,
@@ -330,26 +366,15 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
                                   steps=config.pretrain_steps)
   t_pre = time.perf_counter() - t0
 
-  # Every (candidate knobs, seed, calibration order) at once.
   lr_scales = config.lr_scales or (default_lr_scale(model_cfg.length),)
   cands = list(itertools.product(lr_scales, config.weight_decay_scales))
-  n_k, n_s, n_r = len(cands), config.seeds, len(runs)
   steps_C = np.array(sorted(set(first.eval_steps)))
+  sur, diverged = simulate_knob_grid(params_S, cands, runs, fragments, prep.data,
+                                     model_cfg=model_cfg, opt_cfg=opt_cfg,
+                                     chunk_size=config.chunk_size, progress=progress)
+  sur = sur.astype(np.float64)
   orders = np.stack([order_from_runlog(r, fragments) for r in runs])
   lrs = np.stack([run_learning_rates(r) for r in runs])
-  idx_k, idx_s, idx_r = (a.ravel() for a in np.meshgrid(np.arange(n_k), np.arange(n_s),
-                                                        np.arange(n_r), indexing="ij"))
-  knobs = optim.Knobs(jnp.asarray([cands[k][0] for k in idx_k], jnp.float32),
-                      jnp.asarray([cands[k][1] for k in idx_k], jnp.float32))
-  plan = dataclasses.replace(plan_for(runs), diagnostics=False)
-  ckpt = plan.checkpoint_steps(first.num_steps)
-  traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[idx_s], params_S), knobs,
-                       orders[idx_r], lrs[idx_r], prep.data, model_cfg=model_cfg,
-                       opt_cfg=opt_cfg, plan=plan, chunk_size=config.chunk_size,
-                       progress=progress)
-  sur = traj.eval_loss_CxM[:, np.searchsorted(ckpt, steps_C)]
-  sur = sur.reshape(n_k, n_s, n_r, len(steps_C), -1).astype(np.float64)
-  diverged = traj.diverged_step.reshape(n_k, n_s, n_r)
   real = _real_losses(runs, eval_ids)
 
   # Knobs: shape of the per-fragment curves (probe and train means), plus the prior.
