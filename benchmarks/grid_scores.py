@@ -22,15 +22,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE)]
 
 import numpy as np
+from accuracy import CALIBRATION, DATA
 
 from calibrate.fit import FitConfig, fit_gains
 from calibrate.runlog import read_runlog
 from calibrate.validate import _scores, group_reruns
 from surrogate.fragments import read_fragments
 
-DATA = os.path.join(HERE, "..", "calibrate", "reference", "data")
-CALIBRATION = {"shuffles": ("shuffled-s0", "shuffled-s1", "shuffled-s2", "shuffled-s3"),
-               "mixed": ("shuffled-s0", "shuffled-s1", "blocked-p1", "subset-1")}
 NAMES = ("mse_ratio", "tau", "decisions", "orders", "auroc")
 
 

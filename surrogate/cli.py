@@ -42,9 +42,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_cfg(args, frags):
+  """(ModelConfig, the BPE it was sized with) from the surrogate options."""
   from surrogate.prepare import model_config_for
   return model_config_for(frags, length=args.length, vocab_size=args.vocab, width=args.width,
-                          depth=args.depth, heads=args.heads)[0]
+                          depth=args.depth, heads=args.heads)
 
 
 def _parse_named(text: str | None, names: Sequence[str], what: str) -> list[float] | None:
@@ -119,7 +120,7 @@ def cmd_fit(args) -> int:
   config = FitConfig(seeds=args.seeds, pretrain_steps=args.pretrain_steps,
                      lr_scales=(tuple(float(x) for x in args.lr_scales.split(","))
                                 if args.lr_scales else None))
-  sim = fit(frags, runs, model_cfg=_model_cfg(args, frags), config=config, seed=args.seed,
+  sim = fit(frags, runs, model_cfg=_model_cfg(args, frags)[0], config=config, seed=args.seed,
             progress=not args.quiet)
   sim.save(args.out)
   info = sim.info
@@ -245,11 +246,12 @@ def cmd_simulate(args) -> int:
   from surrogate.prepare import prepare
   frags = read_fragments(args.data)
   runs = [read_runlog(p, frags) for p in args.orders]
-  cfg = _model_cfg(args, frags)
+  cfg, tokenizer = _model_cfg(args, frags)
   train_ids = sorted({i for r in runs for e in r.evals for i in e.losses
                       if frags.examples[frags.index[i]].split.value == "train"})
   eval_train = [frags.index[i] for i in train_ids] if train_ids else args.eval_train
-  prep = prepare(frags, cfg, key=jax.random.key(args.seed), eval_train=eval_train)
+  prep = prepare(frags, cfg, key=jax.random.key(args.seed), eval_train=eval_train,
+                 tokenizer=tokenizer)
   params0 = init_params(jax.random.key(args.seed), cfg)
   t0 = time.perf_counter()
   sims = simulate_runs(prep, params0, runs, default_every=args.eval_every,

@@ -68,10 +68,7 @@ def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example], length: i
   tokens = np.full((e, length + 1), PAD_ID, np.int32)
   mask = np.zeros((e, length), np.float32)
   truncated = np.zeros(e, bool)
-  texts = [ex.text if ex.text is not None else ex.prompt for ex in examples]
-  first = tokenizer.encode_batch(texts, add_special_tokens=False)
-  completions = [ex.completion or "" for ex in examples]
-  second = tokenizer.encode_batch(completions, add_special_tokens=False)
+  first, second = _encoded_parts(tokenizer, examples)
   for i, ex in enumerate(examples):
     a = first[i].ids
     if ex.text is not None:
@@ -90,12 +87,17 @@ def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example], length: i
   return Tokenized(tokens, mask, truncated)
 
 
-def token_counts(tokenizer: Tokenizer, examples: Sequence[Example]) -> np.ndarray:
-  """Tokens of each example, uncut: a text's, or a prompt's plus its completion's (no BOS)."""
+def _encoded_parts(tokenizer: Tokenizer, examples: Sequence[Example]):
+  """Each example's text (or prompt) and completion ("" for a text), encoded without BOS."""
   texts = [ex.text if ex.text is not None else ex.prompt for ex in examples]
   completions = [ex.completion or "" for ex in examples]
-  first = tokenizer.encode_batch(texts, add_special_tokens=False)
-  second = tokenizer.encode_batch(completions, add_special_tokens=False)
+  return (tokenizer.encode_batch(texts, add_special_tokens=False),
+          tokenizer.encode_batch(completions, add_special_tokens=False))
+
+
+def token_counts(tokenizer: Tokenizer, examples: Sequence[Example]) -> np.ndarray:
+  """Tokens of each example, uncut: a text's, or a prompt's plus its completion's (no BOS)."""
+  first, second = _encoded_parts(tokenizer, examples)
   return np.array([len(a.ids) + len(b.ids) for a, b in zip(first, second)], np.int64)
 
 
