@@ -14,7 +14,7 @@ the wall time of each part; `--json PATH` also writes every figure.
   python benchmarks/accuracy.py --task lm-dev --effect-errors 0.25,0.5,1,2   # interval sweep
 
 `--effect-errors` validates the same fit again with each value of the intervals' effect
-error in place of the one fit chose (how `FitConfig.effect_error`'s default was set, on the
+error in place of the one fit chose (how `FitConfig.fallback_effect_error` was set, on the
 development sets): only the intervals change, so the surrogate is simulated once.
 """
 
@@ -96,7 +96,9 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
         f"{info['baselines']['simfluence_ridge']:g}")
   e = info["effect_error"]
   loo_e = "none" if e["leave_one_run_out"] is None else f"{e['leave_one_run_out']:.3f}"
-  print(f"effect error {e['used']:.3f} (prior {e['prior']:g}, leave-one-run-out {loo_e})")
+  rho = info.get("train_fidelity")
+  print(f"effect error {e['used']:.3f} (prior {e['prior']:.3g}, leave-one-run-out {loo_e}; "
+        f"train fidelity {'none' if rho is None else f'{rho:.3f}'})")
   print(report.format_table())
   sweep = coverage_sweep(sim, held, list(effect_errors)) if effect_errors else {}
   for e, c in sweep.items():

@@ -18,8 +18,10 @@ What is fitted, and why this way (DESIGN.md, last section):
    at the prior (shuffled runs barely differ, so they cannot tell the gain).
 4. **Uncertainty.** Seeds x gain quantiles form an ensemble; leave-one-run-out residuals on
    the calibration runs add the spread the ensemble does not show, plus an error in
-   proportion to each fragment's predicted order effect (`effect_error`): a prior when the
-   runs are shuffles, estimated from the left-out runs when they carry order effects.
+   proportion to each fragment's predicted order effect (`effect_error`). Its prior comes
+   from how well the surrogate follows what even shuffled runs show, the dips of the
+   evaluated train examples when they are fed (`train_fidelity`); left-out runs that carry
+   order effects estimate it directly.
 5. **Baselines** on the same runs (order-agnostic mean, Simfluence-linear) are fitted too and
    saved with the simulator, so `validate` can report them beside it.
 """
@@ -35,6 +37,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from calibrate.baselines import SimfluenceLinear, fragment_shares
 from calibrate.metrics import fragment_means
@@ -68,16 +71,24 @@ class FitConfig:
       structured runs of both development sets gave at the default rates (1.60 each;
       1.65 and 1.59 when both were simulated with 32 tokens at twice the real rate);
       at the real rate it was 2.5 (DESIGN.md: the surrogate's effects were 2-3x too small).
+      The sd is 0.5 since the intervals' model error comes from the runs (below); it was
+      1.0, which made the intervals of LM-like sets too wide (docs/results.md).
     fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
     effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
       treated as noise when fitting gains.
     effect_error: prior of the predictive sd of a fragment's loss as a share of its
       predicted order effect (the surrogate's effects are right in pattern, not in detail).
-      The value used blends it with the leave-one-run-out estimate (`effect_error_from`)
-      by the gain's data weight: shuffled runs keep it, structured runs replace it. The
-      default 0.25 is the value of a grid (0.25 to 3) whose 80 % intervals, calibrated on
-      four shuffles, came nearest covering 80 % of the held-out runs over both development
-      sets (0.93 LM-like, 0.72 classification: one too wide, one too narrow).
+      None (default): from the runs, `misfit_to_error` x sqrt(1 / rho^2 - 1), rho being
+      `train_fidelity` (how well the surrogate follows the evaluated train examples' dips
+      in the calibration runs: 0.8 on LM-like data, 0.4 on classification), or
+      `fallback_effect_error` when the runs evaluate no train example. The value used
+      blends the prior with the leave-one-run-out estimate (`effect_error_from`) by the
+      gain's data weight: shuffled runs keep the prior, structured runs replace it.
+    misfit_to_error: the constant above; 0.3, from a grid (0.3, 0.4, 0.5) whose 80 %
+      intervals, calibrated on four shuffles, came nearest covering 80 % of the held-out
+      runs over both development sets (docs/results.md).
+    fallback_effect_error: the prior without train evals; 0.5, by the same rule over a grid
+      of fixed values (0, 0.25, 0.5, 1, 1.5, 2, 3).
     min_steps: runs shorter than this cannot be fitted.
     chunk_size: orders per compiled simulation call (default: `simulate.default_chunk_size`).
   """
@@ -87,10 +98,12 @@ class FitConfig:
   weight_decay_scales: tuple[float, ...] = (1.0,)
   knob_prior_sd: float = 0.35
   gain_prior: float = 1.6
-  gain_prior_sd: float = 1.0
+  gain_prior_sd: float = 0.5
   fragment_gain_sd: float = 0.5
   effect_noise: float = 0.05
-  effect_error: float = 0.25
+  effect_error: float | None = None
+  misfit_to_error: float = 0.3
+  fallback_effect_error: float = 0.5
   min_steps: int = 10
   chunk_size: int | None = None
 
@@ -262,6 +275,38 @@ def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
   return frag_sd, ex_sd, loo, np.array(frag_res), np.array(effects)
 
 
+def train_fidelity(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray) -> float | None:
+  """How well the surrogate tracks what the calibration runs do show: the correlation of
+  its (seed-mean) deviations from the calibration mean with the real ones, over runs, eval
+  steps after 0 and fragments, on fragment means of the evaluated train examples.
+
+  Shuffled runs hardly move the probes, but each evaluated train example is fed at other
+  times in each shuffle, so its loss dips and recovers at other steps (memorisation): a
+  signal of order even there. None without two runs or finite deviations.
+  """
+  if real_RxCxF.shape[0] < 2:
+    return None
+  dr = real_RxCxF - real_RxCxF.mean(0, keepdims=True)
+  sur_RxCxF = sur_SxRxCxF.mean(0)
+  ds = sur_RxCxF - sur_RxCxF.mean(0, keepdims=True)
+  dr, ds = dr[:, 1:].ravel(), ds[:, 1:].ravel()
+  ok = np.isfinite(dr) & np.isfinite(ds)
+  if ok.sum() < 3 or dr[ok].std() == 0 or ds[ok].std() == 0:
+    return None
+  return float(np.corrcoef(ds[ok], dr[ok])[0, 1])
+
+
+def effect_error_prior(config: FitConfig, rho: float | None) -> float:
+  """The `effect_error` prior: the configured one, else `misfit_to_error` x the surrogate's
+  misfit sqrt(1 / rho^2 - 1) (the sd of what it misses per unit of what it follows, were
+  the misses independent of it; rho <= 0.124 counts as 0.124, a misfit of 8)."""
+  if config.effect_error is not None:
+    return config.effect_error
+  if rho is None:
+    return config.fallback_effect_error
+  return config.misfit_to_error * float(np.sqrt(1 / max(rho, 0.124) ** 2 - 1))
+
+
 def effect_error_from(res_RxCxF: np.ndarray, effect_RxCxF: np.ndarray,
                       frag_sd_CxF: np.ndarray) -> float:
   """Maximum-likelihood share of the predicted order effect that is error, from
@@ -321,7 +366,7 @@ def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Seq
 def fit(fragments: Fragments, runs: Sequence[RunLog], *,
         model_cfg: model_lib.ModelConfig | None = None,
         config: FitConfig = FitConfig(), seed: int = 0, neutral_texts: Sequence[str] | None = None,
-        progress: bool = True) -> Simulator:
+        tokenizer: Tokenizer | None = None, progress: bool = True) -> Simulator:
   """Calibrates the surrogate to real runs of `fragments`.
 
   Args:
@@ -333,6 +378,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
     seed: drives every random choice (initialisations, pre-training batches).
     neutral_texts: pre-training text (default: paragraphs of Python's reference manual from
       `pydoc_data`, which ships with Python). It must not contain the fragments' examples.
+    tokenizer: the surrogate's BPE, when already trained on `fragments` (e.g. by
+      `model_config_for`, to size `model_cfg`); by default it is trained here.
     progress: show progress bars.
 
   Returns:
@@ -348,7 +395,6 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   evaluated = {i for r in runs for ev in r.evals for i in ev.losses}
   common = [i for i in evaluated if all(i in ev.losses for r in runs for ev in r.evals)]
   train_pos = sorted(p for p in _positions(fragments, common) if fragments.split_of[p] == 0)
-  tokenizer = None
   if model_cfg is None:
     model_cfg, tokenizer = model_config_for(fragments)
   key = jax.random.key(seed)
@@ -401,14 +447,17 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   real_f = fragment_means(real, frag_M, probe_M, num_f)
   sur_f = fragment_means(sur_k, frag_M, probe_M, num_f)
   gain_F, gain_sd_F, gain_info = fit_gains(real_f, sur_f, config)
+  rho = (train_fidelity(fragment_means(real, frag_M, ~probe_M, num_f),
+                        fragment_means(sur_k, frag_M, ~probe_M, num_f))
+         if (~probe_M).any() else None)
   frag_sd, ex_sd, loo, res_f, effect_f = _residual_sds(real, np.moveaxis(sur_k, 0, 1), frag_M,
                                                        probe_M, num_f, config)
   # The order effects that pin the gain (its data weight) also show how wrong the predicted
   # effects are; shuffled runs show neither, and the prior stands.
   weight = gain_info["data_weight"]
   e_runs = effect_error_from(res_f, effect_f, frag_sd) if res_f is not None else None
-  effect_error = (config.effect_error if e_runs is None
-                  else weight * e_runs + (1 - weight) * config.effect_error)
+  e_prior = effect_error_prior(config, rho)
+  effect_error = e_prior if e_runs is None else weight * e_runs + (1 - weight) * e_prior
   anchor = real.mean(0)
   sur_cal = sur_k.mean(1)                                         # S C M
   fitted = anchor[None] + gain_F[frag_M] * (sur_k.mean(0) - sur_cal.mean(0))
@@ -424,7 +473,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
                           for (lr, wd), s in zip(cands, scores)],
       "lr_scale": cands[k_best][0], "weight_decay_scale": cands[k_best][1],
       "gain": gain_info, "fit_mse": fit_mse, "leave_one_run_out": loo,
-      "effect_error": {"prior": config.effect_error, "leave_one_run_out": e_runs,
+      "train_fidelity": rho,
+      "effect_error": {"prior": e_prior, "leave_one_run_out": e_runs,
                        "used": effect_error},
       "seconds": {"pretrain": t_pre, "total": time.perf_counter() - t0},
       "baselines": {"simfluence_ridge": simfluence.ridge, "lr_ref": float(lrs.max())},

@@ -17,6 +17,7 @@ __all__ = [
     "counterfactual_rank",
     "coverage",
     "decision_accuracy",
+    "decisions_by_margin",
     "expected_seed_agreement",
     "fragment_means",
     "order_decision_accuracy",
@@ -89,10 +90,61 @@ def expected_seed_agreement(real_RxF: np.ndarray, seed_var_F: np.ndarray,
       re-runs: half the mean squared difference of a run and its re-run).
     pairs: the order pairs (default: all pairs).
   """
+  cells = _seed_posterior(real_RxF, seed_var_F, pairs)
+  if cells is None:
+    return float("nan")
+  d, p, w = cells
+  agree = ((p * p + (1 - p) ** 2) * w).sum(-1)
+  return float(agree[np.isfinite(d)].mean())
+
+
+def decisions_by_margin(pred_RxF: np.ndarray, real_RxF: np.ndarray, seed_var_F: np.ndarray,
+                        edges: tuple[float, ...] = (1.0, 2.0, 4.0)) -> list[dict[str, float]]:
+  """`decision_accuracy` over all pairs, split by how clearly the real runs decide.
+
+  Each (pair of orders, fragment) decision falls in a band by its margin: the real
+  difference |d| in units of the seed noise of a difference, sqrt(2 x seed_var). Per band:
+  the decisions, the share `pred_RxF` gets right, and the noise ceiling there: the chance
+  that a re-run of the pair decides as the observed runs did, P(sign d' = sign d | d),
+  under `expected_seed_agreement`'s posterior. Small margins are near coin flips even for
+  re-runs; large ones should be right.
+
+  Args:
+    pred_RxF, real_RxF: final probe loss per order and fragment (lower is better).
+    seed_var_F: as in `expected_seed_agreement`.
+    edges: the band edges in noise units; bands [0, e1), [e1, e2), ..., [e_last, inf).
+
+  Returns:
+    One dict per band: `lo`, `hi` (noise units), `decisions`, `accuracy`, `ceiling`
+    (accuracy and ceiling NaN for an empty band).
+  """
+  pairs = list(itertools.combinations(range(real_RxF.shape[0]), 2))
+  cells = _seed_posterior(real_RxF, seed_var_F, pairs)
+  if cells is None:
+    return []
+  d, p, w = cells
+  agree = (np.where(d[..., None] > 0, p, 1 - p) * w).sum(-1)
+  hit, keep = _decision_cells(pred_RxF, real_RxF, pairs)
+  margin = np.abs(d) / np.sqrt(np.maximum(2 * np.asarray(seed_var_F, float), 1e-300))[None]
+  bounds = (0.0, *edges, np.inf)
+  out = []
+  for lo, hi in itertools.pairwise(bounds):
+    sel = keep & (margin >= lo) & (margin < hi)
+    n = int(sel.sum())
+    out.append({"lo": lo, "hi": hi, "decisions": n,
+                "accuracy": float(hit[sel].mean()) if n else float("nan"),
+                "ceiling": float(agree[sel].mean()) if n else float("nan")})
+  return out
+
+
+def _seed_posterior(real_RxF, seed_var_F, pairs):
+  """(d [P, F], p [P, F, N], w [N]): each real difference, and Phi(delta / sqrt(s2)) at the
+  N Gauss-Hermite nodes of delta's posterior with their weights (see
+  `expected_seed_agreement`); None without pairs."""
   if pairs is None:
     pairs = list(itertools.combinations(range(real_RxF.shape[0]), 2))
   if not pairs:
-    return float("nan")
+    return None
   a, b = np.array(pairs).T
   d = real_RxF[a] - real_RxF[b]
   s2 = np.maximum(2 * np.asarray(seed_var_F, float), 1e-300)[None]
@@ -100,9 +152,7 @@ def expected_seed_agreement(real_RxF: np.ndarray, seed_var_F: np.ndarray,
   shrink = prior / (prior + s2)
   x, w = np.polynomial.hermite_e.hermegauss(64)
   delta = (shrink * d)[..., None] + np.sqrt(shrink * s2)[..., None] * x
-  p = stats.norm.cdf(delta / np.sqrt(s2)[..., None])
-  agree = ((p * p + (1 - p) ** 2) * (w / w.sum())).sum(-1)
-  return float(agree[np.isfinite(d)].mean())
+  return d, stats.norm.cdf(delta / np.sqrt(s2)[..., None]), w / w.sum()
 
 
 def order_decision_accuracy(pred_RxF: np.ndarray, real_RxF: np.ndarray,
@@ -143,13 +193,20 @@ def _decisions(pred_RxF, real_RxF, pairs) -> float:
     pairs = list(itertools.combinations(range(real_RxF.shape[0]), 2))
   if not pairs:
     return float("nan")
+  hit, keep = _decision_cells(pred_RxF, real_RxF, pairs)
+  return float(hit[keep].mean()) if np.any(keep) else float("nan")
+
+
+def _decision_cells(pred_RxF, real_RxF, pairs):
+  """(hit, keep), both [pairs, F]: 1 / 0.5 / 0 for a right / tied / wrong prediction, and
+  whether the decision counts."""
   a, b = np.array(pairs).T
   pred_d = np.sign(pred_RxF[a] - pred_RxF[b])
   real_d = np.sign(real_RxF[a] - real_RxF[b])
   hit = np.where(pred_d == 0, 0.5, (pred_d == real_d).astype(float))
   # Undecided real pairs and non-finite predictions (a diverged run) are left out.
   keep = (real_d != 0) & np.isfinite(pred_d) & np.isfinite(real_d)
-  return float(hit[keep].mean()) if np.any(keep) else float("nan")
+  return hit, keep
 
 
 def _nanmean(values) -> float:

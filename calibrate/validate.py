@@ -43,6 +43,9 @@ class ValidationReport:
       orders of each two kinds ("blocked/subset": pairs, accuracy), where the runs' headers
       name their order kind (`order_spec.kind`, as `surrogate orders` writes it); empty
       otherwise.
+    decisions_by_margin: the simulator's per-fragment decision accuracy over all pairs,
+      split by the real margin in units of seed noise, beside the ceiling in each band
+      (`metrics.decisions_by_margin`); empty without re-runs.
   """
   run_ids: tuple[str, ...]
   reruns: tuple[tuple[str, str], ...]
@@ -50,6 +53,7 @@ class ValidationReport:
   ceiling: dict[str, float]
   interval: float
   decisions_by_kind: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+  decisions_by_margin: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -78,7 +82,16 @@ class ValidationReport:
       lines += ["", "simulator's per-fragment decision accuracy by kinds of the two orders:"]
       lines += [f"  {k:<26}{int(v['pairs']):>5} pairs  {_fmt(v['accuracy'])}"
                 for k, v in self.decisions_by_kind.items()]
+    if self.decisions_by_margin:
+      lines += ["", ("simulator's per-fragment decision accuracy by the real margin "
+                     "(|difference| in seed-noise sd):")]
+      lines += [f"  {_band(b):<26}{b['decisions']:>5} decisions  {_fmt(b['accuracy'])}  "
+                f"(ceiling {_fmt(b['ceiling'])})" for b in self.decisions_by_margin]
     return "\n".join(lines)
+
+
+def _band(b: dict[str, float]) -> str:
+  return f">= {b['lo']:g}" if not np.isfinite(b["hi"]) else f"{b['lo']:g} to {b['hi']:g}"
 
 
 def _fmt(v: float) -> str:
@@ -227,12 +240,14 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
 
   ceiling: dict[str, float] = {}
   rerun_ids: list[tuple[str, str]] = []
+  by_margin: list[dict[str, float]] = []
   if len(pairs) >= 2:
     rerun_ids = [(runs[a].header.run_id, runs[b].header.run_id) for a, b in pairs]
     again = real_probe([runs[b] for _, b in pairs])[:, -1]
     pos = [reps.index(a) for a, _ in pairs]
     first = real_f[pos, -1]
     order_pairs = list(itertools.combinations(range(len(pairs)), 2))
+    seed_var_F = np.nanmean((again - first) ** 2, 0) / 2
     ceiling = {
         "ceiling_decision_accuracy": metrics.decision_accuracy(again, first, order_pairs),
         "ceiling_order_decision_accuracy": metrics.order_decision_accuracy(again, first,
@@ -241,9 +256,10 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
             mean_f[pos, -1], first, order_pairs),
         # The re-run orders' pairs may differ more than most: an estimate for all pairs.
         "ceiling_decision_accuracy_all_pairs_estimate": metrics.expected_seed_agreement(
-            real_f[:, -1], np.nanmean((again - first) ** 2, 0) / 2),
+            real_f[:, -1], seed_var_F),
         "seed_gap_final_mean": float(np.mean(np.abs(again - first))),
     }
+    by_margin = metrics.decisions_by_margin(mean_f[:, -1], real_f[:, -1], seed_var_F)
   return ValidationReport(tuple(r.header.run_id for r in held), tuple(rerun_ids), methods,
                           ceiling, level,
-                          _decisions_by_kind(held, mean_f[:, -1], real_f[:, -1]))
+                          _decisions_by_kind(held, mean_f[:, -1], real_f[:, -1]), by_margin)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from self_made import CFG, CONFIG, NEUTRAL, OPT, SEED, TRUE_LR_SCALE
 
-from calibrate.fit import FitError, check_runs, default_lr_scale, effect_error_from, fit
+from calibrate.fit import (FitConfig, FitError, check_runs, default_lr_scale, effect_error_from,
+                           effect_error_prior, fit, train_fidelity)
 from calibrate.outcomes import OUTCOMES, Outcome
 from calibrate.simulator import Simulator, SimulatorError
 from calibrate.validate import validate
@@ -37,6 +38,31 @@ def test_effect_error_is_recovered_from_residuals(true_e):
   effect = rng.uniform(0.0, 0.4, (5, 9, 7))
   res = rng.standard_normal(effect.shape) * np.sqrt(s_CxF ** 2 + (true_e * effect) ** 2)
   assert abs(effect_error_from(res, effect, s_CxF) - true_e) < 0.15
+
+
+def test_train_fidelity_measures_how_well_the_surrogate_follows_the_runs():
+  # 4 runs x 6 eval steps x 5 fragments; the surrogate's 3 seeds share one pattern.
+  rng = np.random.default_rng(5)
+  pattern = rng.normal(0, 0.1, (4, 6, 5))
+  sur = pattern[None] + rng.normal(0, 0.01, (3, 4, 6, 5))
+  follows = 2.0 * pattern + rng.normal(0, 0.02, pattern.shape)   # real = gain x pattern
+  unrelated = rng.normal(0, 0.2, pattern.shape)
+  assert train_fidelity(follows, sur) > 0.95
+  assert abs(train_fidelity(unrelated, sur)) < 0.2
+  # Step 0 is the shared start (not scored), a NaN fragment (no train evals) is skipped.
+  follows[:, 0] = unrelated[:, 0]
+  follows[..., 2] = np.nan
+  assert train_fidelity(follows, sur) > 0.95
+  assert train_fidelity(follows[:1], sur[:, :1]) is None
+
+
+def test_effect_error_prior_grows_as_the_fidelity_falls():
+  cfg = FitConfig()
+  assert effect_error_prior(FitConfig(effect_error=0.7), 0.9) == 0.7   # configured wins
+  assert effect_error_prior(cfg, None) == cfg.fallback_effect_error    # no train evals
+  e = [effect_error_prior(cfg, rho) for rho in (0.95, 0.8, 0.4, 0.0, -0.5)]
+  assert e == sorted(e) and e[0] < 0.2 and abs(e[1] - 0.3 * 0.75) < 1e-9
+  assert e[3] == e[4] < 0.3 * 8.01                                      # capped
 
 
 def test_predictions_on_held_out_orders_beat_the_mean(world, sim):

@@ -37,6 +37,8 @@ def test_fit_and_validate_on_real_runs_beat_the_order_agnostic_mean(lm):
   assert set(by_kind) == {"blocked/blocked", "blocked/interleaved", "blocked/subset",
                           "interleaved/subset"}
   assert [v["pairs"] for v in by_kind.values()] == [1, 2, 2, 1]
+  # ... and by how clearly the real runs decide: every (pair, fragment) decision in one band.
+  assert sum(b["decisions"] for b in report.decisions_by_margin) == 6 * len(frags.names)
   ours = report.methods["simulator"]
   assert ours["trajectory_mse_ratio"] < 0.6
   assert ours["decision_accuracy"] > 0.6
