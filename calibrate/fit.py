@@ -378,8 +378,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
     seed: drives every random choice (initialisations, pre-training batches).
     neutral_texts: pre-training text (default: paragraphs of Python's reference manual from
       `pydoc_data`, which ships with Python). It must not contain the fragments' examples.
-    tokenizer: the surrogate's BPE, when already trained on `fragments` (e.g. by
-      `model_config_for`, to size `model_cfg`); by default it is trained here.
+    tokenizer: the surrogate's BPE for `model_cfg`, when already trained on `fragments`
+      (as `model_config_for` returns it with the shape); by default it is trained here.
     progress: show progress bars.
 
   Returns:
@@ -387,6 +387,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
 
   Raises:
     FitError: the runs cannot be calibrated on (see `check_runs`).
+    ValueError: a `tokenizer` without the `model_cfg` it was trained for.
   """
   t0 = time.perf_counter()
   check_runs(fragments, runs, min_steps=config.min_steps)
@@ -396,6 +397,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   common = [i for i in evaluated if all(i in ev.losses for r in runs for ev in r.evals)]
   train_pos = sorted(p for p in _positions(fragments, common) if fragments.split_of[p] == 0)
   if model_cfg is None:
+    if tokenizer is not None:
+      raise ValueError("fit: pass `model_cfg` with `tokenizer` (the shape it was trained for)")
     model_cfg, tokenizer = model_config_for(fragments)
   key = jax.random.key(seed)
   k_prep, k_pre = jax.random.split(key)

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from self_made import CFG, CONFIG, NEUTRAL, OPT, SEED, TRUE_LR_SCALE
 
-from calibrate.fit import (FitConfig, FitError, check_runs, default_lr_scale, effect_error_from,
-                           effect_error_prior, fit, train_fidelity)
+from calibrate.fit import (
+  FitConfig,
+  FitError,
+  check_runs,
+  default_lr_scale,
+  effect_error_from,
+  effect_error_prior,
+  fit,
+  train_fidelity,
+)
 from calibrate.outcomes import OUTCOMES, Outcome
 from calibrate.simulator import Simulator, SimulatorError
 from calibrate.validate import validate
@@ -63,6 +71,12 @@ def test_effect_error_prior_grows_as_the_fidelity_falls():
   e = [effect_error_prior(cfg, rho) for rho in (0.95, 0.8, 0.4, 0.0, -0.5)]
   assert e == sorted(e) and e[0] < 0.2 and abs(e[1] - 0.3 * 0.75) < 1e-9
   assert e[3] == e[4] < 0.3 * 8.01                                      # capped
+
+
+def test_fit_wants_the_shape_a_given_tokenizer_was_trained_for(world, sim):
+  frags, runs = world
+  with pytest.raises(ValueError, match="model_cfg"):
+    fit(frags, runs[:3], tokenizer=sim.tokenizer)
 
 
 def test_predictions_on_held_out_orders_beat_the_mean(world, sim):
