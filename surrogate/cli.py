@@ -127,7 +127,6 @@ def cmd_fit(args) -> int:
   info = sim.info
   gain = info["gain"]
   loo = info["leave_one_run_out"]
-  cfg = sim.model_cfg
   print(f"calibrated on {len(runs)} runs ({', '.join(info['calibration_runs'])}) in "
         f"{info['seconds']['total']:.0f} s; surrogate {cfg.depth} x {cfg.width}, "
         f"{cfg.length} tokens per example, {sim.num_seeds} seeds")
