@@ -12,6 +12,8 @@ random draws). These guided the defaults on the classification (development) set
   python benchmarks/surrogate_variants.py --task cls --width 64 --lr-scales 2
   python benchmarks/surrogate_variants.py --task cls --seeds 8 --lr-scales 2 --subsample
   python benchmarks/surrogate_variants.py --task cls --variants 'w=32;w=64,p=3000' --chunk 256
+  python benchmarks/surrogate_variants.py --task lm-dev --length 64 --lr-scales 3 \
+      --variants 'v=512;v=1024;c=1' --save out/variants  # then combine_variants.py
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ def scores(pred_RxF, real_RxF):
 
 
 def _variant(text: str) -> dict:
-  """'w=64,l=32,h=2,p=800,v=512' -> width, length, heads, pre-training steps, vocabulary."""
-  names = {"w": "width", "l": "length", "h": "heads", "p": "pretrain_steps", "v": "vocab"}
+  """'w=64,l=32,h=2,p=800,v=512,c=0' -> width, length, heads, pre-training steps, vocabulary,
+  pre-training corpus (0: `python_docs_neutral`, fit's default; 1: the LM sets' real base
+  model's own corpus, man pages and all of `pydoc_data`)."""
+  names = {"w": "width", "l": "length", "h": "heads", "p": "pretrain_steps", "v": "vocab",
+           "c": "corpus"}
   out = {}
   for part in filter(None, text.split(",")):
     k, _, v = part.partition("=")
@@ -77,6 +82,9 @@ def main() -> None:
                  "'w=64,l=32,h=2,p=800' (unnamed fields: the flags above)")
   p.add_argument("--chunk", type=int, help="orders per compiled call (default: the library's)")
   p.add_argument("--subsample", action="store_true")
+  p.add_argument("--save", metavar="DIR", help="also write each variant's seed-by-seed final "
+                 "fragment probe losses (and the real ones) to DIR/<variant>-x<scale>.npz, "
+                 "for combining variants afterwards")
   args = p.parse_args()
   folder = os.path.join(DATA, args.task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
@@ -88,12 +96,12 @@ def main() -> None:
   variants = [{**base, **_variant(v)} for v in args.variants.split(";")] if args.variants else [base]
   for v in variants:
     evaluate(frags, runs, task=args.task, seeds=args.seeds, lr_scales=args.lr_scales,
-             chunk=args.chunk, subsample=args.subsample, **v)
+             chunk=args.chunk, subsample=args.subsample, save=args.save, **v)
 
 
 def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pretrain_steps: int,
              seeds: int, lr_scales: str, chunk: int | None, subsample: bool,
-             vocab: int = 512) -> None:
+             vocab: int = 512, corpus: int = 0, save: str | None = None) -> None:
   """Prints the rank figures of one surrogate shape at each learning-rate scale."""
   t0 = time.perf_counter()
   cfg = model_lib.ModelConfig(vocab_size=vocab, width=width, length=length, heads=heads)
@@ -103,9 +111,13 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
   frag_M = frags.fragment_of[[frags.index[i] for i in ids]]
   probe_M = frags.split_of[[frags.index[i] for i in ids]] == 1
   num_f = len(frags.names)
-  corpus = encode_texts(prep.tokenizer, python_docs_neutral(), cfg.length)
-  params_S, _ = pretrain_ensemble(corpus, model_cfg=cfg, key=jax.random.key(1), seeds=seeds,
-                                  steps=pretrain_steps)
+  if corpus == 1:
+    from calibrate.reference.lm import corpus_texts
+    texts = corpus_texts()
+  else:
+    texts = python_docs_neutral()
+  params_S, _ = pretrain_ensemble(encode_texts(prep.tokenizer, texts, cfg.length), model_cfg=cfg,
+                                  key=jax.random.key(1), seeds=seeds, steps=pretrain_steps)
   opt = optim.OptimizerConfig.from_dict(runs[0].header.optimizer)
   orders = np.stack([order_from_runlog(r, frags) for r in runs])
   lrs = np.stack([learning_rates_from_runlog(r) for r in runs])
@@ -116,7 +128,7 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
   sel_s, sel_r = np.repeat(np.arange(n_s), n_r), np.tile(np.arange(n_r), n_s)
   print(f"\n{task}: {n_r} held-out orders, surrogate {cfg.depth}x{cfg.width}, {cfg.heads} heads, "
         f"{cfg.length} tokens, vocabulary {cfg.vocab_size}, {n_s} seeds pre-trained "
-        f"{pretrain_steps} steps", flush=True)
+        f"{pretrain_steps} steps on corpus {corpus}", flush=True)
   print("lr_scale  decision_accuracy  kendall_tau  auroc  diverged  seconds")
   for lr_scale in (float(x) for x in lr_scales.split(",")):
     knobs = optim.Knobs(jnp.float32(lr_scale), jnp.float32(1.0))
@@ -127,6 +139,12 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
     sur = traj.eval_loss_CxM[:, [0, -1]].reshape(n_s, n_r, 2, -1)
     sur_f = np.moveaxis(metrics.fragment_means(sur, frag_M, probe_M, num_f), 2, 1)  # S 2 R F
     d, tau, auc = scores(sur_f.mean(0), real_f)
+    if save:
+      os.makedirs(save, exist_ok=True)
+      name = (f"w{width}-l{length}-h{heads}-p{pretrain_steps}-v{vocab}-c{corpus}-s{seeds}"
+              f"-x{lr_scale:g}")
+      np.savez(os.path.join(save, name + ".npz"), sur_SxTxRxF=sur_f, real_TxRxF=real_f,
+               run_ids=np.array([r.header.run_id for r in runs]))
     print(f"{lr_scale:8g}  {d:17.3f}  {tau:11.3f}  {auc:5.3f}  "
           f"{int((traj.diverged_step >= 0).sum()):8d}  {time.perf_counter() - t0:7.0f}", flush=True)
     if subsample:
