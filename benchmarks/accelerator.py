@@ -96,8 +96,8 @@ def main() -> None:
         f"{'% dflt':>8}{'compile s':>10}{'peak GB':>9}", flush=True)
   for n in ns:
     chunk = min(args.chunk or default_chunk_size([device]), n)
-    kw = dict(model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=chunk, devices=[device],
-              progress=False)
+    kw = {"model_cfg": cfg, "opt_cfg": opt, "plan": plan, "chunk_size": chunk,
+          "devices": [device], "progress": False}
     t = time.perf_counter()
     simulate_many(params0, knobs, orders[-1:].repeat(chunk, 0), lr, prep.data, **kw)
     first = time.perf_counter() - t
@@ -117,7 +117,8 @@ def main() -> None:
 
   if args.check:
     sel = orders[:args.check]
-    kw = dict(model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=args.check, progress=False)
+    kw = {"model_cfg": cfg, "opt_cfg": opt, "plan": plan, "chunk_size": args.check,
+          "progress": False}
     cpu = simulate_many(params0, knobs, sel, lr, prep.data, devices=jax.devices("cpu")[:1], **kw)
     report["agreement"] = {}
     for precision in ("default", "highest"):

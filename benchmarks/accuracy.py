@@ -32,12 +32,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={len(os.sched_getaffinity(0))}").strip()
 
-from calibrate.fit import FitConfig, fit  # noqa: E402
-from calibrate.runlog import read_runlog  # noqa: E402
-from calibrate.simulator import Simulator  # noqa: E402
-from calibrate.validate import validate  # noqa: E402
-from surrogate.fragments import read_fragments  # noqa: E402
-from surrogate.model import ModelConfig  # noqa: E402
+from calibrate.fit import FitConfig, fit
+from calibrate.runlog import read_runlog
+from calibrate.simulator import Simulator
+from calibrate.validate import validate
+from surrogate.fragments import read_fragments
+from surrogate.model import ModelConfig
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
 

@@ -118,7 +118,7 @@ def kill_test(n: int, root: str) -> dict:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   t0 = time.perf_counter()
   count = lambda: sum(f.startswith("chunk-") for f in os.listdir(folder)) \
-      if os.path.isdir(folder) else 0  # noqa: E731
+      if os.path.isdir(folder) else 0
   while count() < k and child.poll() is None:
     time.sleep(0.01)
   per_chunk = (time.perf_counter() - t0) / k

@@ -25,14 +25,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={len(os.sched_getaffinity(0))}").strip()
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from calibrate.fit import FitConfig, fit  # noqa: E402
-from calibrate.reference import lm  # noqa: E402
-from calibrate.reference.runs import run_order  # noqa: E402
-from calibrate.runlog import read_runlog  # noqa: E402
-from surrogate.fragments import read_fragments  # noqa: E402
-from surrogate.model import ModelConfig  # noqa: E402
+from calibrate.fit import FitConfig, fit
+from calibrate.reference import lm
+from calibrate.reference.runs import run_order
+from calibrate.runlog import read_runlog
+from surrogate.fragments import read_fragments
+from surrogate.model import ModelConfig
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data", "lm")
 CALIBRATION = ("shuffled-s0", "shuffled-s1", "blocked-p1", "subset-1")

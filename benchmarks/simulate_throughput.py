@@ -132,8 +132,8 @@ def _sim_worker(job: dict) -> dict:
       jax.block_until_ready(one(o))
     seconds = time.perf_counter() - t
   else:
-    kw = dict(model_cfg=cfg, opt_cfg=opt, plan=plan, chunk_size=min(chunk, n), devices=devices,
-              progress=False, share_prefixes=job.get("share"))
+    kw = {"model_cfg": cfg, "opt_cfg": opt, "plan": plan, "chunk_size": min(chunk, n),
+          "devices": devices, "progress": False, "share_prefixes": job.get("share")}
     # Warm up (compile) on a separate order of the same chunk shape, then time N fresh ones.
     warm = orders[-1:].repeat(min(chunk, n), 0)
     t = time.perf_counter()
