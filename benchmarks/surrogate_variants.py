@@ -36,7 +36,7 @@ from calibrate.runlog import learning_rates_from_runlog, order_from_runlog, read
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
-from surrogate.fragments import read_fragments
+from surrogate.fragments import Split, read_fragments
 from surrogate.prepare import prepare
 from surrogate.pretrain import pretrain_ensemble
 from surrogate.simulate import SimPlan, simulate_many
@@ -56,7 +56,9 @@ def scores(pred_RxF, real_RxF):
 def _variant(text: str) -> dict:
   """'w=64,l=32,h=2,p=800,v=512,c=0' -> width, length, heads, pre-training steps, vocabulary,
   pre-training corpus (0: `python_docs_neutral`, fit's default; 1: the LM sets' real base
-  model's own corpus, man pages and all of `pydoc_data`)."""
+  model's own corpus, man pages and all of `pydoc_data`; 2: 0 plus the set's own train
+  texts; 3: 0 plus text like the fine-tune's that is not it: the other LM set's texts, or for
+  cls 25 more WordNet definitions of each category, without labels; 4: as 3, a fifth of it)."""
   names = {"w": "width", "l": "length", "h": "heads", "p": "pretrain_steps", "v": "vocab",
            "c": "corpus"}
   out = {}
@@ -111,11 +113,21 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
   frag_M = frags.fragment_of[[frags.index[i] for i in ids]]
   probe_M = frags.split_of[[frags.index[i] for i in ids]] == 1
   num_f = len(frags.names)
+  texts = python_docs_neutral()
   if corpus == 1:
     from calibrate.reference.lm import corpus_texts
     texts = corpus_texts()
-  else:
-    texts = python_docs_neutral()
+  elif corpus == 2:
+    texts += frags.texts_for_tokenizer(Split.TRAIN)
+  elif corpus in (3, 4) and task == "cls":
+    from calibrate.reference import cls
+    used = cls.N_TRAIN + cls.N_PROBE
+    texts += [d for defs in cls._definitions().values()
+              for d in defs[used:used + (25 if corpus == 3 else 5)]]
+  elif corpus in (3, 4):
+    other = {"lm": "lm-dev", "lm-dev": "lm"}[task]
+    more = read_fragments(os.path.join(DATA, other, "fragments.jsonl")).texts_for_tokenizer()
+    texts += more if corpus == 3 else more[::5]
   params_S, _ = pretrain_ensemble(encode_texts(prep.tokenizer, texts, cfg.length), model_cfg=cfg,
                                   key=jax.random.key(1), seeds=seeds, steps=pretrain_steps)
   opt = optim.OptimizerConfig.from_dict(runs[0].header.optimizer)
