@@ -17,7 +17,6 @@ The margins' seed noise comes from the real set's re-run pairs.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
@@ -25,23 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import numpy as np
-from noise_ceiling import DATA, final_probe_means
+from noise_ceiling import structured_runs
 
 from calibrate import metrics
-from calibrate.runlog import read_runlog
-from calibrate.validate import group_reruns
-from surrogate.fragments import read_fragments
-
-
-def rerun_seed_var(task: str) -> np.ndarray:
-  """The seed variance of each fragment's final probe mean, from the set's re-run pairs."""
-  folder = os.path.join(DATA, task)
-  frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
-  runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))
-          if not os.path.basename(p).startswith("shuffled-")]
-  _, pairs = group_reruns(runs)
-  final = final_probe_means(runs, frags)
-  return np.mean((final[[b for _, b in pairs]] - final[[a for a, _ in pairs]]) ** 2, 0) / 2
 
 
 def scaled(pred_RxF: np.ndarray) -> np.ndarray:
@@ -62,7 +47,7 @@ def main() -> None:
   p.add_argument("--task", choices=["lm", "cls", "lm-dev"], required=True)
   p.add_argument("files", nargs="+", help="npz files written by surrogate_variants.py --save")
   args = p.parse_args()
-  seed_var_F = rerun_seed_var(args.task)
+  seed_var_F = structured_runs(args.task)[3]
   loaded = {os.path.basename(f)[:-4]: np.load(f) for f in args.files}
   real = next(iter(loaded.values()))["real_TxRxF"]
   for name, z in loaded.items():

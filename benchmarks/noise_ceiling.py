@@ -43,16 +43,23 @@ def final_probe_means(runs, frags) -> np.ndarray:
   return np.array(out)
 
 
+def structured_runs(task: str):
+  """A set's runs other than the shuffles -> (final probe means R x F, representatives,
+  re-run pairs, seed variance F from those pairs), as `group_reruns` pairs them."""
+  folder = os.path.join(DATA, task)
+  frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
+  runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))
+          if not os.path.basename(p).startswith("shuffled-")]
+  reps, pairs = group_reruns(runs)
+  final = final_probe_means(runs, frags)
+  seed_var = np.mean((final[[b for _, b in pairs]] - final[[a for a, _ in pairs]]) ** 2, 0) / 2
+  return final, reps, pairs, seed_var
+
+
 def main() -> None:
   for task in ("lm", "lm-dev", "cls"):
-    folder = os.path.join(DATA, task)
-    frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
-    runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))
-            if not os.path.basename(p).startswith("shuffled-")]
-    reps, pairs = group_reruns(runs)
-    final = final_probe_means(runs, frags)
+    final, reps, pairs, seed_var = structured_runs(task)
     first, again = final[[a for a, _ in pairs]], final[[b for _, b in pairs]]
-    seed_var = np.mean((again - first) ** 2, 0) / 2
     held = final[reps]
     measured = metrics.decision_accuracy(again, first,
                                          list(itertools.combinations(range(len(pairs)), 2)))
