@@ -12,6 +12,7 @@ the wall time of each part; `--json PATH` also writes every figure.
   python benchmarks/accuracy.py --task lm --plan mixed
   python benchmarks/accuracy.py --task lm --plan mixed --length 32 --lr-scales 2
   python benchmarks/accuracy.py --task lm-dev --effect-errors 0.25,0.5,1,2   # interval sweep
+  python benchmarks/accuracy.py --task lm-dev --real-tokenizer   # the real model's tokens
 
 `--effect-errors` validates the same fit again with each value of the intervals' effect
 error in place of the one fit chose (how `FitConfig.fallback_effect_error` was set, on the
@@ -32,12 +33,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={len(os.sched_getaffinity(0))}").strip()
 
+from tokenizers import Tokenizer
+
 from calibrate.fit import FitConfig, fit
+from calibrate.reference import tokenizer_file
 from calibrate.runlog import read_runlog
 from calibrate.simulator import Simulator
 from calibrate.validate import validate
 from surrogate.fragments import read_fragments
 from surrogate.model import ModelConfig
+from surrogate.prepare import model_config_for
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
 
@@ -67,7 +72,7 @@ def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[floa
 def run(task: str, seeds: int, plan: str, length: int | None = None,
         lr_scales: tuple[float, ...] | None = FitConfig.lr_scales,
         gain_prior: float = FitConfig.gain_prior,
-        effect_errors: tuple[float, ...] = ()) -> dict:
+        effect_errors: tuple[float, ...] = (), real_tokenizer: bool = False) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
@@ -75,7 +80,11 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   held = [r for r in runs if r.header.run_id not in CALIBRATION[plan]
           and not r.header.run_id.startswith("shuffled-")]
   t0 = time.perf_counter()
-  sim = fit(frags, cal, model_cfg=None if length is None else ModelConfig(length=length),
+  cfg, tokenizer = None if length is None else ModelConfig(length=length), None
+  if real_tokenizer:
+    cfg, tokenizer = model_config_for(frags, length=length,
+                                      real_tokenizer=Tokenizer.from_file(tokenizer_file(task)))
+  sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer,
             config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior),
             progress=False)
   t_fit = time.perf_counter() - t0
@@ -84,7 +93,9 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   t_val = time.perf_counter() - t0
   print(f"\n== {task}, plan {plan}: calibrated on {len(cal)} runs in {t_fit:.0f} s "
         f"(pre-training {sim.info['seconds']['pretrain']:.0f} s), validated on {len(held)} "
-        f"runs in {t_val:.0f} s; surrogate {sim.model_cfg.length} tokens per example")
+        f"runs in {t_val:.0f} s; surrogate {sim.model_cfg.length} tokens per example, "
+        + ("the real tokenizer" if real_tokenizer else "its own BPE")
+        + f", vocabulary {sim.model_cfg.vocab_size}")
   info = sim.info
   print(f"lr scale {info['lr_scale']:g}; shape misfit "
         + ", ".join(f"x{c['lr_scale']:g} {c['shape_misfit']:.4f}" for c in info["knob_candidates"]))
@@ -124,13 +135,16 @@ def main() -> None:
                  help="prior mean of the common gain (see calibrate.fit.FitConfig)")
   p.add_argument("--effect-errors", default="",
                  help="comma-separated effect errors: coverage of the same fit with each")
+  p.add_argument("--real-tokenizer", action="store_true",
+                 help="the surrogate reads the real model's tokens (the sets' own tokenizer, "
+                      "compacted) instead of a BPE of the fragments")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = ["lm", "cls"] if args.task == "both" else [args.task]
   scales = tuple(float(x) for x in args.lr_scales.split(",") if x) or None
   sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
-  out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior, sweep)
-         for t in tasks}
+  out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior, sweep,
+                args.real_tokenizer) for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

@@ -30,14 +30,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from calibrate import metrics
+from calibrate.reference import tokenizer_file
 from calibrate.runlog import learning_rates_from_runlog, order_from_runlog, read_runlog
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
 from surrogate.fragments import Split, read_fragments
-from surrogate.prepare import prepare
+from surrogate.prepare import model_config_for, prepare
 from surrogate.pretrain import pretrain_ensemble
 from surrogate.simulate import SimPlan, simulate_many
 from surrogate.tokenize import encode_texts
@@ -58,9 +60,11 @@ def _variant(text: str) -> dict:
   pre-training corpus (0: `python_docs_neutral`, fit's default; 1: the LM sets' real base
   model's own corpus, man pages and all of `pydoc_data`; 2: 0 plus the set's own train
   texts; 3: 0 plus text like the fine-tune's that is not it: the other LM set's texts, or for
-  cls 25 more WordNet definitions of each category, without labels; 4: as 3, a fifth of it)."""
+  cls 25 more WordNet definitions of each category, without labels; 4: as 3, a fifth of it),
+  and t=1 for the real model's own tokenizer (`model_config_for(real_tokenizer=...)`: the
+  LM sets' base BPE, cls's MiniLM WordPiece) instead of a BPE of the fragments (v unused)."""
   names = {"w": "width", "l": "length", "h": "heads", "p": "pretrain_steps", "v": "vocab",
-           "c": "corpus"}
+           "c": "corpus", "t": "real_tokenizer"}
   out = {}
   for part in filter(None, text.split(",")):
     k, _, v = part.partition("=")
@@ -68,6 +72,26 @@ def _variant(text: str) -> dict:
       raise SystemExit(f"--variants: unknown key {k!r} in {text!r}; use {sorted(names)}")
     out[names[k]] = int(v)
   return out
+
+
+def _pretraining_text(corpus: int, task: str, frags) -> list[str]:
+  """The pre-training text of a variant's `c=` (see `_variant`)."""
+  texts = python_docs_neutral()
+  if corpus == 1:
+    from calibrate.reference.lm import corpus_texts
+    texts = corpus_texts()
+  elif corpus == 2:
+    texts += frags.texts_for_tokenizer(Split.TRAIN)
+  elif corpus in (3, 4) and task == "cls":
+    from calibrate.reference import cls
+    used = cls.N_TRAIN + cls.N_PROBE
+    texts += [d for defs in cls._definitions().values()
+              for d in defs[used:used + (25 if corpus == 3 else 5)]]
+  elif corpus in (3, 4):
+    other = {"lm": "lm-dev", "lm-dev": "lm"}[task]
+    more = read_fragments(os.path.join(DATA, other, "fragments.jsonl")).texts_for_tokenizer()
+    texts += more if corpus == 3 else more[::5]
+  return texts
 
 
 def main() -> None:
@@ -103,31 +127,24 @@ def main() -> None:
 
 def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pretrain_steps: int,
              seeds: int, lr_scales: str, chunk: int | None, subsample: bool,
-             vocab: int = 512, corpus: int = 0, save: str | None = None) -> None:
+             vocab: int = 512, corpus: int = 0, real_tokenizer: int = 0,
+             save: str | None = None) -> None:
   """Prints the rank figures of one surrogate shape at each learning-rate scale."""
   t0 = time.perf_counter()
-  cfg = model_lib.ModelConfig(vocab_size=vocab, width=width, length=length, heads=heads)
+  texts = _pretraining_text(corpus, task, frags)
+  if real_tokenizer:
+    cfg, tokenizer = model_config_for(frags, length=length, real_tokenizer=Tokenizer.from_file(tokenizer_file(task)),
+                                      neutral_texts=texts, width=width, heads=heads)
+  else:
+    cfg, tokenizer = model_lib.ModelConfig(vocab_size=vocab, width=width, length=length,
+                                           heads=heads), None
   probes = frags.probe_indices()
-  prep = prepare(frags, cfg, key=jax.random.key(0), eval_train=[int(probes[0])], diag_probes=1)
+  prep = prepare(frags, cfg, key=jax.random.key(0), eval_train=[int(probes[0])], diag_probes=1,
+                 tokenizer=tokenizer)
   ids = prep.eval_ids()
   frag_M = frags.fragment_of[[frags.index[i] for i in ids]]
   probe_M = frags.split_of[[frags.index[i] for i in ids]] == 1
   num_f = len(frags.names)
-  texts = python_docs_neutral()
-  if corpus == 1:
-    from calibrate.reference.lm import corpus_texts
-    texts = corpus_texts()
-  elif corpus == 2:
-    texts += frags.texts_for_tokenizer(Split.TRAIN)
-  elif corpus in (3, 4) and task == "cls":
-    from calibrate.reference import cls
-    used = cls.N_TRAIN + cls.N_PROBE
-    texts += [d for defs in cls._definitions().values()
-              for d in defs[used:used + (25 if corpus == 3 else 5)]]
-  elif corpus in (3, 4):
-    other = {"lm": "lm-dev", "lm-dev": "lm"}[task]
-    more = read_fragments(os.path.join(DATA, other, "fragments.jsonl")).texts_for_tokenizer()
-    texts += more if corpus == 3 else more[::5]
   params_S, _ = pretrain_ensemble(encode_texts(prep.tokenizer, texts, cfg.length), model_cfg=cfg,
                                   key=jax.random.key(1), seeds=seeds, steps=pretrain_steps)
   opt = optim.OptimizerConfig.from_dict(runs[0].header.optimizer)
@@ -153,8 +170,8 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
     d, tau, auc = scores(sur_f.mean(0), real_f)
     if save:
       os.makedirs(save, exist_ok=True)
-      name = (f"w{width}-l{length}-h{heads}-p{pretrain_steps}-v{vocab}-c{corpus}-s{seeds}"
-              f"-x{lr_scale:g}")
+      name = (f"w{width}-l{length}-h{heads}-p{pretrain_steps}-v{cfg.vocab_size}-c{corpus}"
+              f"-t{real_tokenizer}-s{seeds}-x{lr_scale:g}")
       np.savez(os.path.join(save, name + ".npz"), sur_SxTxRxF=sur_f, real_TxRxF=real_f,
                run_ids=np.array([r.header.run_id for r in runs]))
     print(f"{lr_scale:8g}  {d:17.3f}  {tau:11.3f}  {auc:5.3f}  "

@@ -53,7 +53,7 @@ from surrogate.orders import order_sha256
 from surrogate.prepare import model_config_for, prepare
 from surrogate.pretrain import pretrain_ensemble
 from surrogate.simulate import simulate_many
-from surrogate.tokenize import encode_texts
+from surrogate.tokenize import check_vocab, encode_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,8 +378,9 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
     seed: drives every random choice (initialisations, pre-training batches).
     neutral_texts: pre-training text (default: paragraphs of Python's reference manual from
       `pydoc_data`, which ships with Python). It must not contain the fragments' examples.
-    tokenizer: the surrogate's BPE for `model_cfg`, when already trained on `fragments`
-      (as `model_config_for` returns it with the shape); by default it is trained here.
+    tokenizer: the surrogate's tokenizer for `model_cfg`, as `model_config_for` returns it
+      with the shape: a BPE already trained on `fragments`, or the real model's tokenizer
+      compacted (`model_config_for(real_tokenizer=...)`); by default a BPE is trained here.
     progress: show progress bars.
 
   Returns:
@@ -411,6 +412,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
 
   corpus = encode_texts(prep.tokenizer, list(neutral_texts or python_docs_neutral()),
                         model_cfg.length)
+  check_vocab(corpus, model_cfg.vocab_size, "the pre-training text")
   params_S, _ = pretrain_ensemble(corpus, model_cfg=model_cfg, key=k_pre, seeds=config.seeds,
                                   steps=config.pretrain_steps)
   t_pre = time.perf_counter() - t0

@@ -37,15 +37,33 @@ def _model_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--length", type=int, default=None,
                  help="context length in tokens (default: 32, or 64 when the median example "
                       "is longer than 32 tokens)")
-  g.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size (default 512)")
+  g.add_argument("--vocab", type=int, default=None,
+                 help="size of the BPE trained on the fragments (default 512)")
+  g.add_argument("--tokenizer", metavar="FILE",
+                 help="the real model's tokenizer.json (Hugging Face `tokenizers`, BPE or "
+                      "WordPiece): the surrogate then reads the fragments in the real model's "
+                      "tokens, keeping only those that occur, instead of a BPE of its own")
   g.add_argument("--seed", type=int, default=0, help="seed of the surrogate's initial weights")
 
 
 def _model_cfg(args, frags):
-  """(ModelConfig, the BPE it was sized with) from the surrogate options."""
+  """(ModelConfig, the tokenizer it was sized with) from the surrogate options."""
   from surrogate.prepare import model_config_for
-  return model_config_for(frags, length=args.length, vocab_size=args.vocab, width=args.width,
-                          depth=args.depth, heads=args.heads)
+  shape = {"width": args.width, "depth": args.depth, "heads": args.heads}
+  if args.tokenizer is None:
+    return model_config_for(frags, length=args.length, vocab_size=args.vocab or 512, **shape)
+  if args.vocab is not None:
+    raise SystemExit("--vocab sizes the surrogate's own BPE; with --tokenizer the vocabulary "
+                     "is the real tokenizer's tokens that occur")
+  from tokenizers import Tokenizer
+  try:
+    real = Tokenizer.from_file(args.tokenizer)
+  except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+    raise SystemExit(f"--tokenizer {args.tokenizer}: not a readable tokenizer.json ({e})") from e
+  try:
+    return model_config_for(frags, length=args.length, real_tokenizer=real, **shape)
+  except ValueError as e:
+    raise SystemExit(f"--tokenizer {args.tokenizer}: {e}") from e
 
 
 def _parse_named(text: str | None, names: Sequence[str], what: str) -> list[float] | None:
@@ -129,7 +147,9 @@ def cmd_fit(args) -> int:
   loo = info["leave_one_run_out"]
   print(f"calibrated on {len(runs)} runs ({', '.join(info['calibration_runs'])}) in "
         f"{info['seconds']['total']:.0f} s; surrogate {cfg.depth} x {cfg.width}, "
-        f"{cfg.length} tokens per example, {sim.num_seeds} seeds")
+        f"{cfg.length} tokens per example, {sim.num_seeds} seeds, "
+        + (f"the real tokenizer's {cfg.vocab_size - 2} tokens that occur" if args.tokenizer
+           else f"a BPE of {cfg.vocab_size} tokens"))
   print(f"  learning-rate scale {info['lr_scale']:g} (shape misfit per candidate: "
         + ", ".join(f"x{c['lr_scale']:g}: {c['shape_misfit']:.4f}" for c in info["knob_candidates"])
         + ")")

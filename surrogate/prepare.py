@@ -13,6 +13,8 @@ from surrogate.fragments import Fragments
 from surrogate.simulate import SimData, build_sim_data
 from surrogate.tokenize import (
   Tokenized,
+  check_vocab,
+  compact_tokenizer,
   context_length,
   encode_examples,
   train_tokenizer,
@@ -42,20 +44,37 @@ class Prepared:
 
 
 def model_config_for(fragments: Fragments, *, length: int | None = None,
+                     real_tokenizer: Tokenizer | None = None,
+                     neutral_texts: Sequence[str] | None = None,
                      **shape) -> tuple[model_lib.ModelConfig, Tokenizer]:
-  """The surrogate's shape for `fragments`, with the BPE it was sized with.
+  """The surrogate's shape for `fragments`, with the tokenizer it was sized with.
 
   Args:
     fragments: the data set.
     length: context length in tokens; None picks it from the data (`context_length`: 32,
       or 64 when the median example is longer than 32 tokens).
+    real_tokenizer: the real model's tokenizer, to read the fragments as the real model
+      does (`compact_tokenizer`; the vocabulary is then the tokens that occur in the
+      fragments and `neutral_texts`, and `vocab_size` in `shape` is not allowed). By
+      default the surrogate gets a BPE trained on the fragments.
+    neutral_texts: the pre-training text `fit` will use (default: its default).
     **shape: other `ModelConfig` fields (their defaults otherwise); `vocab_size` sizes the BPE.
 
   Returns:
-    (model_cfg, tokenizer): pass the tokenizer to `prepare` to reuse it.
+    (model_cfg, tokenizer): pass both to `prepare` or `fit` to reuse the tokenizer.
   """
-  vocab = shape.get("vocab_size", model_lib.ModelConfig.vocab_size)
-  tokenizer = train_tokenizer(fragments.texts_for_tokenizer(), vocab)
+  if real_tokenizer is not None:
+    if "vocab_size" in shape:
+      raise ValueError("model_config_for: the vocabulary of a real tokenizer is the tokens "
+                       "that occur; do not pass vocab_size with real_tokenizer")
+    if neutral_texts is None:
+      from surrogate.datasets import python_docs_neutral
+      neutral_texts = python_docs_neutral()
+    tokenizer, shape["vocab_size"] = compact_tokenizer(
+        real_tokenizer, fragments.texts_for_tokenizer() + list(neutral_texts))
+  else:
+    vocab = shape.get("vocab_size", model_lib.ModelConfig.vocab_size)
+    tokenizer = train_tokenizer(fragments.texts_for_tokenizer(), vocab)
   if length is None:
     length = context_length(tokenizer, fragments.examples)
   return model_lib.ModelConfig(length=length, **shape), tokenizer
@@ -76,10 +95,8 @@ def prepare(fragments: Fragments, model_cfg: model_lib.ModelConfig = model_lib.M
   """
   if tokenizer is None:
     tokenizer = train_tokenizer(fragments.texts_for_tokenizer(), model_cfg.vocab_size)
-  if tokenizer.get_vocab_size() > model_cfg.vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than "
-                     f"model_cfg.vocab_size={model_cfg.vocab_size}")
   tokenized = encode_examples(tokenizer, fragments.examples, model_cfg.length)
+  check_vocab(tokenized, model_cfg.vocab_size, "the fragments")
   data = build_sim_data(fragments, tokenized, vocab_size=model_cfg.vocab_size,
                         eval_train=eval_train, diag_probes=diag_probes, key=key)
   return Prepared(fragments, model_cfg, tokenizer, tokenized, data)

@@ -7,6 +7,7 @@ keeps every example short and the head small. Axis legend: E examples, L context
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -54,6 +55,61 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Tokenizer:
   tok.train_from_iterator(list(texts), trainer=trainer)
   assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(BOS) == BOS_ID
   return tok
+
+
+def compact_tokenizer(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[Tokenizer, int]:
+  """The real model's own tokenizer, renumbered for the surrogate.
+
+  The surrogate then reads the fragments cut into the very tokens the real model reads
+  (against a BPE trained on the fragments: better ranks on the LM development set, not on
+  the LM test set; docs/results.md), while its vocabulary holds only the tokens that occur
+  in `texts`: PAD and BOS take ids 0 and 1, the occurring tokens the next ids, every other
+  token of the real vocabulary the ids after those (never produced by these texts, so the
+  surrogate needs no rows for them). `texts` must hold everything the surrogate will
+  read: the fragments' texts and the pre-training text (`prepare` and `fit` check).
+
+  Args:
+    tokenizer: a `tokenizers.Tokenizer` with a BPE, WordPiece or WordLevel model, e.g. from a
+      Hugging Face model's `tokenizer.json` with `Tokenizer.from_file`.
+    texts: the strings the surrogate will read.
+
+  Returns:
+    (tokenizer, vocab_size): the renumbered tokenizer and the surrogate's vocabulary size.
+
+  Raises:
+    ValueError: a tokenizer model without a token -> id table (e.g. Unigram).
+  """
+  spec = json.loads(tokenizer.to_str())
+  # The surrogate adds its own BOS and never pads or truncates through the tokenizer.
+  spec.update(post_processor=None, truncation=None, padding=None)
+  plain = Tokenizer.from_str(json.dumps(spec))
+  model = spec["model"]
+  if model.get("type") not in ("BPE", "WordPiece", "WordLevel"):
+    raise ValueError(f"compact_tokenizer: a {model.get('type')} tokenizer has no token -> id "
+                     "table to renumber; BPE, WordPiece and WordLevel tokenizers are supported")
+  old = dict(model["vocab"])
+  for added in spec.get("added_tokens") or []:
+    old.setdefault(added["content"], added["id"])
+  token_of = {i: t for t, i in old.items()}
+  used = sorted({i for enc in plain.encode_batch(list(texts), add_special_tokens=False)
+                 for i in enc.ids})
+  first = [PAD, BOS] + [token_of[i] for i in used if token_of[i] not in (PAD, BOS)]
+  taken = set(first)
+  rest = [t for t, _ in sorted(old.items(), key=lambda kv: kv[1]) if t not in taken]
+  model["vocab"] = {t: n for n, t in enumerate(first + rest)}
+  spec["added_tokens"] = [dict(a, id=model["vocab"][a["content"]])
+                          for a in spec.get("added_tokens") or []]
+  return Tokenizer.from_str(json.dumps(spec)), len(first)
+
+
+def check_vocab(tokenized: Tokenized, vocab_size: int, what: str) -> None:
+  """Raises ValueError when `tokenized` holds a token id the surrogate has no row for."""
+  top = int(tokenized.tokens_ExL1.max(initial=0))
+  if top >= vocab_size:
+    row = int(np.argwhere(tokenized.tokens_ExL1 >= vocab_size)[0, 0])
+    raise ValueError(f"{what}: row {row} has token id {top} but the surrogate's vocabulary "
+                     f"has {vocab_size} ids; a tokenizer from `compact_tokenizer` must be "
+                     "compacted on every text the surrogate reads")
 
 
 def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example], length: int) -> Tokenized:

@@ -128,3 +128,54 @@ def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
   assert main(["report", "--sim", str(sim), "--runs", real[0], real[4], "--orders", "4",
                "--budget", "2", "--out", str(report), "--quiet"]) == 0
   assert (report / "report.html").exists() and (report / "interference.png").exists()
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(tmp_path_factory):
+  """A stand-in for a real model's tokenizer.json (its own special token, padding on)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  t = Tokenizer(models.BPE())
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  t.decoder = decoders.ByteLevel()
+  t.train_from_iterator(python_docs(("try", "import", "async", "types")).texts_for_tokenizer(),
+                        trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"],
+                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                            show_progress=False))
+  t.enable_padding(length=128)
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+  t.save(str(path))
+  return path
+
+
+def test_fit_with_the_real_models_tokenizer(data, real_tokenizer, tmp_path, capsys):
+  shape = [a for a in TINY if a not in ("--vocab", "300")]
+  order = tmp_path / "order.jsonl"
+  assert main(["orders", "--data", str(data), "--kind", "shuffled", "--steps", "12",
+               "--batch-size", "3", "--out", str(order)]) == 0
+  runs = tmp_path / "runs"
+  assert main(["simulate", "--data", str(data), "--orders", str(order), "--out", str(runs),
+               "--eval-every", "4", "--quiet", "--tokenizer", str(real_tokenizer), *shape]) == 0
+  again = tmp_path / "again.jsonl"
+  assert main(["orders", "--data", str(data), "--kind", "blocked", "--sequence",
+               "async,try,import", "--steps", "12", "--batch-size", "3", "--out", str(again)]) == 0
+  assert main(["simulate", "--data", str(data), "--orders", str(again), "--out", str(runs),
+               "--eval-every", "4", "--quiet", "--seed", "3", *TINY]) == 0
+  sim = tmp_path / "sim"
+  capsys.readouterr()
+  assert main(["fit", "--data", str(data), "--runs", str(runs / order.name),
+               str(runs / again.name), "--out", str(sim), "--seeds", "2", "--pretrain-steps",
+               "10", "--lr-scales", "1", "--quiet", "--tokenizer", str(real_tokenizer),
+               *shape]) == 0
+  out = capsys.readouterr().out
+  vocab = json.loads((sim / "simulator.json").read_text())["model"]["vocab_size"]
+  assert f"the real tokenizer's {vocab - 2} tokens that occur" in out and vocab < 700
+  # The saved simulator reads with its compacted tokenizer and predicts.
+  assert main(["simulate", "--sim", str(sim), "--orders", str(order), "--out",
+               str(tmp_path / "pred"), "--quiet"]) == 0
+  with pytest.raises(SystemExit, match="--vocab sizes"):
+    main(["fit", "--data", str(data), "--runs", str(runs / order.name), "--out", str(sim),
+          "--tokenizer", str(real_tokenizer), "--vocab", "300"])
+  (tmp_path / "junk.json").write_text("{not json")
+  with pytest.raises(SystemExit, match="junk.json: not a readable tokenizer.json"):
+    main(["simulate", "--data", str(data), "--orders", str(order), "--out", str(runs),
+          "--tokenizer", str(tmp_path / "junk.json")])

@@ -1,15 +1,26 @@
-"""Compact tokenization: BPE size, determinism, loss masks, truncation rules."""
+"""Compact tokenization: BPE size, determinism, loss masks, truncation rules, a real
+tokenizer compacted."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from surrogate.datasets import python_docs
 from surrogate.fragments import Example
+from surrogate.prepare import model_config_for, prepare
 from surrogate.tokenize import (
+  BOS,
   BOS_ID,
+  PAD,
   PAD_ID,
+  check_vocab,
+  compact_tokenizer,
   context_length,
   encode_examples,
+  encode_texts,
   token_counts,
   train_tokenizer,
 )
@@ -73,3 +84,69 @@ def test_context_length_holds_the_median_example(tok):
   np.testing.assert_array_equal(token_counts(tok, qa), token_counts(tok, long) + n_completion)
   with pytest.raises(ValueError, match="choices"):
     context_length(tok, short, choices=())
+
+
+@pytest.fixture(scope="module")
+def real_tok():
+  """A stand-in for a real model's tokenizer: its own specials, padding and truncation on."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  t = Tokenizer(models.BPE())
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  t.decoder = decoders.ByteLevel()
+  t.train_from_iterator(python_docs(("try", "import", "types")).texts_for_tokenizer(),
+                        trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                            show_progress=False))
+  t.enable_padding(length=300, pad_id=0, pad_token="<|endoftext|>")
+  t.enable_truncation(max_length=8)
+  return t
+
+
+def test_compact_tokenizer_reads_as_the_real_model_with_only_the_tokens_that_occur(real_tok):
+  texts = python_docs(("try",)).texts_for_tokenizer()
+  tok, vocab = compact_tokenizer(real_tok, texts)
+  plain = Tokenizer.from_str(real_tok.to_str())
+  plain.no_padding()
+  plain.no_truncation()
+  want = plain.encode_batch(texts, add_special_tokens=False)
+  got = tok.encode_batch(texts, add_special_tokens=False)
+  assert [w.tokens for w in want] == [g.tokens for g in got]  # untruncated, unpadded
+  distinct = {t for w in want for t in w.tokens}
+  assert vocab == len(distinct) + 2 < real_tok.get_vocab_size()
+  assert max(i for g in got for i in g.ids) == vocab - 1
+  assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(BOS) == BOS_ID
+  again = Tokenizer.from_str(tok.to_str())  # saved with a simulator as plain JSON
+  assert again.encode(texts[0], add_special_tokens=False).ids == got[0].ids
+  # Text it was not compacted on may need ids the surrogate has no rows for.
+  check_vocab(encode_texts(tok, texts, 16), vocab, "the fragments")
+  with pytest.raises(ValueError, match="compacted on every text"):
+    check_vocab(encode_texts(tok, python_docs(("types",)).texts_for_tokenizer(), 16), vocab,
+                "the pre-training text")
+
+
+def test_compact_tokenizer_takes_wordpiece_and_refuses_unigram():
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  wp = Tokenizer(models.WordPiece({"[UNK]": 0, "[PAD]": 1, "hello": 2, "world": 3, "##s": 4,
+                                   "unused": 5}, unk_token="[UNK]"))
+  wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok, vocab = compact_tokenizer(wp, ["hello worlds"])
+  assert tok.encode("hello worlds", add_special_tokens=False).tokens == ["hello", "world", "##s"]
+  assert vocab == 5 and sorted(tok.encode("hello worlds").ids) == [2, 3, 4]
+  uni = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0))
+  with pytest.raises(ValueError, match="Unigram"):
+    compact_tokenizer(uni, ["a"])
+
+
+def test_model_config_for_a_real_tokenizer_sizes_the_vocabulary_from_the_text(real_tok):
+  frags = python_docs(("try", "import"), max_train=4, max_probe=2)
+  neutral = python_docs(("types",)).texts_for_tokenizer()[:5]
+  cfg, tok = model_config_for(frags, real_tokenizer=real_tok, neutral_texts=neutral, width=16)
+  assert cfg.width == 16 and cfg.vocab_size < real_tok.get_vocab_size()
+  rows = encode_examples(tok, frags.examples, cfg.length).tokens_ExL1
+  assert rows.max() < cfg.vocab_size
+  check_vocab(encode_texts(tok, neutral, cfg.length), cfg.vocab_size, "the pre-training text")
+  with pytest.raises(ValueError, match="vocab_size"):
+    model_config_for(frags, real_tokenizer=real_tok, vocab_size=512)
+  # A shape too small for the tokenizer is refused before anything is simulated.
+  with pytest.raises(ValueError, match="row"):
+    prepare(frags, dataclasses.replace(cfg, vocab_size=40), key=jax.random.key(0), tokenizer=tok)
