@@ -80,13 +80,13 @@ def compact_tokenizer(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[Token
     ValueError: a tokenizer model without a token -> id table (e.g. Unigram).
   """
   spec = json.loads(tokenizer.to_str())
-  # The surrogate adds its own BOS and never pads or truncates through the tokenizer.
-  spec.update(post_processor=None, truncation=None, padding=None)
-  plain = Tokenizer.from_str(json.dumps(spec))
   model = spec["model"]
   if model.get("type") not in ("BPE", "WordPiece", "WordLevel"):
     raise ValueError(f"compact_tokenizer: a {model.get('type')} tokenizer has no token -> id "
                      "table to renumber; BPE, WordPiece and WordLevel tokenizers are supported")
+  # The surrogate adds its own BOS and never pads or truncates through the tokenizer.
+  spec.update(post_processor=None, truncation=None, padding=None)
+  plain = Tokenizer.from_str(json.dumps(spec))
   old = dict(model["vocab"])
   for added in spec.get("added_tokens") or []:
     old.setdefault(added["content"], added["id"])
@@ -108,8 +108,9 @@ def check_vocab(tokenized: Tokenized, vocab_size: int, what: str) -> None:
   if top >= vocab_size:
     row = int(np.argwhere(tokenized.tokens_ExL1 >= vocab_size)[0, 0])
     raise ValueError(f"{what}: row {row} has token id {top} but the surrogate's vocabulary "
-                     f"has {vocab_size} ids; a tokenizer from `compact_tokenizer` must be "
-                     "compacted on every text the surrogate reads")
+                     f"(model_cfg.vocab_size) has {vocab_size} ids: pass the shape the "
+                     "tokenizer was sized with, and compact a real tokenizer "
+                     "(`compact_tokenizer`) on every text the surrogate reads")
 
 
 def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example], length: int) -> Tokenized:

@@ -119,7 +119,7 @@ def test_compact_tokenizer_reads_as_the_real_model_with_only_the_tokens_that_occ
   assert again.encode(texts[0], add_special_tokens=False).ids == got[0].ids
   # Text it was not compacted on may need ids the surrogate has no rows for.
   check_vocab(encode_texts(tok, texts, 16), vocab, "the fragments")
-  with pytest.raises(ValueError, match="compacted on every text"):
+  with pytest.raises(ValueError, match="on every text the surrogate reads"):
     check_vocab(encode_texts(tok, python_docs(("types",)).texts_for_tokenizer(), 16), vocab,
                 "the pre-training text")
 
