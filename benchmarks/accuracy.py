@@ -33,10 +33,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={len(os.sched_getaffinity(0))}").strip()
 
-from tokenizers import Tokenizer
-
 from calibrate.fit import FitConfig, fit
-from calibrate.reference import tokenizer_file
+from calibrate.reference import real_tokenizer as reference_tokenizer
 from calibrate.runlog import read_runlog
 from calibrate.simulator import Simulator
 from calibrate.validate import validate
@@ -83,7 +81,7 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   cfg, tokenizer = None if length is None else ModelConfig(length=length), None
   if real_tokenizer:
     cfg, tokenizer = model_config_for(frags, length=length,
-                                      real_tokenizer=Tokenizer.from_file(tokenizer_file(task)))
+                                      real_tokenizer=reference_tokenizer(task))
   sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer,
             config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior),
             progress=False)

@@ -30,10 +30,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tokenizers import Tokenizer
 
 from calibrate import metrics
-from calibrate.reference import tokenizer_file
+from calibrate.reference import real_tokenizer as reference_tokenizer
 from calibrate.runlog import learning_rates_from_runlog, order_from_runlog, read_runlog
 from surrogate import model as model_lib
 from surrogate import optim
@@ -76,11 +75,11 @@ def _variant(text: str) -> dict:
 
 def _pretraining_text(corpus: int, task: str, frags) -> list[str]:
   """The pre-training text of a variant's `c=` (see `_variant`)."""
-  texts = python_docs_neutral()
   if corpus == 1:
     from calibrate.reference.lm import corpus_texts
-    texts = corpus_texts()
-  elif corpus == 2:
+    return corpus_texts()
+  texts = python_docs_neutral()
+  if corpus == 2:
     texts += frags.texts_for_tokenizer(Split.TRAIN)
   elif corpus in (3, 4) and task == "cls":
     from calibrate.reference import cls
@@ -133,7 +132,8 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
   t0 = time.perf_counter()
   texts = _pretraining_text(corpus, task, frags)
   if real_tokenizer:
-    cfg, tokenizer = model_config_for(frags, length=length, real_tokenizer=Tokenizer.from_file(tokenizer_file(task)),
+    cfg, tokenizer = model_config_for(frags, length=length,
+                                      real_tokenizer=reference_tokenizer(task),
                                       neutral_texts=texts, width=width, heads=heads)
   else:
     cfg, tokenizer = model_lib.ModelConfig(vocab_size=vocab, width=width, length=length,
