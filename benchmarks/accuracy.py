@@ -33,11 +33,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={len(os.sched_getaffinity(0))}").strip()
 
-from calibrate.fit import FitConfig, fit
+from calibrate.fitting.fit import FitConfig, fit
 from calibrate.reference import real_tokenizer as reference_tokenizer
-from calibrate.runlog import read_runlog
-from calibrate.simulator import Simulator
-from calibrate.validate import validate
+from calibrate.io.runlog import read_runlog
+from calibrate.fitting.calibration import Simulator
+from calibrate.fitting.validate import validate
 from surrogate.fragments import read_fragments
 from surrogate.model import ModelConfig
 from surrogate.prepare import model_config_for
@@ -130,7 +130,7 @@ def main() -> None:
                  help="candidate learning-rate scales for fit (one: no choice; default: "
                       "fit's, by the context length)")
   p.add_argument("--gain-prior", type=float, default=FitConfig.gain_prior,
-                 help="prior mean of the common gain (see calibrate.fit.FitConfig)")
+                 help="prior mean of the common gain (see calibrate.fitting.fit.FitConfig)")
   p.add_argument("--effect-errors", default="",
                  help="comma-separated effect errors: coverage of the same fit with each")
   p.add_argument("--real-tokenizer", action="store_true",

@@ -26,10 +26,10 @@ sys.path[:0] = [os.path.dirname(HERE)]
 import jax
 import numpy as np
 
-from calibrate.fit import _real_losses, simulate_knob_grid
-from calibrate.metrics import fragment_means
-from calibrate.runlog import read_runlog
-from calibrate.simulator import _positions
+from calibrate.fitting.fit import _real_losses, simulate_knob_grid
+from calibrate.fitting.metrics import fragment_means
+from calibrate.io.runlog import read_runlog
+from calibrate.fitting.calibration import _positions
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral

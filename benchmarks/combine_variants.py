@@ -26,7 +26,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import numpy as np
 from noise_ceiling import structured_runs
 
-from calibrate import metrics
+from calibrate.fitting import metrics
 
 
 def scaled(pred_RxF: np.ndarray) -> np.ndarray:

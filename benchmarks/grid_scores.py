@@ -2,8 +2,8 @@
 
 For each grid file, plan (`shuffles`: calibrate on the 4 shuffled runs; `mixed`: 2 shuffles
 and 2 structured runs, as `accuracy.py`) and knob, the anchored gain is fitted exactly as
-`calibrate.fit` fits it (`fit_gains`, the default gain prior) and the held-out orders are
-scored as `calibrate.validate` scores them: trajectory MSE ratio to the order-agnostic mean,
+`calibrate.fitting.fit` fits it (`fit_gains`, the default gain prior) and the held-out orders are
+scored as `calibrate.fitting.validate` scores them: trajectory MSE ratio to the order-agnostic mean,
 Kendall tau of orders, per-fragment and order decision accuracy, AUROC. Each figure is the
 mean +- sd over disjoint groups of `--group` seeds (the default ensemble's size), then the
 figure for all seeds together; the common gain the plan's runs give is printed too.
@@ -24,9 +24,9 @@ sys.path[:0] = [os.path.dirname(HERE)]
 import numpy as np
 from accuracy import CALIBRATION, DATA
 
-from calibrate.fit import FitConfig, fit_gains
-from calibrate.runlog import read_runlog
-from calibrate.validate import _scores, group_reruns
+from calibrate.fitting.fit import FitConfig, fit_gains
+from calibrate.io.runlog import read_runlog
+from calibrate.fitting.validate import _scores, group_reruns
 from surrogate.fragments import read_fragments
 
 NAMES = ("mse_ratio", "tau", "decisions", "orders", "auroc")

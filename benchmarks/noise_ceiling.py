@@ -3,7 +3,7 @@
 `validate` measures the ceiling on the pairs of re-run orders (two real seeds of each): on
 the reference sets, 4 orders, 6 pairs. Those may differ more than most pairs. This prints,
 from the real runs alone, that measured ceiling beside an estimate for all pairs of the 16
-held-out structured orders (`calibrate.metrics.expected_seed_agreement`: each fragment's
+held-out structured orders (`calibrate.fitting.metrics.expected_seed_agreement`: each fragment's
 seed variance from the re-runs, the pairs' differences deconvolved from it), the seed sd
 of a fragment's final probe loss, and the share of decisions whose real difference is
 smaller than twice the seed sd of a difference.
@@ -23,9 +23,9 @@ sys.path[:0] = [os.path.dirname(HERE)]
 
 import numpy as np
 
-from calibrate import metrics
-from calibrate.runlog import read_runlog
-from calibrate.validate import group_reruns
+from calibrate.fitting import metrics
+from calibrate.io.runlog import read_runlog
+from calibrate.fitting.validate import group_reruns
 from surrogate.fragments import read_fragments
 
 DATA = os.path.join(HERE, "..", "calibrate", "reference", "data")

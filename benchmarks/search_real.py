@@ -27,10 +27,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import numpy as np
 
-from calibrate.fit import FitConfig, fit
+from calibrate.fitting.fit import FitConfig, fit
 from calibrate.reference import lm
 from calibrate.reference.runs import run_order
-from calibrate.runlog import read_runlog
+from calibrate.io.runlog import read_runlog
 from surrogate.fragments import read_fragments
 from surrogate.model import ModelConfig
 

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calibrate import metrics
+from calibrate.fitting import metrics
 from calibrate.reference import real_tokenizer as reference_tokenizer
-from calibrate.runlog import learning_rates_from_runlog, order_from_runlog, read_runlog
+from calibrate.io.runlog import learning_rates_from_runlog, order_from_runlog, read_runlog
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from calibrate.fit import FitConfig, FitError, fit
-from calibrate.outcomes import Comparison, Outcome, Thresholds, WhatIf, compare, what_if
-from calibrate.predict import simulate_runs
-from calibrate.runlog import (FORMAT, EvalRecord, RunHeader, RunLog, RunLogWriter, StepRecord,
+from calibrate.fitting.fit import FitConfig, FitError, fit
+from calibrate.answers.outcomes import Comparison, Outcome, Thresholds, WhatIf, compare, what_if
+from calibrate.io.simulated import simulate_runs
+from calibrate.io.runlog import (FORMAT, EvalRecord, RunHeader, RunLog, RunLogWriter, StepRecord,
                               learning_rates_from_runlog, order_from_runlog, read_runlog,
                               write_runlog)
-from calibrate.simulator import Prediction, Simulator, SimulatorError
-from calibrate.validate import ValidationReport, validate
+from calibrate.fitting.calibration import Prediction, Simulator, SimulatorError
+from calibrate.fitting.validate import ValidationReport, validate
 
 __all__ = [
     "FORMAT",

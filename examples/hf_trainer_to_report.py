@@ -33,8 +33,8 @@ def record(out: str, run_id: str) -> str:
   import torch
   import transformers
 
-  from calibrate.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
-  from calibrate.recorders import Recorder
+  from calibrate.io.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
+  from calibrate.io.recorders import Recorder
   from surrogate import read_fragments
   from surrogate.orders import OrderSpec
   torch.set_num_threads(1)
@@ -81,8 +81,8 @@ def main() -> None:
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
                                      "--xla_cpu_multi_thread_eigen=false")
   from calibrate import fit
-  from calibrate.report import trajectories_of, write_report
-  from calibrate.runlog import read_runlog
+  from calibrate.answers.report import trajectories_of, write_report
+  from calibrate.io.runlog import read_runlog
   from surrogate import read_fragments
   frags = read_fragments(os.path.join(DATA, "fragments.jsonl"))
   runs = [read_runlog(path, frags) for path in paths]

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 Params = dict  # a pytree of arrays; see `init_params` for its layout.
 
@@ -115,9 +116,95 @@ def _lift(v, like):
   return v.reshape((1,) * (like.ndim - v.ndim) + v.shape)
 
 
+def _normal(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+class _Blocks(nn.Module):
+  """The K transformer blocks (pre-LN, GPT-2), parameters stacked on a leading K axis.
+
+  The K axis is unrolled in Python rather than `nn.scan`ned: at depth 2 the straight-line
+  graph is what the hand-rolled model compiled to, and a scan would add a loop and slices.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, capture: bool) -> tuple[jax.Array, list[jax.Array]]:
+    cfg = self.cfg
+    d, k, m = cfg.width, cfg.depth, cfg.mlp_ratio * cfg.width
+    std, resid_std = 0.02, 0.02 / math.sqrt(2 * k)
+    ones, zeros = nn.initializers.ones, nn.initializers.zeros
+    stacked = {
+        "ln1_scale_KxD": self.param("ln1_scale_KxD", ones, (k, d)),
+        "ln1_bias_KxD": self.param("ln1_bias_KxD", zeros, (k, d)),
+        "qkv_KxDx3D": self.param("qkv_KxDx3D", _normal(std), (k, d, 3 * d)),
+        "qkv_bias_Kx3D": self.param("qkv_bias_Kx3D", zeros, (k, 3 * d)),
+        "proj_KxDxD": self.param("proj_KxDxD", _normal(resid_std), (k, d, d)),
+        "proj_bias_KxD": self.param("proj_bias_KxD", zeros, (k, d)),
+        "ln2_scale_KxD": self.param("ln2_scale_KxD", ones, (k, d)),
+        "ln2_bias_KxD": self.param("ln2_bias_KxD", zeros, (k, d)),
+        "fc_KxDxM": self.param("fc_KxDxM", _normal(std), (k, d, m)),
+        "fc_bias_KxM": self.param("fc_bias_KxM", zeros, (k, m)),
+        "out_KxMxD": self.param("out_KxMxD", _normal(resid_std), (k, m, d)),
+        "out_bias_KxD": self.param("out_bias_KxD", zeros, (k, d)),
+    }
+    b, l, _ = x_BxLxD.shape
+    h, hd = cfg.heads, cfg.head_dim
+    causal_LxL = jnp.tril(jnp.ones((l, l), bool))
+    attns = []
+    for i in range(k):
+      p = jax.tree.map(lambda a: a[i], stacked)
+      y = _layer_norm(x_BxLxD, p["ln1_scale_KxD"], p["ln1_bias_KxD"])
+      qkv = y @ p["qkv_KxDx3D"] + _lift(p["qkv_bias_Kx3D"], y)
+      q, kk, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
+      q, kk, v = (a[:, :, 0] for a in (q, kk, v))  # each BxLxHxhd
+      scores_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(hd)
+      scores_BxHxLxL = jnp.where(causal_LxL[None, None], scores_BxHxLxL, -1e9)
+      attn_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
+      if capture:
+        attns.append(attn_BxHxLxL)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", attn_BxHxLxL, v).reshape(b, l, d)
+      x_BxLxD = x_BxLxD + ctx @ p["proj_KxDxD"] + _lift(p["proj_bias_KxD"], ctx)
+      y = _layer_norm(x_BxLxD, p["ln2_scale_KxD"], p["ln2_bias_KxD"])
+      y = jax.nn.gelu(y @ p["fc_KxDxM"] + _lift(p["fc_bias_KxM"], y), approximate=True)
+      x_BxLxD = x_BxLxD + y @ p["out_KxMxD"] + _lift(p["out_bias_KxD"], y)
+    return x_BxLxD, attns
+
+
+class Transformer(nn.Module):
+  """The surrogate as a flax linen module whose parameters are `init_params`'s dict.
+
+  `Transformer(cfg).apply({"params": params}, inputs_BxL)` runs on the plain dict pytree
+  that `init_params` returns, saved simulators store and `simulate` vmaps and scans over;
+  linen's pure `apply` keeps it a pytree (NNX's stateful modules would need split/merge at
+  every vmap and scan boundary). The initialisers declared here have `init_params`'s
+  distributions, but `init_params` (its own key splits) is what the library uses: the
+  recorded figures depend on its exact numbers. flax checks the shapes on every apply.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs_BxL: jax.Array, capture: bool = False
+               ) -> jax.Array | tuple[jax.Array, Captured]:
+    cfg = self.cfg
+    d = cfg.width
+    ones, zeros = nn.initializers.ones, nn.initializers.zeros
+    embed_VxD = self.param("embed_VxD", _normal(0.02), (cfg.vocab_size, d))
+    pos_LxD = self.param("pos_LxD", _normal(0.01), (cfg.length, d))
+    l = inputs_BxL.shape[1]
+    x_BxLxD = embed_VxD[inputs_BxL] + pos_LxD[None, :l]
+    x_BxLxD, attns = _Blocks(cfg, name="blocks")(x_BxLxD, capture)
+    hidden_BxLxD = _layer_norm(x_BxLxD, self.param("lnf_scale_D", ones, (d,)),
+                               self.param("lnf_bias_D", zeros, (d,)))
+    logits_BxLxV = hidden_BxLxD @ embed_VxD.T  # tied to the token embedding, as in GPT-2
+    if capture:
+      return logits_BxLxV, Captured(jnp.stack(attns), hidden_BxLxD)
+    return logits_BxLxV
+
+
 def forward(params: Params, inputs_BxL: jax.Array, cfg: ModelConfig, *,
             capture: bool = False) -> jax.Array | tuple[jax.Array, Captured]:
-  """Next-token logits for a batch of token rows.
+  """Next-token logits for a batch of token rows (`Transformer(cfg)` applied to `params`).
 
   Args:
     params: from `init_params`.
@@ -128,33 +215,7 @@ def forward(params: Params, inputs_BxL: jax.Array, cfg: ModelConfig, *,
   Returns:
     logits_BxLxV, and a `Captured` when `capture` is set.
   """
-  b, l = inputs_BxL.shape
-  h, hd = cfg.heads, cfg.head_dim
-  x_BxLxD = params["embed_VxD"][inputs_BxL] + params["pos_LxD"][None, :l]
-  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
-  attns = []
-  blocks = params["blocks"]
-  for k in range(cfg.depth):
-    p = jax.tree.map(lambda a: a[k], blocks)
-    y = _layer_norm(x_BxLxD, p["ln1_scale_KxD"], p["ln1_bias_KxD"])
-    qkv = y @ p["qkv_KxDx3D"] + _lift(p["qkv_bias_Kx3D"], y)
-    q, kk, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
-    q, kk, v = (a[:, :, 0] for a in (q, kk, v))  # each BxLxHxhd
-    scores_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(hd)
-    scores_BxHxLxL = jnp.where(causal_LxL[None, None], scores_BxHxLxL, -1e9)
-    attn_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
-    if capture:
-      attns.append(attn_BxHxLxL)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", attn_BxHxLxL, v).reshape(b, l, cfg.width)
-    x_BxLxD = x_BxLxD + ctx @ p["proj_KxDxD"] + _lift(p["proj_bias_KxD"], ctx)
-    y = _layer_norm(x_BxLxD, p["ln2_scale_KxD"], p["ln2_bias_KxD"])
-    y = jax.nn.gelu(y @ p["fc_KxDxM"] + _lift(p["fc_bias_KxM"], y), approximate=True)
-    x_BxLxD = x_BxLxD + y @ p["out_KxMxD"] + _lift(p["out_bias_KxD"], y)
-  hidden_BxLxD = _layer_norm(x_BxLxD, params["lnf_scale_D"], params["lnf_bias_D"])
-  logits_BxLxV = hidden_BxLxD @ params["embed_VxD"].T
-  if capture:
-    return logits_BxLxV, Captured(jnp.stack(attns), hidden_BxLxD)
-  return logits_BxLxV
+  return Transformer(cfg).apply({"params": params}, inputs_BxL, capture=capture)
 
 
 def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:

@@ -7,9 +7,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from calibrate.fit import FitConfig, fit
-from calibrate.predict import simulate_runs
-from calibrate.runlog import RunHeader, RunLog, StepRecord
+from calibrate.fitting.fit import FitConfig, fit
+from calibrate.io.simulated import simulate_runs
+from calibrate.io.runlog import RunHeader, RunLog, StepRecord
 from surrogate import model as model_lib
 from surrogate import optim, orders
 from surrogate.datasets import python_docs, python_docs_neutral

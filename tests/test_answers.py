@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from calibrate.outcomes import OUTCOMES, Outcome
-from calibrate.report import trajectories_of, write_report
-from calibrate.runlog import order_from_runlog, read_runlog
-from calibrate.screen import screen
-from calibrate.search import evaluate, next_run, search
+from calibrate.answers.outcomes import OUTCOMES, Outcome
+from calibrate.answers.report import trajectories_of, write_report
+from calibrate.io.runlog import order_from_runlog, read_runlog
+from calibrate.answers.screen import screen
+from calibrate.answers.search import evaluate, next_run, search
 from surrogate import orders
 
 # The world has F=4 fragments; 16 runs are 8 orders with their counterfactuals, 2 per fragment.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from self_made import CFG, CONFIG, NEUTRAL, OPT, SEED, TRUE_LR_SCALE
 
-from calibrate.fit import (
+from calibrate.fitting.fit import (
   FitConfig,
   FitError,
   check_runs,
@@ -18,9 +18,9 @@ from calibrate.fit import (
   fit,
   train_fidelity,
 )
-from calibrate.outcomes import OUTCOMES, Outcome
-from calibrate.simulator import Simulator, SimulatorError
-from calibrate.validate import validate
+from calibrate.answers.outcomes import OUTCOMES, Outcome
+from calibrate.fitting.calibration import Simulator, SimulatorError
+from calibrate.fitting.validate import validate
 from surrogate.datasets import python_docs
 from surrogate.prepare import model_config_for
 

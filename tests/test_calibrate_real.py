@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from calibrate.fit import FitConfig, fit
-from calibrate.runlog import read_runlog
-from calibrate.validate import validate
+from calibrate.fitting.fit import FitConfig, fit
+from calibrate.io.runlog import read_runlog
+from calibrate.fitting.validate import validate
 from surrogate.fragments import read_fragments
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data", "lm")

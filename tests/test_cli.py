@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from calibrate.runlog import read_runlog
-from surrogate.cli import main
+from calibrate.io.runlog import read_runlog
+from calibrate.cli.main import main
 from surrogate.datasets import python_docs
 from surrogate.fragments import read_fragments, write_fragments
 

@@ -3,7 +3,7 @@ decisions split by how clearly the real runs decide."""
 
 import numpy as np
 
-from calibrate import metrics
+from calibrate.fitting import metrics
 
 
 def test_seed_agreement_bounds_and_order():

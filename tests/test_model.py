@@ -1,4 +1,7 @@
-"""The surrogate transformer: shapes, causality, loss masking, parameter count."""
+"""The surrogate transformer: shapes, causality, loss masking, parameter count; the flax module
+against the hand-rolled forward it replaced."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +63,122 @@ def test_config_checks():
     model_lib.ModelConfig(width=30, heads=4)
   with pytest.raises(ValueError, match="depth"):
     model_lib.ModelConfig(depth=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The flax module against the hand-rolled forward it replaced.
+
+
+def _ref_layer_norm(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-5) * _ref_lift(scale, x) + _ref_lift(bias, x)
+
+
+def _ref_lift(v, like):
+  return v.reshape((1,) * (like.ndim - v.ndim) + v.shape)
+
+
+def _reference_forward(params, inputs_BxL, cfg, *, capture=False):
+  """The hand-rolled forward of surrogate/model.py before the flax module (kept verbatim)."""
+  b, l = inputs_BxL.shape
+  h, hd = cfg.heads, cfg.head_dim
+  x_BxLxD = params["embed_VxD"][inputs_BxL] + params["pos_LxD"][None, :l]
+  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
+  attns = []
+  blocks = params["blocks"]
+  for k in range(cfg.depth):
+    p = jax.tree.map(lambda a: a[k], blocks)
+    y = _ref_layer_norm(x_BxLxD, p["ln1_scale_KxD"], p["ln1_bias_KxD"])
+    qkv = y @ p["qkv_KxDx3D"] + _ref_lift(p["qkv_bias_Kx3D"], y)
+    q, kk, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
+    q, kk, v = (a[:, :, 0] for a in (q, kk, v))
+    scores_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(hd)
+    scores_BxHxLxL = jnp.where(causal_LxL[None, None], scores_BxHxLxL, -1e9)
+    attn_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
+    if capture:
+      attns.append(attn_BxHxLxL)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", attn_BxHxLxL, v).reshape(b, l, cfg.width)
+    x_BxLxD = x_BxLxD + ctx @ p["proj_KxDxD"] + _ref_lift(p["proj_bias_KxD"], ctx)
+    y = _ref_layer_norm(x_BxLxD, p["ln2_scale_KxD"], p["ln2_bias_KxD"])
+    y = jax.nn.gelu(y @ p["fc_KxDxM"] + _ref_lift(p["fc_bias_KxM"], y), approximate=True)
+    x_BxLxD = x_BxLxD + y @ p["out_KxMxD"] + _ref_lift(p["out_bias_KxD"], y)
+  hidden_BxLxD = _ref_layer_norm(x_BxLxD, params["lnf_scale_D"], params["lnf_bias_D"])
+  logits_BxLxV = hidden_BxLxD @ params["embed_VxD"].T
+  if capture:
+    return logits_BxLxV, model_lib.Captured(jnp.stack(attns), hidden_BxLxD)
+  return logits_BxLxV
+
+
+# Distinct tiny dims, L < cfg.length (the position table is sliced), depth 2 as by default.
+CFG2 = model_lib.ModelConfig(vocab_size=37, length=9, width=12, depth=2, heads=3, mlp_ratio=3)
+B2, L2, N2 = 4, 6, 5  # batch, tokens read, vmapped orders
+
+
+def _assert_trees_close(a, b, **tol):
+  """Same structure, and every leaf close; a failure names the leaf and shows the diff."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tol)
+
+
+def _tokens(key, shape):
+  return jax.random.randint(key, shape, 0, CFG2.vocab_size)
+
+
+def test_init_params_matches_the_declared_flax_parameters():
+  # The module's parameters carry init_params's names and shapes, so apply runs on its dict.
+  params = model_lib.init_params(jax.random.key(3), CFG2)
+  declared = jax.eval_shape(
+      model_lib.Transformer(CFG2).init, jax.random.key(0), jnp.zeros((1, L2), jnp.int32))
+  assert jax.tree.structure(declared["params"]) == jax.tree.structure(params)
+  shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
+  assert shapes(declared["params"]) == shapes(params)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_flax_forward_equals_the_hand_rolled_one(jit):
+  params = model_lib.init_params(jax.random.key(3), CFG2)
+  # Perturb the ones/zeros so every parameter takes part in the comparison.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(4), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  tokens = _tokens(jax.random.key(5), (B2, L2))
+  new = lambda p, t: model_lib.forward(p, t, CFG2, capture=True)
+  ref = lambda p, t: _reference_forward(p, t, CFG2, capture=True)
+  if jit:
+    new, ref = jax.jit(new), jax.jit(ref)
+  _assert_trees_close(new(params, tokens), ref(params, tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_flax_losses_and_grads_equal_the_hand_rolled_ones_vmapped_over_orders():
+  # As simulate runs them: N orders' params, vmapped under jit, loss and gradient.
+  keys = jax.random.split(jax.random.key(6), N2)
+  params_N = jax.vmap(lambda k: model_lib.init_params(k, CFG2))(keys)
+  tokens_NxBxL1 = _tokens(jax.random.key(7), (N2, B2, L2 + 1))
+  mask_NxBxL = (jax.random.uniform(jax.random.key(8), (N2, B2, L2)) < 0.7).astype(jnp.float32)
+
+  def loss(fwd, p, tokens_BxL1, mask_BxL):
+    logits = fwd(p, tokens_BxL1[:, :-1], CFG2)
+    tok_BxL = model_lib.token_losses(logits, tokens_BxL1[:, 1:])
+    return (tok_BxL * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1.0)
+
+  def run(fwd):
+    return jax.jit(jax.vmap(jax.value_and_grad(lambda *a: loss(fwd, *a))))(
+        params_N, tokens_NxBxL1, mask_NxBxL)
+
+  new, ref = run(model_lib.forward), run(_reference_forward)
+  _assert_trees_close(new, ref, rtol=1e-6, atol=1e-7)
+  batch = jax.vmap(lambda *a: model_lib.batch_loss(*a, CFG2))(params_N, tokens_NxBxL1, mask_NxBxL)
+  np.testing.assert_allclose(batch, ref[0], rtol=1e-6)
+  per = jax.vmap(lambda *a: model_lib.example_losses(*a, CFG2))(params_N, tokens_NxBxL1,
+                                                                mask_NxBxL)
+  np.testing.assert_allclose(per.shape, (N2, B2))
+
+
+def test_flax_forward_rejects_params_of_the_wrong_shape():
+  params = model_lib.init_params(jax.random.key(3), CFG2)
+  other = model_lib.ModelConfig(vocab_size=37, length=9, width=12, depth=3, heads=3, mlp_ratio=3)
+  with pytest.raises(Exception, match="qkv|shape"):
+    model_lib.forward(params, _tokens(jax.random.key(5), (B2, L2)), other)

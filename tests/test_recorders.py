@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from calibrate.recorders import Recorder
-from calibrate.runlog import order_from_runlog, read_runlog
+from calibrate.io.recorders import Recorder
+from calibrate.io.runlog import order_from_runlog, read_runlog
 from surrogate import orders
 from surrogate.datasets import python_docs
 from surrogate.errors import RunLogError
@@ -107,7 +107,7 @@ def test_recorder_rejects_bad_input_and_keeps_log_valid(frags, tmp_path):
 
 
 def test_hf_trainer_callback_records_the_order_it_fed(frags, hf_tokenizer, tmp_path):
-  from calibrate.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
+  from calibrate.io.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
   torch.manual_seed(0)
   cfg = transformers.GPT2Config(vocab_size=len(hf_tokenizer), n_positions=32, n_embd=16,
                                 n_layer=1, n_head=2, bos_token_id=hf_tokenizer.bos_token_id)
@@ -141,7 +141,7 @@ def test_hf_trainer_callback_records_the_order_it_fed(frags, hf_tokenizer, tmp_p
 
 
 def test_hf_dataset_masks_prompt_and_handles_classification(frags, hf_tokenizer):
-  from calibrate.hf import FragmentsDataset
+  from calibrate.io.hf import FragmentsDataset
   from surrogate.fragments import Example, Fragments
   qa = Fragments.from_examples([
       Example("q/train/0", "q", "train", prompt="Is try a statement?", completion=" yes"),

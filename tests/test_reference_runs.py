@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from calibrate.runlog import read_runlog
+from calibrate.io.runlog import read_runlog
 from surrogate.fragments import read_fragments
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")

@@ -1,4 +1,4 @@
-"""Tests for calibrate.runlog: the RunLog v1 format, its writer and the arrays it yields."""
+"""Tests for calibrate.io.runlog: the RunLog v1 format, its writer and the arrays it yields."""
 
 from __future__ import annotations
 

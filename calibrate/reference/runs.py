@@ -82,7 +82,7 @@ def _eval_positions(frags) -> list[int]:
 
 def base_probe_losses(task: Task, frags) -> np.ndarray:
   """The pre-trained base's mean probe loss per fragment (the curricula's difficulty)."""
-  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
+  from calibrate.io.hf import FragmentsDataset, example_losses, pad_collator
   model, tok = task.load(task.out)
   ds = FragmentsDataset(frags, tok, max_length=task.max_length, labels=task.labels)
   losses = example_losses(model, ds, frags.probe_indices().tolist(), pad_collator(tok))
@@ -115,8 +115,8 @@ def run_order(task: Task, run_id: str, order, seed: int, path: str, **header) ->
   import torch
   import transformers
 
-  from calibrate.hf import FragmentsDataset, example_losses, pad_collator
-  from calibrate.recorders import Recorder
+  from calibrate.io.hf import FragmentsDataset, example_losses, pad_collator
+  from calibrate.io.recorders import Recorder
   from surrogate.fragments import read_fragments
   torch.set_num_threads(1)
   frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))

@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from calibrate.outcomes import as_order_file
-from calibrate.runlog import write_runlog
-from calibrate.simulator import Simulator
+from calibrate.answers.outcomes import as_order_file
+from calibrate.io.runlog import write_runlog
+from calibrate.fitting.calibration import Simulator
 from surrogate import orders as orders_lib
 
 __all__ = ["Candidates", "NextRun", "SearchResult", "evaluate", "next_run", "search"]
@@ -172,8 +172,8 @@ class SearchResult:
     write_runlog(path, as_order_file(sim, self.best_order, run_id))
 
   def sampler(self):
-    """The winner as a PyTorch sampler (`calibrate.hf.OrderSampler`; needs the torch extra)."""
-    from calibrate.hf import OrderSampler
+    """The winner as a PyTorch sampler (`calibrate.io.hf.OrderSampler`; needs the torch extra)."""
+    from calibrate.io.hf import OrderSampler
     return OrderSampler(self.best_order)
 
 

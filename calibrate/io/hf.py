@@ -1,6 +1,6 @@
 """Recording Hugging Face `Trainer` runs: feed a given order, write a RunLog (needs `[torch]`).
 
-    from calibrate.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
+    from calibrate.io.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
     train = FragmentsDataset(fragments, tokenizer, max_length=64)
     trainer = Trainer(model=model, args=TrainingArguments(per_device_train_batch_size=16,
                       max_steps=len(order), logging_steps=1, ...),
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from calibrate.recorders import Recorder
+from calibrate.io.recorders import Recorder
 from surrogate.fragments import Fragments
 
 

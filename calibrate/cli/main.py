@@ -97,7 +97,7 @@ def _parse_list(text: str | None, names: Sequence[str], what: str) -> list[int] 
 def cmd_orders(args) -> int:
   import jax
 
-  from calibrate.runlog import RunLogWriter
+  from calibrate.io.runlog import RunLogWriter
   from surrogate import orders
   from surrogate.fragments import read_fragments
   frags = read_fragments(args.data)
@@ -126,12 +126,12 @@ def cmd_orders(args) -> int:
 
 
 def _read_runs(paths: Sequence[str], frags) -> list:
-  from calibrate.runlog import read_runlog
+  from calibrate.io.runlog import read_runlog
   return [read_runlog(p, frags) for p in paths]
 
 
 def cmd_fit(args) -> int:
-  from calibrate.fit import FitConfig, fit
+  from calibrate.fitting.fit import FitConfig, fit
   from surrogate.fragments import read_fragments
   frags = read_fragments(args.data)
   runs = _read_runs(args.runs, frags)
@@ -177,8 +177,8 @@ def cmd_fit(args) -> int:
 
 
 def cmd_validate(args) -> int:
-  from calibrate.simulator import Simulator
-  from calibrate.validate import validate
+  from calibrate.fitting.calibration import Simulator
+  from calibrate.fitting.validate import validate
   sim = Simulator.load(args.sim)
   report = validate(sim, _read_runs(args.runs, sim.fragments), level=args.level,
                     progress=not args.quiet and not args.json)
@@ -189,8 +189,8 @@ def cmd_validate(args) -> int:
 def cmd_what_if(args) -> int:
   import json
 
-  from calibrate.outcomes import OUTCOMES
-  from calibrate.simulator import Simulator
+  from calibrate.answers.outcomes import OUTCOMES
+  from calibrate.fitting.calibration import Simulator
   sim = Simulator.load(args.sim)
   runs = _read_runs(args.orders, sim.fragments)
   answers = [sim.what_if(r, level=args.level, progress=not args.quiet and not args.json)
@@ -220,9 +220,9 @@ def cmd_what_if(args) -> int:
 
 
 def _simulate_calibrated(args) -> int:
-  from calibrate.predict import wanted_eval_steps
-  from calibrate.runlog import write_runlog
-  from calibrate.simulator import Simulator
+  from calibrate.io.simulated import wanted_eval_steps
+  from calibrate.io.runlog import write_runlog
+  from calibrate.fitting.calibration import Simulator
   from surrogate.errors import CalibrationError
   from surrogate.fragments import sha256_file
   sim = Simulator.load(args.sim)
@@ -264,8 +264,8 @@ def cmd_simulate(args) -> int:
   if not args.data:
     raise SystemExit("surrogate simulate: give --sim (a fitted simulator) or --data")
 
-  from calibrate.predict import simulate_runs
-  from calibrate.runlog import read_runlog, write_runlog
+  from calibrate.io.simulated import simulate_runs
+  from calibrate.io.runlog import read_runlog, write_runlog
   from surrogate.fragments import read_fragments
   from surrogate.model import init_params
   from surrogate.prepare import prepare
@@ -312,7 +312,7 @@ def _named_orders(paths, sim):
   """{run_id: order} of order files or runs (None without paths)."""
   if not paths:
     return None
-  from calibrate.runlog import order_from_runlog
+  from calibrate.io.runlog import order_from_runlog
   return {r.header.run_id: order_from_runlog(r, sim.fragments)
           for r in _read_runs(paths, sim.fragments)}
 
@@ -332,7 +332,7 @@ def _run_screen(sim, args):
 def cmd_screen(args) -> int:
   import json
 
-  from calibrate.simulator import Simulator
+  from calibrate.fitting.calibration import Simulator
   sim = Simulator.load(args.sim)
   if args.resume and not args.results:
     raise SystemExit("error: --resume needs --results DIR (where the killed screen streamed "
@@ -349,7 +349,7 @@ def cmd_screen(args) -> int:
 def cmd_search(args) -> int:
   import json
 
-  from calibrate.simulator import Simulator
+  from calibrate.fitting.calibration import Simulator
   sim = Simulator.load(args.sim)
   start = _named_orders(args.start, sim)
   result = sim.search(objective=_objective(args.objective), budget=args.budget, start=start,
@@ -366,7 +366,7 @@ def cmd_search(args) -> int:
   else:
     print(result.table())
   if args.out:
-    print(f"wrote the best order to {args.out} (feed it with calibrate.hf.feed_order)",
+    print(f"wrote the best order to {args.out} (feed it with calibrate.io.hf.feed_order)",
           file=sys.stderr if args.json else sys.stdout)
   return 0
 
@@ -374,7 +374,7 @@ def cmd_search(args) -> int:
 def cmd_next_run(args) -> int:
   import json
 
-  from calibrate.simulator import Simulator
+  from calibrate.fitting.calibration import Simulator
   sim = Simulator.load(args.sim)
   cands = _named_orders(args.orders, sim)
   nr = sim.next_run(cands, objective=_objective(args.objective), n_candidates=args.candidates,
@@ -396,8 +396,8 @@ def cmd_next_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-  from calibrate.report import trajectories_of, write_report
-  from calibrate.simulator import Simulator
+  from calibrate.answers.report import trajectories_of, write_report
+  from calibrate.fitting.calibration import Simulator
   sim = Simulator.load(args.sim)
   runs = _read_runs(args.runs, sim.fragments) if args.runs else []
   sc = _run_screen(sim, args)
@@ -409,7 +409,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-  from surrogate.demo import run_demo
+  from calibrate.cli.demo import run_demo
   return run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
                   length=args.length, progress=not args.quiet)
 

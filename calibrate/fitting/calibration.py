@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
-from calibrate.baselines import SimfluenceLinear
-from calibrate.metrics import fragment_means
-from calibrate.predict import wanted_eval_steps
-from calibrate.runlog import (
+from calibrate.fitting.baselines import SimfluenceLinear
+from calibrate.fitting.metrics import fragment_means
+from calibrate.io.simulated import wanted_eval_steps
+from calibrate.io.runlog import (
   EvalRecord,
   RunHeader,
   RunLog,
@@ -340,29 +340,29 @@ class Simulator:
                       probe_M, members, ex_sd, frag_sd, raw, diverged)
 
   def what_if(self, order, **kw):
-    """What each fragment becomes under `order`; see `calibrate.outcomes.what_if`."""
-    from calibrate.outcomes import what_if
+    """What each fragment becomes under `order`; see `calibrate.answers.outcomes.what_if`."""
+    from calibrate.answers.outcomes import what_if
     return what_if(self, order, **kw)
 
   def compare(self, candidates, **kw):
-    """Named orders ranked by predicted probe loss; see `calibrate.outcomes.compare`."""
-    from calibrate.outcomes import compare
+    """Named orders ranked by predicted probe loss; see `calibrate.answers.outcomes.compare`."""
+    from calibrate.answers.outcomes import compare
     return compare(self, candidates, **kw)
 
   def screen(self, **kw):
     """Outcome probabilities, interference and failures over many orders; see
-    `calibrate.screen.screen`."""
-    from calibrate.screen import screen
+    `calibrate.answers.screen.screen`."""
+    from calibrate.answers.screen import screen
     return screen(self, **kw)
 
   def search(self, **kw):
-    """The best feeding order found for an objective; see `calibrate.search.search`."""
-    from calibrate.search import search
+    """The best feeding order found for an objective; see `calibrate.answers.search.search`."""
+    from calibrate.answers.search import search
     return search(self, **kw)
 
   def next_run(self, candidates=None, **kw):
-    """The real run that would most reduce the uncertainty; see `calibrate.search.next_run`."""
-    from calibrate.search import next_run
+    """The real run that would most reduce the uncertainty; see `calibrate.answers.search.next_run`."""
+    from calibrate.answers.search import next_run
     return next_run(self, candidates, **kw)
 
   def predicted_runlogs(self, runs: Sequence[RunLog], prediction: Prediction,

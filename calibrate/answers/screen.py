@@ -3,7 +3,7 @@
 `screen` draws random orders of the chosen families and simulates them in *pairs*: an order
 and its counterfactual without one fragment it feeds (`surrogate.orders.without_fragment`),
 both from the same surrogate seed. A pair gives that fragment's exact own contribution, so its
-outcome (DESIGN.md's labels, as `calibrate.outcomes.what_if` computes them for one order), and
+outcome (DESIGN.md's labels, as `calibrate.answers.outcomes.what_if` computes them for one order), and
 the effect of feeding it on every other fragment: a row of the interference matrix. Fragments
 take turns being left out, so each gets about `n_orders / (2 F)` pairs.
 
@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from calibrate.outcomes import OUTCOMES, Thresholds
-from calibrate.simulator import Simulator
+from calibrate.answers.outcomes import OUTCOMES, Thresholds
+from calibrate.fitting.calibration import Simulator
 from surrogate import orders as orders_lib
 
 __all__ = ["DIAGNOSTICS", "Screen", "ScreenThresholds", "draw_orders", "screen"]
@@ -77,7 +77,7 @@ class Screen:
     steps: the C checkpoint steps.
     specs: the P screened orders (each simulated with its counterfactual).
     left_out_P: the fragment left out of each pair's counterfactual.
-    outcome_FxO: probability of each outcome (columns in `calibrate.outcomes.OUTCOMES`
+    outcome_FxO: probability of each outcome (columns in `calibrate.answers.outcomes.OUTCOMES`
       order), over the pairs that leave the fragment out and the ensemble's gains.
     pairs_F: how many pairs judged each fragment.
     own_probe_F, own_probe_abs_F: mean own contribution to the final probe loss, relative
@@ -198,7 +198,7 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
   members, traj = sim.simulate_orders(orders, seed_P, diagnostics=diagnostics,
                                       folder=sub("orders"), **run)
   # Counterfactuals only need their losses: no diagnostics (the same compiled simulation
-  # as `calibrate.search`'s).
+  # as `calibrate.answers.search`'s).
   members_cf, traj_cf = sim.simulate_orders(np.stack(counterfactuals), seed_P,
                                       folder=sub("counterfactuals"), **run)
   members = np.concatenate([members, members_cf])

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from calibrate.outcomes import OUTCOMES
-from calibrate.runlog import RunLog
-from calibrate.screen import DIAGNOSTICS, Screen
-from calibrate.search import SearchResult
-from calibrate.simulator import Simulator
+from calibrate.answers.outcomes import OUTCOMES
+from calibrate.io.runlog import RunLog
+from calibrate.answers.screen import DIAGNOSTICS, Screen
+from calibrate.answers.search import SearchResult
+from calibrate.fitting.calibration import Simulator
 from surrogate.jsonl import atomic_write
 
 __all__ = ["TrajectoryPlot", "trajectories_of", "write_report"]
@@ -55,9 +55,9 @@ def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.
   """Predicts `runs` (real runs with evals at the calibration steps) for the report.
 
   The interval is normal, from the members' spread and the calibration residual of each
-  fragment mean. `chunk_size` only matters for speed (see `calibrate.search.evaluate`).
+  fragment mean. `chunk_size` only matters for speed (see `calibrate.answers.search.evaluate`).
   """
-  from calibrate.runlog import order_from_runlog
+  from calibrate.io.runlog import order_from_runlog
   orders = np.stack([order_from_runlog(r, sim.fragments) for r in runs])
   members, _ = sim.simulate_orders(orders, chunk_size=chunk_size, progress=progress)
   pred = sim.fragment_means(members)                                 # R K C F

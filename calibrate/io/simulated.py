@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from calibrate.runlog import (EvalRecord, RunHeader, RunLog, StepRecord,
+from calibrate.io.runlog import (EvalRecord, RunHeader, RunLog, StepRecord,
                               order_from_runlog, run_learning_rates)
 from surrogate import optim
 from surrogate.prepare import Prepared

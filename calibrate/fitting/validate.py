@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from calibrate import metrics
-from calibrate.baselines import fragment_shares
-from calibrate.runlog import RunLog, order_from_runlog, run_learning_rates
-from calibrate.simulator import Simulator
+from calibrate.fitting import metrics
+from calibrate.fitting.baselines import fragment_shares
+from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
+from calibrate.fitting.calibration import Simulator
 from surrogate.errors import CalibrationError
 from surrogate.orders import order_sha256
 

@@ -14,7 +14,7 @@
 Every record is checked, then written and flushed at once, so a run killed at any moment
 leaves a valid, readable prefix. Bad input (an id not in the fragments file, a probe
 example fed, a non-finite loss, a step out of order) raises `RunLogError` and writes nothing
-of the bad record. The Hugging Face integration is in `calibrate.hf`.
+of the bad record. The Hugging Face integration is in `calibrate.io.hf`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from calibrate.runlog import RunLogWriter
+from calibrate.io.runlog import RunLogWriter
 from surrogate.fragments import Fragments
 
 

@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
-from calibrate.baselines import SimfluenceLinear, fragment_shares
-from calibrate.metrics import fragment_means
-from calibrate.predict import plan_for
-from calibrate.runlog import RunLog, order_from_runlog, run_learning_rates
-from calibrate.simulator import Simulator, _positions
+from calibrate.fitting.baselines import SimfluenceLinear, fragment_shares
+from calibrate.fitting.metrics import fragment_means
+from calibrate.io.simulated import plan_for
+from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
+from calibrate.fitting.calibration import Simulator, _positions
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral

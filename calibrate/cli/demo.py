@@ -47,10 +47,10 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
   """
   import jax
 
-  from calibrate.fit import FitConfig, fit
-  from calibrate.report import trajectories_of, write_report
-  from calibrate.runlog import read_runlog
-  from calibrate.search import search
+  from calibrate.fitting.fit import FitConfig, fit
+  from calibrate.answers.report import trajectories_of, write_report
+  from calibrate.io.runlog import read_runlog
+  from calibrate.answers.search import search
   from surrogate.fragments import read_fragments
   from surrogate.jsonl import atomic_write
   from surrogate.model import ModelConfig
@@ -132,6 +132,6 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
              "fit": sim.info, "seconds_total": time.perf_counter() - t_start}
   atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
   print(f"\nwrote {report}, {out}/summary.json and {out}/best-order.jsonl "
-        f"(run it for real: calibrate.hf.feed_order or OrderSampler)")
+        f"(run it for real: calibrate.io.hf.feed_order or OrderSampler)")
   print(f"total {time.perf_counter() - t_start:.0f} s")
   return 0

@@ -26,9 +26,9 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from calibrate.metrics import fragment_means
-from calibrate.runlog import RunHeader, RunLog, StepRecord, order_from_runlog
-from calibrate.simulator import Simulator
+from calibrate.fitting.metrics import fragment_means
+from calibrate.io.runlog import RunHeader, RunLog, StepRecord, order_from_runlog
+from calibrate.fitting.calibration import Simulator
 from surrogate import orders as orders_lib
 
 __all__ = ["Comparison", "Outcome", "Thresholds", "WhatIf", "as_order_file", "compare",
