@@ -29,6 +29,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={len(os.sched_getaffinity(0))}").strip()
@@ -36,6 +38,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from calibrate.fitting.fit import FitConfig, fit
 from calibrate.reference import real_tokenizer as reference_tokenizer
 from calibrate.io.runlog import read_runlog
+from calibrate.fitting import calibration
 from calibrate.fitting.calibration import Simulator
 from calibrate.fitting.validate import validate
 from surrogate.fragments import read_fragments
@@ -51,20 +54,20 @@ CALIBRATION = {"shuffles": ("shuffled-s0", "shuffled-s1", "shuffled-s2", "shuffl
 
 def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[float, float]:
   """Interval coverage on `held` with each effect error in place of `sim`'s."""
-  simulate_raw, cache = Simulator.simulate_raw, {}
+  simulate_many, cache = calibration.simulate_many, {}
 
-  def once(self, runs, steps, eval_ids, **kw):
-    key = (tuple(r.header.run_id for r in runs), tuple(steps), tuple(eval_ids))
+  def once(params, knobs, orders, lrs, data, **kw):
+    key = (np.asarray(orders).tobytes(), np.asarray(lrs).tobytes())
     if key not in cache:
-      cache[key] = simulate_raw(self, runs, steps, eval_ids, **kw)
+      cache[key] = simulate_many(params, knobs, orders, lrs, data, **kw)
     return cache[key]
 
-  Simulator.simulate_raw = once  # the simulations do not depend on the effect error
+  calibration.simulate_many = once  # the simulations do not depend on the effect error
   try:
-    return {e: validate(dataclasses.replace(sim, effect_error=e), held).methods["simulator"]
-            ["coverage"] for e in values}
+    return {e: validate(dataclasses.replace(sim, calibration=sim.calibration._replace(
+        effect_error=np.float64(e))), held).methods["simulator"]["coverage"] for e in values}
   finally:
-    Simulator.simulate_raw = simulate_raw
+    calibration.simulate_many = simulate_many
 
 
 def run(task: str, seeds: int, plan: str, length: int | None = None,
@@ -90,30 +93,29 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   report = validate(sim, held)
   t_val = time.perf_counter() - t0
   print(f"\n== {task}, plan {plan}: calibrated on {len(cal)} runs in {t_fit:.0f} s "
-        f"(pre-training {sim.info['seconds']['pretrain']:.0f} s), validated on {len(held)} "
+        f"(pre-training {sim.fit_info.seconds.pretrain:.0f} s), validated on {len(held)} "
         f"runs in {t_val:.0f} s; surrogate {sim.model_cfg.length} tokens per example, "
         + ("the real tokenizer" if real_tokenizer else "its own BPE")
         + f", vocabulary {sim.model_cfg.vocab_size}")
-  info = sim.info
-  print(f"lr scale {info['lr_scale']:g}; shape misfit "
-        + ", ".join(f"x{c['lr_scale']:g} {c['shape_misfit']:.4f}" for c in info["knob_candidates"]))
-  g = info["gain"]
-  print(f"common gain {g['common_gain']:.2f} +- {g['common_gain_sd']:.2f} (data weight "
-        f"{g['data_weight']:.2f}); fit MSE {info['fit_mse']:.5f}; leave-one-run-out MSE "
-        f"{info['leave_one_run_out']['mse']:.5f} vs order-agnostic "
-        f"{info['leave_one_run_out']['order_agnostic_mse']:.5f}; Simfluence ridge "
-        f"{info['baselines']['simfluence_ridge']:g}")
-  e = info["effect_error"]
-  loo_e = "none" if e["leave_one_run_out"] is None else f"{e['leave_one_run_out']:.3f}"
-  rho = info.get("train_fidelity")
-  print(f"effect error {e['used']:.3f} (prior {e['prior']:.3g}, leave-one-run-out {loo_e}; "
+  info = sim.fit_info
+  print(f"lr scale {info.lr_scale:g}; shape misfit "
+        + ", ".join(f"x{c.lr_scale:g} {c.shape_misfit:.4f}" for c in info.knob_candidates))
+  g, loo = info.gain, info.leave_one_run_out
+  print(f"common gain {g.common_gain:.2f} +- {g.common_gain_sd:.2f} (data weight "
+        f"{g.data_weight:.2f}); fit MSE {info.fit_mse:.5f}; leave-one-run-out MSE "
+        f"{loo.mse:.5f} vs order-agnostic {loo.order_agnostic_mse:.5f}; Simfluence ridge "
+        f"{info.baselines.simfluence_ridge:g}")
+  e = info.effect_error
+  loo_e = "none" if e.leave_one_run_out is None else f"{e.leave_one_run_out:.3f}"
+  rho = info.train_fidelity
+  print(f"effect error {e.used:.3f} (prior {e.prior:.3g}, leave-one-run-out {loo_e}; "
         f"train fidelity {'none' if rho is None else f'{rho:.3f}'})")
   print(report.format_table())
   sweep = coverage_sweep(sim, held, list(effect_errors)) if effect_errors else {}
   for e, c in sweep.items():
     print(f"coverage with effect error {e:g}: {c:.3f}")
   sys.stdout.flush()
-  return {"fit_seconds": t_fit, "validate_seconds": t_val, "fit": info,
+  return {"fit_seconds": t_fit, "validate_seconds": t_val, "fit": info.to_json(),
           "validation": report.to_dict(), "coverage_by_effect_error": sweep}
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from calibrate.fitting.fit import _real_losses, simulate_knob_grid
 from calibrate.fitting.metrics import fragment_means
 from calibrate.io.runlog import read_runlog
-from calibrate.fitting.calibration import _positions
+from calibrate.fitting.calibration import example_positions, is_probe
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
@@ -48,7 +48,8 @@ def collect(task: str, *, seeds: int, length: int, lr_scales, wd_scales, pretrai
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
   cfg = model_lib.ModelConfig(length=length)
   evaluated = set(runs[0].evals[0].losses)
-  train_pos = sorted(p for p in _positions(frags, list(evaluated)) if frags.split_of[p] == 0)
+  pos = example_positions(frags, list(evaluated))
+  train_pos = sorted(int(p) for p in pos[~is_probe(frags, pos)])
   k_prep, k_pre = jax.random.split(jax.random.key(seed))  # as `fit` splits its key
   t0 = time.perf_counter()
   prep = prepare(frags, cfg, key=k_prep, eval_train=train_pos, diag_probes=1)
@@ -66,8 +67,8 @@ def collect(task: str, *, seeds: int, length: int, lr_scales, wd_scales, pretrai
                                      opt_cfg=opt_cfg, chunk_size=chunk, progress=False,
                                      share_prefixes=False)
   t_sim = time.perf_counter() - t1
-  pos = _positions(frags, eval_ids)
-  frag_M, probe_M = frags.fragment_of[pos], frags.split_of[pos] == 1
+  pos = example_positions(frags, eval_ids)
+  frag_M, probe_M = frags.fragment_of[pos], is_probe(frags, pos)
   num_f = len(frags.names)
   real = _real_losses(runs, eval_ids)
   print(f"{task} L{length}: {diverged.size} simulations, pretrain {t_pre:.0f} s, "

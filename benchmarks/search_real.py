@@ -27,6 +27,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import numpy as np
 
+from calibrate.answers.search import search
 from calibrate.fitting.fit import FitConfig, fit
 from calibrate.reference import lm
 from calibrate.reference.runs import run_order
@@ -62,7 +63,7 @@ def main() -> None:
             config=FitConfig(), seed=args.seed, progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
-  result = sim.search(budget=args.budget, key=jax.random.key(args.seed), progress=True)
+  result = search(sim, budget=args.budget, key=jax.random.key(args.seed), progress=True)
   t_search = time.perf_counter() - t0
   print(f"fit {t_fit:.0f} s, search {t_search:.0f} s ({len(result.ranked.names)} candidates)")
   print(result.table())

@@ -80,7 +80,9 @@ def main() -> None:
 
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
                                      "--xla_cpu_multi_thread_eigen=false")
-  from calibrate import fit
+  import jax
+
+  from calibrate import fit, next_run, save, screen, search
   from calibrate.answers.report import trajectories_of, write_report
   from calibrate.io.runlog import read_runlog
   from surrogate import read_fragments
@@ -89,21 +91,22 @@ def main() -> None:
 
   # 2. Calibrate, and save the simulator (a folder of plain data).
   sim = fit(frags, runs)
-  sim.save(os.path.join(args.out, "sim"))
+  save(sim, os.path.join(args.out, "sim"))
   # 3. What happens to each fragment over many orders?
-  screen = sim.screen(n_orders=128, progress=True)
-  print(screen.table())
+  key = jax.random.key(0)
+  screened = screen(sim, n_orders=128, key=key, progress=True)
+  print(screened.table())
   # 4. The best order, exported for the next real run.
-  result = sim.search(budget=16, progress=True)
+  result = search(sim, budget=16, key=key, progress=True)
   print(result.table())
   result.save_order(sim, os.path.join(args.out, "best-order.jsonl"))
   # 5. Which real run would teach the simulator most?
-  nxt = sim.next_run(progress=True)
+  nxt = next_run(sim, key=key, progress=True)
   print(nxt.table())
   nxt.save_order(sim, os.path.join(args.out, "next-run.jsonl"))
   # 6. The report.
   plots = trajectories_of(sim, runs)
-  print("wrote", write_report(os.path.join(args.out, "report"), sim, screen=screen,
+  print("wrote", write_report(os.path.join(args.out, "report"), sim, screen=screened,
                               search=result, trajectories=plots))
 
 

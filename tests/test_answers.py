@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from calibrate.answers.outcomes import OUTCOMES, Outcome
+from calibrate.answers.outcomes import OUTCOMES, Outcome, label_outcomes, Thresholds, what_if
 from calibrate.answers.report import trajectories_of, write_report
 from calibrate.io.runlog import order_from_runlog, read_runlog
 from calibrate.answers.screen import screen
@@ -53,7 +53,7 @@ def test_screen_leaves_out_only_fragments_the_order_feeds(sim, screened):
 def test_a_left_out_fragment_never_generalizes_from_its_own_training(world, sim):
   _, runs = world
   subset = runs[4]                                   # feeds fragments 0 and 1 only
-  answer = sim.what_if(subset)
+  answer = what_if(sim, subset, key=jax.random.key(0))
   g, m = OUTCOMES.index(Outcome.GENERALIZES), OUTCOMES.index(Outcome.MEMORIZED)
   for f in (2, 3):
     assert answer.outcome_FxO[f, g] == 0 and answer.outcome_FxO[f, m] == 0
@@ -90,7 +90,8 @@ def test_search_objective_weights_target_fragments(sim):
                  key=jax.random.key(0), chunk_size=8)
   np.testing.assert_allclose(one.members_NxK, one.final_NxKxF[..., 0])
   with pytest.raises(ValueError, match="unknown fragments"):
-    evaluate(sim, {"s": orders.OrderSpec("shuffled")}, objective={"nope": 1.0})
+    evaluate(sim, {"s": orders.OrderSpec("shuffled")}, objective={"nope": 1.0},
+             key=jax.random.key(0))
 
 
 def test_next_run_prefers_the_order_the_ensemble_disagrees_on(sim):
@@ -102,10 +103,11 @@ def test_next_run_prefers_the_order_the_ensemble_disagrees_on(sim):
   assert nr.ranked.names[0] == max(spread, key=spread.get)
   assert np.all(np.diff(nr.ranked.spread_N) <= 0)
   # With no uncertainty left in the gains and a single seed, members agree on every order.
-  certain = dataclasses.replace(
-      sim, gain_sd_F=np.zeros_like(sim.gain_sd_F),
-      params_S=jax.tree.map(lambda a: np.repeat(np.asarray(a)[:1], 2, 0), sim.params_S),
-      sur_cal_SxCxM=np.repeat(sim.sur_cal_SxCxM[:1], 2, 0))
+  cal = sim.calibration
+  certain = dataclasses.replace(sim, calibration=cal._replace(
+      gain_sd_F=np.zeros_like(cal.gain_sd_F),
+      params_S=jax.tree.map(lambda a: np.repeat(np.asarray(a)[:1], 2, 0), cal.params_S),
+      sur_cal_SxCxM=np.repeat(cal.sur_cal_SxCxM[:1], 2, 0)))
   flat = next_run(certain, cands, key=jax.random.key(3))
   np.testing.assert_allclose(flat.ranked.spread_N, 0.0, atol=1e-6)
   assert nr.ranked.spread_N[0] > 1e-4
@@ -141,8 +143,21 @@ def test_report_is_a_self_contained_page_that_renders(world, sim, screened, tmp_
 
 def test_a_diverging_screen_is_reported_not_a_crash(sim):
   from surrogate import optim
-  wild = dataclasses.replace(sim, knobs=optim.Knobs(np.float32(np.inf), np.float32(1.0)))
-  sc = screen(wild, n_orders=4, chunk_size=4, diagnostics=False)
+  wild = dataclasses.replace(sim, calibration=sim.calibration._replace(
+      knobs=optim.Knobs(np.float32(np.inf), np.float32(1.0))))
+  sc = screen(wild, n_orders=4, chunk_size=4, diagnostics=False, key=jax.random.key(0))
   assert sc.diverged == (0, 1)
   assert "2 simulated orders diverged" in sc.table()
   assert np.isnan(sc.outcome_FxO).all()          # nothing left to judge, and no exception
+
+
+def test_outcome_labels_follow_designs_precedence():
+  t = Thresholds()
+  f, g, m, n = (OUTCOMES.index(o) for o in (Outcome.FORGOTTEN, Outcome.GENERALIZES,
+                                              Outcome.MEMORIZED, Outcome.NOT_LEARNED))
+  # final, min, own probe, own train -> forgotten beats generalizes beats memorized.
+  final = np.array([1.03, 1.0, 1.0, 1.0, np.nan])
+  low = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+  own_p = np.array([0.5, 0.05, 0.01, 0.01, 0.5])
+  own_t = np.array([0.5, 0.5, 0.05, 0.0, 0.5])
+  np.testing.assert_array_equal(label_outcomes(final, low, own_p, own_t, t), [f, g, m, n, g])

@@ -4,6 +4,7 @@ import dataclasses
 import os
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from self_made import CFG, CONFIG, NEUTRAL, OPT, SEED, TRUE_LR_SCALE
@@ -18,24 +19,31 @@ from calibrate.fitting.fit import (
   fit,
   train_fidelity,
 )
-from calibrate.answers.outcomes import OUTCOMES, Outcome
-from calibrate.fitting.calibration import Simulator, SimulatorError
+from calibrate.answers.outcomes import OUTCOMES, Outcome, compare, what_if
+from calibrate.fitting.calibration import FitInfo, predict, schedule
 from calibrate.fitting.validate import validate
+from calibrate.io.runlog import order_from_runlog, run_learning_rates
+from calibrate.io.saved import SimulatorError, load, save
+from calibrate.io.simulated import predict_runs, predicted_runlogs
 from surrogate.datasets import python_docs
 from surrogate.prepare import model_config_for
 
+KEY = jax.random.key(0)
+
 
 def test_fit_recovers_the_learning_rate_scale(sim):
-  assert sim.info["lr_scale"] == TRUE_LR_SCALE
-  misfit = {c["lr_scale"]: c["shape_misfit"] for c in sim.info["knob_candidates"]}
+  info = sim.fit_info
+  assert info.lr_scale == TRUE_LR_SCALE
+  misfit = {c.lr_scale: c.shape_misfit for c in info.knob_candidates}
   assert misfit[2.0] < misfit[1.0] < misfit[0.5]
-  assert sim.info["calibration_runs"] == ["shuffled-a", "blocked-a", "shuffled-b"]
+  assert info.calibration_runs == ("shuffled-a", "blocked-a", "shuffled-b")
   # A structured calibration run shows order effects, so the runs move the gain off its prior.
-  assert sim.info["gain"]["data_weight"] > 0.5
+  assert info.gain.data_weight > 0.5
   # ... and the same runs, not the prior, set the error of the predicted effects.
-  e = sim.info["effect_error"]
-  assert abs(e["used"] - e["leave_one_run_out"]) < 0.5 * abs(e["prior"] - e["leave_one_run_out"])
-  assert sim.effect_error == e["used"]
+  e = info.effect_error
+  assert abs(e.used - e.leave_one_run_out) < 0.5 * abs(e.prior - e.leave_one_run_out)
+  assert sim.calibration.effect_error == e.used
+  assert FitInfo.from_json(info.to_json()) == info
 
 
 @pytest.mark.parametrize("true_e", [0.0, 0.6])
@@ -91,8 +99,8 @@ def test_predictions_on_held_out_orders_beat_the_mean(world, sim):
 
 def test_predicted_runlogs_keep_ids_steps_and_intervals(world, sim):
   runs = world[1][3:]
-  pred = sim.predict(runs)
-  logs = sim.predicted_runlogs(runs, pred)
+  pred = predict_runs(sim, runs)
+  logs = predicted_runlogs(sim, runs, pred)
   for run, log in zip(runs, logs):
     assert log.header.run_id == run.header.run_id and log.num_steps == run.num_steps
     assert log.eval_steps == run.eval_steps
@@ -102,21 +110,21 @@ def test_predicted_runlogs_keep_ids_steps_and_intervals(world, sim):
       assert all(lo[i] <= ev_pred.losses[i] + 1e-6 and ev_pred.losses[i] <= hi[i] + 1e-6
                  for i in lo)
   # Every run starts from the same state: the prediction at step 0 is the anchor exactly.
-  np.testing.assert_allclose(pred.mean_RxCxM[:, 0], pred.mean_RxCxM[:1, 0].repeat(len(runs), 0))
+  np.testing.assert_allclose(pred.mean_NxCxM[:, 0], pred.mean_NxCxM[:1, 0].repeat(len(runs), 0))
 
 
 def test_save_load_round_trip_and_tampering(world, sim, tmp_path):
-  sim.save(tmp_path / "sim")
-  again = Simulator.load(tmp_path / "sim")
+  save(sim, tmp_path / "sim")
+  again = load(tmp_path / "sim")
   runs = world[1][3:5]
-  np.testing.assert_allclose(again.predict(runs).mean_RxCxM, sim.predict(runs).mean_RxCxM,
+  np.testing.assert_allclose(predict_runs(again, runs).mean_NxCxM, predict_runs(sim, runs).mean_NxCxM,
                              rtol=1e-5)
   with open(tmp_path / "sim" / "arrays.npz", "r+b") as f:
     f.truncate(os.path.getsize(tmp_path / "sim" / "arrays.npz") // 2)
   with pytest.raises(SimulatorError, match="arrays.npz.*sha256"):
-    Simulator.load(tmp_path / "sim")
+    load(tmp_path / "sim")
   with pytest.raises(SimulatorError, match="simulator.json is missing"):
-    Simulator.load(tmp_path / "nothing")
+    load(tmp_path / "nothing")
 
 
 def test_bad_runs_are_clear_errors(world):
@@ -151,16 +159,16 @@ def test_an_order_with_other_optimizer_settings_is_simulated_with_a_warning(worl
   order = dataclasses.replace(runs[3], evals=(), header=dataclasses.replace(
       runs[3].header, optimizer={**OPT, "lr": 6e-3}))
   with pytest.warns(UserWarning, match="extrapolation"):
-    faster = sim.predict([order])
-  same = sim.predict([dataclasses.replace(runs[3], evals=())])
+    faster = predict_runs(sim, [order])
+  same = predict_runs(sim, [dataclasses.replace(runs[3], evals=())])
   # Its own (doubled) learning rate is used: the prediction moves.
-  assert not np.allclose(faster.mean_RxCxM[:, -1], same.mean_RxCxM[:, -1])
+  assert not np.allclose(faster.mean_NxCxM[:, -1], same.mean_NxCxM[:, -1])
 
 
 def test_what_if_outcomes(world, sim):
   frags, runs = world
   subset = runs[4]  # feeds fragments 0 and 1 only
-  answer = sim.what_if(subset)
+  answer = what_if(sim, subset, key=KEY)
   np.testing.assert_allclose(answer.outcome_FxO.sum(1), 1.0)
   assert answer.probe_CxF.shape == (len(answer.steps), 4)
   # Fragments 2 and 3 are never fed: no own contribution, so they cannot generalize or be
@@ -174,7 +182,7 @@ def test_what_if_outcomes(world, sim):
 
 def test_compare_ranks_orders(world, sim):
   frags, runs = world
-  cmp = sim.compare({"blocked": runs[3], "subset": runs[4], "interleaved": runs[5]})
+  cmp = compare(sim, {"blocked": runs[3], "subset": runs[4], "interleaved": runs[5]})
   assert sorted(cmp.names) == ["blocked", "interleaved", "subset"]
   assert (np.diff(cmp.mean) >= 0).all()
   assert cmp.p_best.sum() == pytest.approx(1.0)
@@ -197,7 +205,7 @@ def test_partial_train_evals_fit_and_probe_only_runs_validate(world):
   held = [_drop_ids(r, lambda i: split[i][1] == "probe") for r in runs[3:]]
   sim = fit(frags, cal, model_cfg=CFG, config=dataclasses.replace(CONFIG, lr_scales=(1.0,)),
             seed=SEED, neutral_texts=NEUTRAL, progress=False)
-  assert np.isfinite(sim.gain_F).all() and np.isfinite(sim.info["fit_mse"])
+  assert np.isfinite(sim.calibration.gain_F).all() and np.isfinite(sim.fit_info.fit_mse)
   report = validate(sim, held)
   assert np.isfinite(report.methods["simulator"]["trajectory_mse"])
 
@@ -205,9 +213,9 @@ def test_partial_train_evals_fit_and_probe_only_runs_validate(world):
 def test_an_order_file_is_predicted_as_its_run_at_shared_steps(world, sim):
   run = world[1][3]                                 # evals at 0, 10, 20, 30
   as_order = dataclasses.replace(run, evals=())     # evals every 20: 0, 20, 30
-  a, b = sim.predict([run]), sim.predict([as_order])
+  a, b = predict_runs(sim, [run]), predict_runs(sim, [as_order])
   np.testing.assert_array_equal(b.steps, [0, 20, 30])
-  np.testing.assert_allclose(b.mean_RxCxM, a.mean_RxCxM[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(b.mean_NxCxM, a.mean_NxCxM[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
 
 
 def test_a_surrogate_diverging_at_every_scale_is_a_clear_fit_error(world):
@@ -224,5 +232,34 @@ def test_fit_picks_the_context_and_its_rate_from_the_data(world):
   config = dataclasses.replace(CONFIG, seeds=1, pretrain_steps=5, lr_scales=None)
   sim = fit(frags, runs[:2], config=config, seed=SEED, neutral_texts=NEUTRAL, progress=False)
   assert sim.model_cfg == cfg and cfg.length in (32, 64)
-  assert sim.info["lr_scale"] == default_lr_scale(cfg.length)
+  assert sim.fit_info.lr_scale == default_lr_scale(cfg.length)
   assert [default_lr_scale(n) for n in (16, 32, 64)] == [2.0, 2.0, 3.0]
+
+
+def test_runs_and_arrays_take_one_prediction_path(world, sim):
+  # A run evaluated at the calibration steps, predicted through the RunLog edge, is exactly
+  # the array path at those steps.
+  run = world[1][3]
+  via_runlog = predict_runs(sim, [run])
+  via_arrays, traj = predict(sim, order_from_runlog(run, sim.fragments)[None],
+                             run_learning_rates(run)[None], run.eval_steps)
+  np.testing.assert_array_equal(via_runlog.members_NxKxCxM, via_arrays.members_NxKxCxM)
+  np.testing.assert_array_equal(via_runlog.fragment_sd_NxCxM, via_arrays.fragment_sd_NxCxM)
+  assert traj.eval_loss_CxM.shape == (sim.num_seeds, len(run.eval_steps), len(sim.eval_ids))
+  # One seed per order: that seed's members of the all-seeds prediction.
+  one, _ = predict(sim, order_from_runlog(run, sim.fragments)[None], schedule(sim), sim.steps_C,
+                   seed_N=np.array([1]))
+  every, _ = predict(sim, order_from_runlog(run, sim.fragments)[None], schedule(sim),
+                     sim.steps_C)
+  g = len(sim.config.gain_quantiles)
+  np.testing.assert_array_equal(one.members_NxKxCxM, every.members_NxKxCxM[:, g:2 * g])
+
+
+def test_predict_refuses_what_it_cannot_predict(world, sim):
+  order = order_from_runlog(world[1][3], sim.fragments)
+  with pytest.raises(ValueError, match="cannot predict beyond"):
+    predict(sim, np.concatenate([order, order])[None], schedule(sim), [0])
+  with pytest.raises(ValueError, match="not within"):
+    predict(sim, order[None], schedule(sim), [0, sim.num_steps + 1])
+  with pytest.raises(ValueError, match=r"shape \[N >= 1"):
+    predict(sim, order, schedule(sim), [0])

@@ -26,13 +26,15 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from calibrate.fitting.calibration import Simulator, predict
 from calibrate.fitting.metrics import fragment_means
-from calibrate.io.runlog import RunHeader, RunLog, StepRecord, order_from_runlog
-from calibrate.fitting.calibration import Simulator
+from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
+from calibrate.io.simulated import check_compatible, default_eval_steps
+from surrogate import optim
 from surrogate import orders as orders_lib
 
-__all__ = ["Comparison", "Outcome", "Thresholds", "WhatIf", "as_order_file", "compare",
-           "what_if"]
+__all__ = ["OUTCOMES", "Comparison", "Outcome", "Thresholds", "WhatIf", "compare",
+           "label_outcomes", "what_if"]
 
 
 class Outcome(enum.Enum):
@@ -54,20 +56,43 @@ class Thresholds:
   forgotten: float = 0.02
 
 
-def as_order_file(sim: Simulator, order, run_id: str = "order") -> RunLog:
-  """A RunLog without evals for `order`: a RunLog (returned as is) or an int array [T, B] of
-  example positions, given the simulator's optimizer and batch size."""
+def label_outcomes(final_probe: np.ndarray, min_probe: np.ndarray, own_probe: np.ndarray,
+                   own_train: np.ndarray, thresholds: Thresholds) -> np.ndarray:
+  """Each fragment's outcome as an index into `OUTCOMES`, by DESIGN.md's precedence.
+
+  Args (arrays of one shape; NaN compares false):
+    final_probe, min_probe: the fragment's final and lowest probe loss during the run.
+    own_probe, own_train: its own contribution to the final probe and train loss (relative
+      drop against the counterfactual).
+  """
+  forgotten = final_probe >= (1 + thresholds.forgotten) * min_probe
+  return np.select([forgotten, own_probe >= thresholds.generalizes,
+                    own_train >= thresholds.memorized],
+                   [_INDEX[Outcome.FORGOTTEN], _INDEX[Outcome.GENERALIZES],
+                    _INDEX[Outcome.MEMORIZED]], _INDEX[Outcome.NOT_LEARNED])
+
+
+def outcome_shares(label: np.ndarray, valid: np.ndarray, axis: int = 0) -> np.ndarray:
+  """The share of valid members with each outcome: the outcomes' axis is appended last."""
+  counts = np.stack([((label == o) & valid).sum(axis) for o in range(len(OUTCOMES))], -1)
+  return counts / np.maximum(valid.sum(axis), 1)[..., None]
+
+
+_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
+
+
+def order_arrays(sim: Simulator, order, run_id: str = "order") -> tuple[str, np.ndarray, np.ndarray]:
+  """(name, order_TxB, lr_T) of an order given as a RunLog (its logged rates, else its
+  header's schedule) or as an int array [T, B] of example positions (the simulator's
+  schedule)."""
   if isinstance(order, RunLog):
-    return order
+    check_compatible(sim, [order])
+    return order.header.run_id, order_from_runlog(order, sim.fragments), run_learning_rates(order)
   order_TxB = np.asarray(order)
-  if order_TxB.ndim != 2 or order_TxB.shape[0] > sim.num_steps:
-    raise ValueError(f"an order must be a [T, B] array with T <= {sim.num_steps}, got shape "
+  if order_TxB.ndim != 2 or not 0 < order_TxB.shape[0] <= sim.num_steps:
+    raise ValueError(f"an order must be a [T, B] array with 0 < T <= {sim.num_steps}, got shape "
                      f"{order_TxB.shape}")
-  ids = [e.id for e in sim.fragments.examples]
-  header = RunHeader(run_id=run_id, dataset_sha256=sim.fragments.sha256, model="order",
-                     optimizer=sim.opt_cfg.to_dict(), batch_size=int(order_TxB.shape[1]), seed=0)
-  steps = [StepRecord(t, tuple(ids[i] for i in row if i >= 0)) for t, row in enumerate(order_TxB)]
-  return RunLog(header, tuple(steps), ())
+  return run_id, order_TxB, optim.learning_rates(sim.opt_cfg, order_TxB.shape[0])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -119,37 +144,28 @@ class WhatIf:
     return "\n".join(lines)
 
 
-def _members_fragment(pred, probe: bool) -> np.ndarray:
-  """[R, K, C, F] fragment means of each member (probe or evaluated train examples)."""
-  num_f = int(pred.frag_M.max()) + 1
-  select = pred.is_probe_M if probe else ~pred.is_probe_M
-  return fragment_means(pred.members_RxKxCxM, pred.frag_M, select, num_f)
-
-
-def what_if(sim: Simulator, order, *, key: jax.Array | None = None,
-            thresholds: Thresholds = Thresholds(), level: float = 0.8,
-            progress: bool = False) -> WhatIf:
+def what_if(sim: Simulator, order, *, key: jax.Array, thresholds: Thresholds = Thresholds(),
+            level: float = 0.8, progress: bool = False) -> WhatIf:
   """Predicts what each fragment becomes under `order` (a RunLog or a [T, B] array).
 
   Simulates the order and, for every fragment it feeds, its counterfactual without that
-  fragment (F + 1 runs per seed at most), all in one vmapped call.
+  fragment (F + 1 runs per seed at most, all with the order's learning rates), in one
+  vmapped call, evaluated every 20 steps and at the end. A RunLog's own evals are ignored.
+
+  Args:
+    key: draws the counterfactuals' replacement examples.
   """
-  # Its own evals (if it is a real run) are dropped: the order is simulated with its
-  # counterfactuals, all evaluated at the same steps.
-  run = dataclasses.replace(as_order_file(sim, order), evals=())
+  name, order_TxB, lr_T = order_arrays(sim, order)
   frags = sim.fragments
   num_f = len(frags.names)
-  order_TxB = order_from_runlog(run, frags)
-  fed = [f for f in range(num_f) if np.isin(order_TxB, frags.train_pools()[f]).any()]
-  key = jax.random.key(0) if key is None else key
-  counterfactuals = [as_order_file(sim, orders_lib.without_fragment(
-      order_TxB, frags.train_pools(), f, key=jax.random.fold_in(key, f)), f"{run.header.run_id}"
-      f"-without-{frags.names[f]}") for f in fed]
-  counterfactuals = [dataclasses.replace(c, header=dataclasses.replace(
-      c.header, optimizer=dict(run.header.optimizer))) for c in counterfactuals]
-  pred = sim.predict([run, *counterfactuals], progress=progress)
-  probe = _members_fragment(pred, True)     # R K C F
-  train = _members_fragment(pred, False)
+  pools = frags.train_pools()
+  fed = [f for f in range(num_f) if np.isin(order_TxB, pools[f]).any()]
+  counterfactuals = [orders_lib.without_fragment(order_TxB, pools, f,
+                                                 key=jax.random.fold_in(key, f)) for f in fed]
+  pred, _ = predict(sim, np.stack([order_TxB, *counterfactuals]), lr_T,
+                    default_eval_steps(order_TxB.shape[0]), progress=progress)
+  probe = pred.fragment_members(probe=True)       # R K C F
+  train = pred.fragment_members(probe=False)
   with np.errstate(invalid="ignore"):
     lo, hi = pred.interval(lambda x: fragment_means(x[:1], pred.frag_M, pred.is_probe_M, num_f),
                            level=level)
@@ -159,15 +175,12 @@ def what_if(sim: Simulator, order, *, key: jax.Array | None = None,
     own_probe[:, f] = (probe[r, :, -1, f] - probe[0, :, -1, f]) / probe[r, :, -1, f]
     own_train[:, f] = (train[r, :, -1, f] - train[0, :, -1, f]) / train[r, :, -1, f]
   actual = probe[0]                                   # K C F
-  forgotten = actual[:, -1] >= (1 + thresholds.forgotten) * np.nanmin(actual, axis=1)
-  label = np.where(forgotten, 0, np.where(own_probe >= thresholds.generalizes, 1,
-                                          np.where(own_train >= thresholds.memorized, 2, 3)))
+  label = label_outcomes(actual[:, -1], np.nanmin(actual, axis=1), own_probe, own_train,
+                         thresholds)
   valid = np.isfinite(actual[:, -1])                  # members whose seed did not diverge
-  probs = np.stack([((label == o) & valid).sum(0) for o in range(len(OUTCOMES))], 1)
-  probs = probs / np.maximum(valid.sum(0), 1)[:, None]
-  return WhatIf(run.header.run_id, frags.names, pred.steps, np.nanmean(actual, 0), lo[0], hi[0],
+  return WhatIf(name, frags.names, pred.steps, np.nanmean(actual, 0), lo[0], hi[0],
                 np.nanmean(train[0], 0), np.nanmean(own_probe, 0), np.nanmean(own_train, 0),
-                probs, level)
+                outcome_shares(label, valid), level)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -198,17 +211,21 @@ class Comparison:
 
 def compare(sim: Simulator, candidates: Mapping[str, object], *, level: float = 0.8,
             progress: bool = False) -> Comparison:
-  """Ranks named orders (RunLogs or [T, B] arrays) by predicted mean final probe loss."""
+  """Ranks named orders (RunLogs or [T, B] arrays of one shape) by predicted mean final
+  probe loss; each is evaluated every 20 steps and at the end."""
   if not candidates:
     raise ValueError("compare needs at least one order")
   names = list(candidates)
-  runs = [dataclasses.replace(r, evals=(), header=dataclasses.replace(r.header, run_id=n))
-          for n, r in ((n, as_order_file(sim, o, n)) for n, o in candidates.items())]
-  pred = sim.predict(runs, progress=progress)
+  arrays = [order_arrays(sim, o, n)[1:] for n, o in candidates.items()]
+  shapes = {o.shape for o, _ in arrays}
+  if len(shapes) > 1:
+    raise ValueError(f"compare needs orders of one shape, got {sorted(shapes)}")
+  pred, _ = predict(sim, np.stack([o for o, _ in arrays]), np.stack([lr for _, lr in arrays]),
+                    default_eval_steps(arrays[0][0].shape[0]), progress=progress)
   num_f = len(sim.fragments.names)
   mean_final = lambda x: np.nanmean(  # noqa: E731
       fragment_means(x[:, -1:], pred.frag_M, pred.is_probe_M, num_f)[:, 0], -1)
-  members = _members_fragment(pred, True)[:, :, -1].mean(-1)      # R K
+  members = pred.fragment_members(probe=True)[:, :, -1].mean(-1)      # R K
   with np.errstate(invalid="ignore"):
     lo, hi = pred.interval(mean_final, level=level)
   mean = np.nanmean(members, 1)

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from calibrate.answers.outcomes import OUTCOMES
-from calibrate.io.runlog import RunLog
 from calibrate.answers.screen import DIAGNOSTICS, Screen
 from calibrate.answers.search import SearchResult
-from calibrate.fitting.calibration import Simulator
+from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
+from calibrate.io.runlog import RunLog, order_from_runlog
 from surrogate.jsonl import atomic_write
 
 __all__ = ["TrajectoryPlot", "trajectories_of", "write_report"]
@@ -57,24 +57,24 @@ def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.
   The interval is normal, from the members' spread and the calibration residual of each
   fragment mean. `chunk_size` only matters for speed (see `calibrate.answers.search.evaluate`).
   """
-  from calibrate.io.runlog import order_from_runlog
   orders = np.stack([order_from_runlog(r, sim.fragments) for r in runs])
-  members, _ = sim.simulate_orders(orders, chunk_size=chunk_size, progress=progress)
-  pred = sim.fragment_means(members)                                 # R K C F
+  prediction, _ = predict(sim, orders, schedule(sim), sim.steps_C, chunk_size=chunk_size,
+                          progress=progress)
+  pred = fragment_means(sim, prediction.members_NxKxCxM)            # R K C F
   with np.errstate(invalid="ignore"):
     q = (1 - level) / 2
-    sd = np.sqrt(np.nanvar(pred, 1) + sim.fragment_sd_CxF[None] ** 2)
+    sd = np.sqrt(np.nanvar(pred, 1) + sim.calibration.fragment_sd_CxF[None] ** 2)
     mean = np.nanmean(pred, 1)
   from scipy.stats import norm
   z = norm.ppf(1 - q)
-  cal = set(sim.info.get("calibration_runs", []))
+  cal = set(sim.fit_info.calibration_runs)
   out = []
   for r, run in enumerate(runs):
     by_step = {ev.step: ev.losses for ev in run.evals}
     real_CxM = np.array([[by_step[int(s)].get(i, np.nan) for i in sim.eval_ids]
                          if int(s) in by_step else [np.nan] * len(sim.eval_ids)
                          for s in sim.steps_C], np.float64)
-    real = sim.fragment_means(real_CxM)
+    real = fragment_means(sim, real_CxM)
     out.append(TrajectoryPlot(run.header.run_id, np.asarray(sim.steps_C), real, mean[r],
                               mean[r] - z * sd[r], mean[r] + z * sd[r],
                               run.header.run_id not in cal))
@@ -208,17 +208,16 @@ def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | No
     return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
-  info = sim.info
-  loo = info.get("leave_one_run_out", {})
+  info = sim.fit_info
+  loo = info.leave_one_run_out
   sections.append("<h2>Simulator</h2>" + _table(
       ["calibration runs", "surrogate", "seeds", "common gain", "fit MSE",
        "leave-one-run-out MSE (order-agnostic)", "fit seconds"],
-      [[", ".join(info.get("calibration_runs", [])),
+      [[", ".join(info.calibration_runs),
         f"{sim.model_cfg.depth}x{sim.model_cfg.width}, {sim.model_cfg.length} tokens",
-        sim.num_seeds, f"{info.get('gain', {}).get('common_gain', float('nan')):.2f}",
-        f"{info.get('fit_mse', float('nan')):.4g}",
-        f"{loo.get('mse', float('nan')):.4g} ({loo.get('order_agnostic_mse', float('nan')):.4g})",
-        f"{info.get('seconds', {}).get('total', float('nan')):.0f}"]]))
+        sim.num_seeds, f"{info.gain.common_gain:.2f}", f"{info.fit_mse:.4g}",
+        "n/a (one run)" if loo is None else f"{loo.mse:.4g} ({loo.order_agnostic_mse:.4g})",
+        f"{info.seconds.total:.0f}"]]))
   if trajectories:
     sections.append("<h2>Predicted against real trajectories</h2>" + figure(
         "trajectories.png", plot_trajectories(trajectories, sim.fragments.names),

@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from calibrate.answers.outcomes import OUTCOMES, Thresholds
-from calibrate.fitting.calibration import Simulator
+from calibrate.answers.outcomes import OUTCOMES, Thresholds, label_outcomes
+from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
 from surrogate import orders as orders_lib
 
 __all__ = ["DIAGNOSTICS", "Screen", "ScreenThresholds", "draw_orders", "screen"]
@@ -151,8 +151,8 @@ class Screen:
     }
 
 
-def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] = "all",
-           key: jax.Array | None = None, thresholds: Thresholds = Thresholds(),
+def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
+           family: str | Sequence[str] = "all", thresholds: Thresholds = Thresholds(),
            failures: ScreenThresholds = ScreenThresholds(), diagnostics: bool = True,
            progress: bool = False, chunk_size: int | None = None,
            folder: str | os.PathLike | None = None,
@@ -163,7 +163,7 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
     sim: a calibrated simulator.
     n_orders: simulated runs in all (at least 2).
     family: "all", one of `surrogate.orders.FAMILIES`, or several.
-    key: draws the orders (default: key 0).
+    key: draws the orders and their counterfactuals.
     thresholds: the outcome labels' thresholds.
     failures: the failure points' thresholds.
     diagnostics: compute the diagnostics of the screened orders (about a quarter more time
@@ -176,7 +176,6 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
   """
   if n_orders < 2:
     raise ValueError(f"screen needs n_orders >= 2 (pairs of runs), got {n_orders}")
-  key = jax.random.key(0) if key is None else key
   k_draw, k_cf = jax.random.split(key)
   frags = sim.fragments
   num_f, pools = len(frags.names), frags.train_pools()
@@ -195,26 +194,25 @@ def screen(sim: Simulator, *, n_orders: int = 256, family: str | Sequence[str] =
   run = {"progress": progress, "chunk_size": chunk_size, "resume": resume}
   sub = (lambda name: None) if folder is None else (
       lambda name: os.path.join(folder, name))
-  members, traj = sim.simulate_orders(orders, seed_P, diagnostics=diagnostics,
-                                      folder=sub("orders"), **run)
+  lr_T, steps = schedule(sim), sim.steps_C
+  pred, traj = predict(sim, orders, lr_T, steps, seed_N=seed_P, diagnostics=diagnostics,
+                       folder=sub("orders"), **run)
   # Counterfactuals only need their losses: no diagnostics (the same compiled simulation
   # as `calibrate.answers.search`'s).
-  members_cf, traj_cf = sim.simulate_orders(np.stack(counterfactuals), seed_P,
-                                      folder=sub("counterfactuals"), **run)
-  members = np.concatenate([members, members_cf])
+  pred_cf, traj_cf = predict(sim, np.stack(counterfactuals), lr_T, steps, seed_N=seed_P,
+                             folder=sub("counterfactuals"), **run)
+  members = np.concatenate([pred.members_NxKxCxM, pred_cf.members_NxKxCxM])
   per_order = (time.perf_counter() - t0) / (2 * n_p)
-  probe = sim.fragment_means(members)                              # 2P G C F
-  train = sim.fragment_means(members, probe=False)
+  probe = fragment_means(sim, members)                             # 2P G C F
+  train = fragment_means(sim, members, probe=False)
   with np.errstate(invalid="ignore", divide="ignore"):
     main, cf = probe[:n_p], probe[n_p:]
     own_p = (cf[:, :, -1] - main[:, :, -1]) / cf[:, :, -1]          # P G F
     own_t = (train[n_p:, :, -1] - train[:n_p, :, -1]) / train[n_p:, :, -1]
     idx = np.arange(n_p)
     f_p = left_out
-    forgotten = main[idx, :, -1, f_p] >= (1 + thresholds.forgotten) * np.nanmin(
-        main[idx, :, :, f_p], axis=-1)                               # P G
-    label = np.where(forgotten, 0, np.where(own_p[idx, :, f_p] >= thresholds.generalizes, 1,
-                     np.where(own_t[idx, :, f_p] >= thresholds.memorized, 2, 3)))
+    label = label_outcomes(main[idx, :, -1, f_p], np.nanmin(main[idx, :, :, f_p], axis=-1),
+                           own_p[idx, :, f_p], own_t[idx, :, f_p], thresholds)   # P G
     valid = np.isfinite(main[idx, :, -1, f_p]) & np.isfinite(cf[idx, :, -1, f_p])
     outcome = np.zeros((num_f, len(OUTCOMES)))
     pairs = np.bincount(f_p, minlength=num_f)

@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from calibrate.answers.outcomes import as_order_file
+from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
 from calibrate.io.runlog import write_runlog
-from calibrate.fitting.calibration import Simulator
+from calibrate.io.simulated import order_file
 from surrogate import orders as orders_lib
 
 __all__ = ["Candidates", "NextRun", "SearchResult", "evaluate", "next_run", "search"]
@@ -95,7 +95,7 @@ class Candidates:
 
 
 def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
-             objective: str | Mapping[str, float] = "mean", key: jax.Array | None = None,
+             objective: str | Mapping[str, float] = "mean", key: jax.Array,
              diagnostics: bool = False, chunk_size: int | None = None,
              progress: bool = False) -> Candidates:
   """Scores named orders (`OrderSpec`s, generated with `key`, or [T, B] arrays).
@@ -103,7 +103,6 @@ def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
   `diagnostics` and `chunk_size` only matter for speed: simulations with the same settings
   and chunk shape as an earlier call (such as a screen's) reuse its compilation.
   """
-  key = jax.random.key(0) if key is None else key
   w_F = _weights(sim, objective)
   names, specs, orders = [], [], []
   for i, (name, c) in enumerate(candidates.items()):
@@ -116,9 +115,10 @@ def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
       specs.append(None)
       orders.append(np.asarray(c, np.int32))
   orders_NxTxB = np.stack(orders)
-  members, _ = sim.simulate_orders(orders_NxTxB, diagnostics=diagnostics,
-                                   chunk_size=chunk_size, progress=progress)  # N K C M
-  final = sim.fragment_means(members[:, :, -1])                      # N K F
+  pred, _ = predict(sim, orders_NxTxB, schedule(sim), sim.steps_C, diagnostics=diagnostics,
+                    chunk_size=chunk_size, progress=progress)
+  members = pred.members_NxKxCxM                                     # N K C M
+  final = fragment_means(sim, members[:, :, -1])                     # N K F
   with np.errstate(invalid="ignore"):
     score = (final * w_F).sum(-1)
   return Candidates(tuple(names), tuple(specs), orders_NxTxB, score, final)
@@ -169,7 +169,7 @@ class SearchResult:
 
   def save_order(self, sim: Simulator, path: str | os.PathLike, run_id: str = "searched") -> None:
     """Writes the winner as an order file (a RunLog without evals) for a real run."""
-    write_runlog(path, as_order_file(sim, self.best_order, run_id))
+    write_runlog(path, order_file(sim, self.best_order, run_id))
 
   def sampler(self):
     """The winner as a PyTorch sampler (`calibrate.io.hf.OrderSampler`; needs the torch extra)."""
@@ -189,7 +189,7 @@ def _describe(spec: orders_lib.OrderSpec) -> str:
 
 def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", budget: int = 32,
            start: Mapping[str, Any] | None = None, families: Sequence[str] = SEARCH_FAMILIES,
-           keep: int = 4, rounds: int = 2, key: jax.Array | None = None, level: float = 0.8,
+           keep: int = 4, rounds: int = 2, key: jax.Array, level: float = 0.8,
            diagnostics: bool = False, chunk_size: int | None = None,
            progress: bool = False) -> SearchResult:
   """Searches feeding orders for the lowest predicted objective.
@@ -208,7 +208,6 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
     diagnostics, chunk_size: as for `evaluate`.
     progress: show progress bars.
   """
-  key = jax.random.key(0) if key is None else key
   k_start, k_eval, k_mut = jax.random.split(key, 3)
   num_f = len(sim.fragments.names)
   if start is None:
@@ -278,12 +277,12 @@ class NextRun:
 
   def save_order(self, sim: Simulator, path: str | os.PathLike, run_id: str = "next-run") -> None:
     """Writes the chosen run's order file, to run for real with a recorder."""
-    write_runlog(path, as_order_file(sim, self.best_order, run_id))
+    write_runlog(path, order_file(sim, self.best_order, run_id))
 
 
 def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
              objective: str | Mapping[str, float] = "mean", n_candidates: int = 12,
-             families: Sequence[str] = orders_lib.FAMILIES, key: jax.Array | None = None,
+             families: Sequence[str] = orders_lib.FAMILIES, key: jax.Array,
              chunk_size: int | None = None, progress: bool = False) -> NextRun:
   """The candidate order whose objective the ensemble disagrees on most.
 
@@ -295,7 +294,6 @@ def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
     key: draws the candidates and their randomness.
     chunk_size: as for `evaluate`.
   """
-  key = jax.random.key(0) if key is None else key
   k_draw, k_eval = jax.random.split(key)
   if candidates is None:
     candidates = {}

@@ -47,10 +47,11 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
   """
   import jax
 
-  from calibrate.fitting.fit import FitConfig, fit
   from calibrate.answers.report import trajectories_of, write_report
-  from calibrate.io.runlog import read_runlog
+  from calibrate.answers.screen import screen
   from calibrate.answers.search import search
+  from calibrate.fitting.fit import FitConfig, fit
+  from calibrate.io.runlog import read_runlog
   from surrogate.fragments import read_fragments
   from surrogate.jsonl import atomic_write
   from surrogate.model import ModelConfig
@@ -66,16 +67,16 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
         f"{cal[0].header.batch_size}")
   model_cfg = None if length is None else ModelConfig(length=length)
   sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), seed=seed, progress=progress)
-  gain = sim.info["gain"]
-  loo = sim.info["leave_one_run_out"]
-  print(f"[1/4] calibrated on {', '.join(CALIBRATION)} in {sim.info['seconds']['total']:.0f} s "
-        f"(surrogate: {sim.model_cfg.length} tokens, {sim.info['lr_scale']:g} x the real rate): "
-        f"gain {gain['common_gain']:.2f} +- {gain['common_gain_sd']:.2f}; leave-one-run-out "
-        f"MSE {loo['mse']:.4f} (order-agnostic mean {loo['order_agnostic_mse']:.4f})")
+  info = sim.fit_info
+  gain, loo = info.gain, info.leave_one_run_out
+  print(f"[1/4] calibrated on {', '.join(CALIBRATION)} in {info.seconds.total:.0f} s "
+        f"(surrogate: {sim.model_cfg.length} tokens, {info.lr_scale:g} x the real rate): "
+        f"gain {gain.common_gain:.2f} +- {gain.common_gain_sd:.2f}; leave-one-run-out "
+        f"MSE {loo.mse:.4f} (order-agnostic mean {loo.order_agnostic_mse:.4f})")
 
   key = jax.random.key(seed)
   t = time.perf_counter()
-  sc = sim.screen(n_orders=n_orders, key=key, progress=progress)
+  sc = screen(sim, n_orders=n_orders, key=key, progress=progress)
   screen_s = time.perf_counter() - t
   print(f"\n[2/4] screened {len(sc.specs)} random orders and their counterfactuals "
         f"({2 * len(sc.specs)} simulated runs) in {screen_s:.0f} s: "
@@ -119,7 +120,7 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
         f"{[int(x) + 1 for x in pred_rank]}, real {[int(x) + 1 for x in real_rank]})")
 
   notes = [(f"The demo's surrogate reads {sim.model_cfg.length} tokens per example at "
-            f"{sim.info['lr_scale']:g} x the real learning rate; accuracy figures for it are in "
+            f"{info.lr_scale:g} x the real learning rate; accuracy figures for it are in "
             "docs/results.md."),
            ("Outcome probabilities come from pairs of an order and its counterfactual; a "
            "fragment with few pairs has a coarse estimate (see the pairs column).")]
@@ -129,7 +130,7 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
              "best_order": result.best_spec.to_dict() if result.best_spec else None,
              "search": [{"name": n, "score": float(s)} for n, s in
                         zip(result.ranked.names, result.ranked.score_N)],
-             "fit": sim.info, "seconds_total": time.perf_counter() - t_start}
+             "fit": info.to_json(), "seconds_total": time.perf_counter() - t_start}
   atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
   print(f"\nwrote {report}, {out}/summary.json and {out}/best-order.jsonl "
         f"(run it for real: calibrate.io.hf.feed_order or OrderSampler)")

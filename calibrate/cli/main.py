@@ -132,6 +132,7 @@ def _read_runs(paths: Sequence[str], frags) -> list:
 
 def cmd_fit(args) -> int:
   from calibrate.fitting.fit import FitConfig, fit
+  from calibrate.io.saved import save
   from surrogate.fragments import read_fragments
   frags = read_fragments(args.data)
   runs = _read_runs(args.runs, frags)
@@ -141,45 +142,45 @@ def cmd_fit(args) -> int:
   cfg, tokenizer = _model_cfg(args, frags)
   sim = fit(frags, runs, model_cfg=cfg, config=config, seed=args.seed, tokenizer=tokenizer,
             progress=not args.quiet)
-  sim.save(args.out)
-  info = sim.info
-  gain = info["gain"]
-  loo = info["leave_one_run_out"]
-  print(f"calibrated on {len(runs)} runs ({', '.join(info['calibration_runs'])}) in "
-        f"{info['seconds']['total']:.0f} s; surrogate {cfg.depth} x {cfg.width}, "
+  save(sim, args.out)
+  info = sim.fit_info
+  gain = info.gain
+  loo = info.leave_one_run_out
+  print(f"calibrated on {len(runs)} runs ({', '.join(info.calibration_runs)}) in "
+        f"{info.seconds.total:.0f} s; surrogate {cfg.depth} x {cfg.width}, "
         f"{cfg.length} tokens per example, {sim.num_seeds} seeds, "
         + (f"the real tokenizer's {cfg.vocab_size - 2} tokens that occur" if args.tokenizer
            else f"a BPE of {cfg.vocab_size} tokens"))
-  print(f"  learning-rate scale {info['lr_scale']:g} (shape misfit per candidate: "
-        + ", ".join(f"x{c['lr_scale']:g}: {c['shape_misfit']:.4f}" for c in info["knob_candidates"])
+  print(f"  learning-rate scale {info.lr_scale:g} (shape misfit per candidate: "
+        + ", ".join(f"x{c.lr_scale:g}: {c.shape_misfit:.4f}" for c in info.knob_candidates)
         + ")")
-  print(f"  common gain {gain['common_gain']:.2f} +- {gain['common_gain_sd']:.2f} "
-        f"(weight of the runs against the prior: {gain['data_weight']:.2f})")
-  if gain["data_weight"] < 0.5:
+  print(f"  common gain {gain.common_gain:.2f} +- {gain.common_gain_sd:.2f} "
+        f"(weight of the runs against the prior: {gain.data_weight:.2f})")
+  if gain.data_weight < 0.5:
     print("  the runs show little order effect (shuffled runs?), so the gain and the "
           "intervals rest on priors; one run of a structured order pins them (`surrogate "
           "next-run --sim " + args.out + "` suggests which)")
-  print(f"  fit MSE of fragment probe losses: {info['fit_mse']:.5f}")
-  if loo:
-    print(f"  leave-one-run-out MSE: {loo['mse']:.5f} (order-agnostic mean: "
-          f"{loo['order_agnostic_mse']:.5f})")
-  rho = info.get("train_fidelity")
+  print(f"  fit MSE of fragment probe losses: {info.fit_mse:.5f}")
+  if loo is not None:
+    print(f"  leave-one-run-out MSE: {loo.mse:.5f} (order-agnostic mean: "
+          f"{loo.order_agnostic_mse:.5f})")
+  rho = info.train_fidelity
   if rho is not None:
     print(f"  the surrogate follows the evaluated train examples' dips with correlation "
           f"{rho:.2f} (LM-like development set 0.8, classification 0.4: lower means wider "
           "intervals)")
-  err = info["effect_error"]
-  print(f"  effect error {err['used']:.3f} x each predicted order effect in the intervals "
-        f"(prior {err['prior']:.3g}" + ("" if err["leave_one_run_out"] is None else
-                                        f", from the runs {err['leave_one_run_out']:.3f}") + ")")
+  err = info.effect_error
+  print(f"  effect error {err.used:.3f} x each predicted order effect in the intervals "
+        f"(prior {err.prior:.3g}" + ("" if err.leave_one_run_out is None else
+                                     f", from the runs {err.leave_one_run_out:.3f}") + ")")
   print(f"wrote {args.out}")
   return 0
 
 
 def cmd_validate(args) -> int:
-  from calibrate.fitting.calibration import Simulator
+  from calibrate.io.saved import load
   from calibrate.fitting.validate import validate
-  sim = Simulator.load(args.sim)
+  sim = load(args.sim)
   report = validate(sim, _read_runs(args.runs, sim.fragments), level=args.level,
                     progress=not args.quiet and not args.json)
   print(report.to_json() if args.json else report.format_table())
@@ -189,13 +190,13 @@ def cmd_validate(args) -> int:
 def cmd_what_if(args) -> int:
   import json
 
-  from calibrate.answers.outcomes import OUTCOMES
-  from calibrate.fitting.calibration import Simulator
-  sim = Simulator.load(args.sim)
+  from calibrate.answers.outcomes import OUTCOMES, compare, what_if
+  from calibrate.io.saved import load
+  sim = load(args.sim)
   runs = _read_runs(args.orders, sim.fragments)
-  answers = [sim.what_if(r, level=args.level, progress=not args.quiet and not args.json)
-             for r in runs]
-  ranking = sim.compare({r.header.run_id: r for r in runs}, level=args.level) \
+  answers = [what_if(sim, r, key=_key(args.seed), level=args.level,
+                     progress=not args.quiet and not args.json) for r in runs]
+  ranking = compare(sim, {r.header.run_id: r for r in runs}, level=args.level) \
       if len(runs) > 1 else None
   if args.json:
     out = {"orders": [{
@@ -220,12 +221,12 @@ def cmd_what_if(args) -> int:
 
 
 def _simulate_calibrated(args) -> int:
-  from calibrate.io.simulated import wanted_eval_steps
+  from calibrate.io.simulated import predict_runs, predicted_runlogs, wanted_eval_steps
   from calibrate.io.runlog import write_runlog
-  from calibrate.fitting.calibration import Simulator
+  from calibrate.io.saved import load
   from surrogate.errors import CalibrationError
   from surrogate.fragments import sha256_file
-  sim = Simulator.load(args.sim)
+  sim = load(args.sim)
   if args.data and sha256_file(args.data) != sim.fragments.sha256:
     raise CalibrationError(f"{args.data} is not the fragments file the simulator was "
                            "calibrated on (sha256 differs)")
@@ -245,8 +246,8 @@ def _simulate_calibrated(args) -> int:
   t0 = time.perf_counter()
   for members in groups.values():
     group = [runs[i] for i in members]
-    pred = sim.predict(group, progress=not args.quiet, chunk_size=args.chunk_size)
-    for i, log in zip(members, sim.predicted_runlogs(group, pred)):
+    pred = predict_runs(sim, group, progress=not args.quiet, chunk_size=args.chunk_size)
+    for i, log in zip(members, predicted_runlogs(sim, group, pred)):
       out = outs[i]
       write_runlog(out, log)
       bad = log.header.extra.get("diverged_seeds")
@@ -324,7 +325,8 @@ def _key(seed: int):
 
 def _run_screen(sim, args):
   families = args.family.split(",") if args.family != "all" else "all"
-  return sim.screen(n_orders=args.orders, family=families, key=_key(args.seed),
+  from calibrate.answers.screen import screen
+  return screen(sim, n_orders=args.orders, family=families, key=_key(args.seed),
                     diagnostics=not args.no_diagnostics, folder=args.results,
                     resume=args.resume, progress=not args.quiet)
 
@@ -332,8 +334,8 @@ def _run_screen(sim, args):
 def cmd_screen(args) -> int:
   import json
 
-  from calibrate.fitting.calibration import Simulator
-  sim = Simulator.load(args.sim)
+  from calibrate.io.saved import load
+  sim = load(args.sim)
   if args.resume and not args.results:
     raise SystemExit("error: --resume needs --results DIR (where the killed screen streamed "
                      "its results)")
@@ -349,10 +351,11 @@ def cmd_screen(args) -> int:
 def cmd_search(args) -> int:
   import json
 
-  from calibrate.fitting.calibration import Simulator
-  sim = Simulator.load(args.sim)
+  from calibrate.io.saved import load
+  sim = load(args.sim)
   start = _named_orders(args.start, sim)
-  result = sim.search(objective=_objective(args.objective), budget=args.budget, start=start,
+  from calibrate.answers.search import search
+  result = search(sim, objective=_objective(args.objective), budget=args.budget, start=start,
                       key=_key(args.seed), progress=not args.quiet)
   if args.out:
     result.save_order(sim, args.out, run_id=args.run_id)
@@ -374,10 +377,11 @@ def cmd_search(args) -> int:
 def cmd_next_run(args) -> int:
   import json
 
-  from calibrate.fitting.calibration import Simulator
-  sim = Simulator.load(args.sim)
+  from calibrate.io.saved import load
+  sim = load(args.sim)
   cands = _named_orders(args.orders, sim)
-  nr = sim.next_run(cands, objective=_objective(args.objective), n_candidates=args.candidates,
+  from calibrate.answers.search import next_run
+  nr = next_run(sim, cands, objective=_objective(args.objective), n_candidates=args.candidates,
                     key=_key(args.seed), progress=not args.quiet)
   if args.out:
     nr.save_order(sim, args.out, run_id=args.run_id)
@@ -397,11 +401,12 @@ def cmd_next_run(args) -> int:
 
 def cmd_report(args) -> int:
   from calibrate.answers.report import trajectories_of, write_report
-  from calibrate.fitting.calibration import Simulator
-  sim = Simulator.load(args.sim)
+  from calibrate.io.saved import load
+  sim = load(args.sim)
   runs = _read_runs(args.runs, sim.fragments) if args.runs else []
   sc = _run_screen(sim, args)
-  result = sim.search(budget=args.budget, key=_key(args.seed), progress=not args.quiet)
+  from calibrate.answers.search import search
+  result = search(sim, budget=args.budget, key=_key(args.seed), progress=not args.quiet)
   plots = trajectories_of(sim, runs, progress=not args.quiet) if runs else []
   path = write_report(args.out, sim, screen=sc, search=result, trajectories=plots)
   print(f"wrote {path}")

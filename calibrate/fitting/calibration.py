@@ -1,4 +1,4 @@
-"""A calibrated simulator: the surrogate ensemble plus the map from its losses to real ones.
+"""A calibrated simulator as data, and the one prediction path over arrays.
 
 Prediction of a run under an order (DESIGN.md, "Calibration"; the map is the anchored gain
 of DESIGN.md's last section):
@@ -10,117 +10,170 @@ where `anchor` is the calibration runs' mean real loss of example m after t step
 f the fragment of m. Every surrogate seed and a few plausible gains are members of an
 ensemble; their spread plus the calibration residuals give the predictive intervals.
 
-A saved simulator is a folder of plain data: `simulator.json` (settings, gains, the files'
-sha256), `arrays.npz` (loaded without pickle), `tokenizer.json` and a copy of the fragments
-file. Loading checks every file's sha256, so a truncated or edited folder fails clearly.
+The parts:
+- `SimulatorConfig`: what sets shapes and loops (frozen, static);
+- `Calibration`: what `fit` fitted, arrays only (a pytree);
+- `FitInfo`: how the fit went (typed, saved as JSON);
+- `Simulator`: those three with the fragments, the tokenizer and the baseline, no methods
+  beyond read-only views;
+- `predict(sim, orders_NxTxB, lr_NxT, eval_steps)`: the one path from orders to real-scale
+  ensemble members; RunLogs come in and go out only at the edges (`calibrate.io.simulated`).
+
+Saving and loading live in `calibrate.io.saved`.
+
+Axis legend: N orders, S surrogate seeds, G gain quantiles, K ensemble members, C eval steps,
+M evaluated examples, F fragments, T steps, B batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
 from calibrate.fitting.baselines import SimfluenceLinear
-from calibrate.fitting.metrics import fragment_means
-from calibrate.io.simulated import wanted_eval_steps
-from calibrate.io.runlog import (
-  EvalRecord,
-  RunHeader,
-  RunLog,
-  StepRecord,
-  order_from_runlog,
-  run_learning_rates,
-)
+from calibrate.fitting.metrics import fragment_means as _fragment_means
 from surrogate import model as model_lib
 from surrogate import optim
-from surrogate.errors import CalibrationError, DataError
-from surrogate.fragments import (
-  Fragments,
-  read_fragments,
-  sha256_file,
-  write_fragments,
-)
-from surrogate.jsonl import atomic_write
-from surrogate.simulate import SimPlan, build_sim_data, simulate_many
+from surrogate.errors import CalibrationError
+from surrogate.fragments import Fragments, Split
+from surrogate.simulate import SimPlan, Trajectory, build_sim_data, simulate_many
 from surrogate.tokenize import encode_examples
 
-FORMAT = "surrogate-simulator/1"
-_FILES = ("arrays.npz", "tokenizer.json", "fragments.jsonl")
+# Fragments.split_of codes.
+SPLIT_CODE = {Split.TRAIN: 0, Split.PROBE: 1}
 
 
-class SimulatorError(DataError):
-  """A saved simulator folder is missing, truncated, tampered with or of another format."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Prediction:
-  """Predicted per-example losses of R runs at their eval steps, on the real scale.
+@dataclasses.dataclass(frozen=True)
+class SimulatorConfig:
+  """What a calibrated simulator's shapes and loops follow (static).
 
   Attributes:
-    run_ids: the R runs' ids.
-    steps: the C eval steps shared by the runs.
-    eval_ids: the M example ids predicted (every probe, then evaluated train examples).
-    frag_M: fragment index of each example.
-    is_probe_M: whether each example is a probe.
-    members_RxKxCxM: each ensemble member's prediction (seed x gain).
-    example_sd_CxM: residual spread of each example around its fragment's residual.
-    fragment_sd_RxCxM: spread shared by a fragment's examples (stored per example): the
-      calibration residual plus `effect_error` x the fragment's predicted order effect.
-      Both come from leave-one-run-out on the calibration runs: spread the members miss.
-    raw_RxSxCxM: the surrogate's own losses (its scale), per seed.
-    diverged_RxS: the step each seed's simulation diverged at, or -1.
+    model_cfg: the surrogate's shape.
+    opt_cfg: the real runs' optimizer (their family, schedule and settings).
+    num_steps, batch_size: the calibration runs' length and batch size.
+    eval_ids: examples with an anchor (all probes, then the evaluated train examples).
+    gain_quantiles: the gain quantiles (in sds) that form the ensemble with the seeds.
+    diag_seed: chooses, once per simulator, the probes the diagnostics are measured on, so
+      every answer of one simulator measures the same ones.
   """
-  run_ids: tuple[str, ...]
-  steps: np.ndarray
+  model_cfg: model_lib.ModelConfig
+  opt_cfg: optim.OptimizerConfig
+  num_steps: int
+  batch_size: int
   eval_ids: tuple[str, ...]
-  frag_M: np.ndarray
-  is_probe_M: np.ndarray
-  members_RxKxCxM: np.ndarray
+  gain_quantiles: tuple[float, ...] = (-1.28, 0.0, 1.28)
+  diag_seed: int = 0
+
+
+class Calibration(NamedTuple):
+  """What `fit` fitted: arrays only, so it maps, saves and differentiates as a pytree.
+
+  Attributes:
+    params_S: the pre-trained surrogate seeds (leading axis S).
+    knobs: the fitted learning-rate and weight-decay scales.
+    steps_C: the calibration runs' eval steps.
+    anchor_CxM: mean real loss over the calibration runs.
+    sur_cal_SxCxM: each seed's mean simulated loss over the calibration orders.
+    gain_F, gain_sd_F: the fitted gain of each fragment and its posterior spread.
+    example_sd_CxM, fragment_sd_CxF: leave-one-run-out residual spreads (see `Prediction`).
+    effect_error: the predictive sd of a fragment's loss as a share of its predicted order
+      effect.
+  """
+  params_S: model_lib.Params
+  knobs: optim.Knobs
+  steps_C: np.ndarray
+  anchor_CxM: np.ndarray
+  sur_cal_SxCxM: np.ndarray
+  gain_F: np.ndarray
+  gain_sd_F: np.ndarray
   example_sd_CxM: np.ndarray
-  fragment_sd_RxCxM: np.ndarray
-  raw_RxSxCxM: np.ndarray
-  diverged_RxS: np.ndarray
+  fragment_sd_CxF: np.ndarray
+  effect_error: np.ndarray
 
-  @property
-  def mean_RxCxM(self) -> np.ndarray:
-    """The ensemble mean prediction (over members whose seed did not diverge)."""
-    with np.errstate(invalid="ignore"):
-      return np.nanmean(self.members_RxKxCxM, 1)
 
-  def samples(self, reduce, *, draws: int = 32, seed: int = 0) -> np.ndarray:
-    """Draws from the predictive distribution of `reduce(losses_RxCxM)`.
+@dataclasses.dataclass(frozen=True)
+class KnobCandidate:
+  """One candidate of the knob grid and how well its curves' shape fitted."""
+  lr_scale: float
+  weight_decay_scale: float
+  shape_misfit: float
 
-    Each member is perturbed by Gaussian residual noise, one draw shared by a fragment's
-    examples (`fragment_sd_RxCxM`) plus one per example (`example_sd_CxM`), then reduced;
-    returns the reductions stacked on a leading axis.
-    """
-    rng = np.random.default_rng(seed)
-    num_f = int(self.frag_M.max()) + 1
-    out = []
-    for k in range(self.members_RxKxCxM.shape[1]):
-      base = self.members_RxKxCxM[:, k]
-      for _ in range(draws):
-        shared = rng.standard_normal(base.shape[:-1] + (num_f,))[..., self.frag_M]
-        own = rng.standard_normal(base.shape)
-        out.append(reduce(base + shared * self.fragment_sd_RxCxM + own * self.example_sd_CxM))
-    return np.stack(out)
 
-  def interval(self, reduce=lambda x: x, level: float = 0.8, **kw) -> tuple[np.ndarray, np.ndarray]:
-    """The central `level` predictive interval of `reduce(losses_RxCxM)`."""
-    s = self.samples(reduce, **kw)
-    return (np.nanquantile(s, (1 - level) / 2, axis=0),
-            np.nanquantile(s, (1 + level) / 2, axis=0))
+@dataclasses.dataclass(frozen=True)
+class GainFit:
+  """The common gain's posterior; `data_weight` is the runs' weight against the prior."""
+  common_gain: float
+  common_gain_sd: float
+  data_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaveOneRunOut:
+  """Leave-one-run-out MSE of fragment probe means: the map's and the order-agnostic mean's."""
+  mse: float
+  order_agnostic_mse: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectErrorFit:
+  """The effect error's prior, the runs' estimate (None with one run) and the value used."""
+  prior: float
+  leave_one_run_out: float | None
+  used: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSeconds:
+  pretrain: float
+  total: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineInfo:
+  """What the baselines need beyond their arrays: Simfluence's ridge and reference rate."""
+  simfluence_ridge: float
+  lr_ref: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FitInfo:
+  """How the fit went. Saved as JSON (`to_json`), in the layout `surrogate fit` prints."""
+  calibration_runs: tuple[str, ...]
+  calibration_orders_sha256: tuple[str, ...]
+  knob_candidates: tuple[KnobCandidate, ...]
+  lr_scale: float
+  weight_decay_scale: float
+  gain: GainFit
+  fit_mse: float
+  leave_one_run_out: LeaveOneRunOut | None
+  train_fidelity: float | None
+  effect_error: EffectErrorFit
+  seconds: FitSeconds
+  baselines: BaselineInfo
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> FitInfo:
+    """The inverse of `to_json`; raises KeyError or TypeError on another layout."""
+    loo = d["leave_one_run_out"]
+    return cls(
+        calibration_runs=tuple(d["calibration_runs"]),
+        calibration_orders_sha256=tuple(d["calibration_orders_sha256"]),
+        knob_candidates=tuple(KnobCandidate(**c) for c in d["knob_candidates"]),
+        lr_scale=float(d["lr_scale"]), weight_decay_scale=float(d["weight_decay_scale"]),
+        gain=GainFit(**d["gain"]), fit_mse=float(d["fit_mse"]),
+        leave_one_run_out=None if loo is None else LeaveOneRunOut(**loo),
+        train_fidelity=d["train_fidelity"], effect_error=EffectErrorFit(**d["effect_error"]),
+        seconds=FitSeconds(**d["seconds"]), baselines=BaselineInfo(**d["baselines"]))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -128,445 +181,161 @@ class Simulator:
   """A surrogate ensemble calibrated to real runs of one fragments file.
 
   Attributes:
+    config: shapes and settings (`SimulatorConfig`).
+    calibration: the fitted arrays (`Calibration`).
     fragments: the data set it was calibrated on.
-    model_cfg: the surrogate's shape.
-    opt_cfg: the real runs' optimizer (their family, schedule and settings).
-    knobs: the fitted learning-rate and weight-decay scales.
-    tokenizer: the surrogate's BPE.
-    params_S: the pre-trained surrogate seeds (leading axis S).
-    num_steps, batch_size: the calibration runs' length and batch size.
-    steps_C: the calibration runs' eval steps.
-    eval_ids: examples with an anchor (all probes, then the evaluated train examples).
-    anchor_CxM: mean real loss over the calibration runs.
-    sur_cal_SxCxM: each seed's mean simulated loss over the calibration orders.
-    gain_F, gain_sd_F: the fitted gain of each fragment and its posterior spread.
-    example_sd_CxM, fragment_sd_CxF: leave-one-run-out residual spreads (see `Prediction`).
+    tokenizer: the surrogate's tokenizer.
+    fit_info: how the fit went (`FitInfo`).
     simfluence: the Simfluence-linear baseline fitted on the same runs.
-    info: how the fit went (calibration runs, chosen knobs, fit quality); plain JSON.
   """
+  config: SimulatorConfig
+  calibration: Calibration
   fragments: Fragments
-  model_cfg: model_lib.ModelConfig
-  opt_cfg: optim.OptimizerConfig
-  knobs: optim.Knobs
   tokenizer: Tokenizer
-  params_S: model_lib.Params
-  num_steps: int
-  batch_size: int
-  steps_C: np.ndarray
-  eval_ids: tuple[str, ...]
-  anchor_CxM: np.ndarray
-  sur_cal_SxCxM: np.ndarray
-  gain_F: np.ndarray
-  gain_sd_F: np.ndarray
-  example_sd_CxM: np.ndarray
-  fragment_sd_CxF: np.ndarray
+  fit_info: FitInfo
   simfluence: SimfluenceLinear
-  info: dict[str, Any]
-  gain_quantiles: tuple[float, ...] = (-1.28, 0.0, 1.28)
-  effect_error: float = 0.25
+
+  # Read-only views of the parts, for the answers' convenience.
+  @property
+  def model_cfg(self) -> model_lib.ModelConfig:
+    return self.config.model_cfg
+
+  @property
+  def opt_cfg(self) -> optim.OptimizerConfig:
+    return self.config.opt_cfg
+
+  @property
+  def num_steps(self) -> int:
+    return self.config.num_steps
+
+  @property
+  def batch_size(self) -> int:
+    return self.config.batch_size
+
+  @property
+  def eval_ids(self) -> tuple[str, ...]:
+    return self.config.eval_ids
+
+  @property
+  def steps_C(self) -> np.ndarray:
+    return self.calibration.steps_C
 
   @property
   def num_seeds(self) -> int:
-    return int(self.sur_cal_SxCxM.shape[0])
+    return int(self.calibration.sur_cal_SxCxM.shape[0])
 
-  # -- predicting ----------------------------------------------------------------------------
 
-  def _sim_setup(self, eval_ids: Sequence[str], num_steps: int, steps: Sequence[int], *,
-                 diagnostics: bool = False):
-    """Data, plan and the columns / checkpoint rows that give `eval_ids` at `steps`."""
-    frags = self.fragments
-    pos = _positions(frags, eval_ids)
-    train_pos = [p for p in pos if frags.split_of[p] == _TRAIN]
-    tokenized = encode_examples(self.tokenizer, frags.examples, self.model_cfg.length)
-    data = build_sim_data(frags, tokenized, vocab_size=self.model_cfg.vocab_size,
-                          eval_train=train_pos, diag_probes=4 if diagnostics else 1,
-                          key=jax.random.key(0))
-    data_ids = [frags.examples[i].id for i in np.asarray(data.eval_idx_M)]
-    col = np.array([data_ids.index(i) for i in eval_ids])
-    inner = [int(x) for x in steps if 0 < x < num_steps]
-    plan = SimPlan(eval_every=math.gcd(*inner) if inner else max(num_steps, 1),
-                   diagnostics=diagnostics)
-    ckpt = plan.checkpoint_steps(num_steps)
-    rows = np.searchsorted(ckpt, np.asarray(steps))
-    if not np.array_equal(ckpt[np.minimum(rows, len(ckpt) - 1)], np.asarray(steps)):
-      raise CalibrationError(f"eval steps {list(steps)} are not within 0..{num_steps}")
-    return data, plan, col, rows
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prediction:
+  """Predicted per-example losses of N orders at their eval steps, on the real scale.
 
-  def simulate_raw(self, runs: Sequence[RunLog], steps: Sequence[int], eval_ids: Sequence[str],
-                   *, progress: bool = False, chunk_size: int | None = None):
-    """The surrogate's own losses (its scale) for every seed: [R, S, C, M], diverged [R, S]."""
-    data, plan, col, rows = self._sim_setup(eval_ids, runs[0].num_steps, steps)
-    orders = np.stack([order_from_runlog(r, self.fragments) for r in runs])
-    lrs = np.stack([run_learning_rates(r) for r in runs])
-    n_r, n_s = len(runs), self.num_seeds
-    sel_s = np.tile(np.arange(n_s), n_r)
-    sel_r = np.repeat(np.arange(n_r), n_s)
-    params = jax.tree.map(lambda a: np.asarray(a)[sel_s], self.params_S)
-    traj = simulate_many(params, self.knobs, orders[sel_r], lrs[sel_r], data,
-                         model_cfg=self.model_cfg, opt_cfg=self.opt_cfg, plan=plan,
-                         chunk_size=chunk_size, progress=progress)
-    loss = traj.eval_loss_CxM[:, rows][:, :, col]
-    shape = (n_r, n_s) + loss.shape[1:]
-    return loss.reshape(shape), traj.diverged_step.reshape(n_r, n_s)
+  Attributes:
+    steps: the C eval steps.
+    eval_ids: the M example ids predicted (every probe, then evaluated train examples).
+    frag_M: fragment index of each example.
+    is_probe_M: whether each example is a probe.
+    members_NxKxCxM: each ensemble member's prediction (seed x gain).
+    example_sd_CxM: residual spread of each example around its fragment's residual.
+    fragment_sd_NxCxM: spread shared by a fragment's examples (stored per example): the
+      calibration residual plus `effect_error` x the fragment's predicted order effect.
+      Both come from leave-one-run-out on the calibration runs: spread the members miss.
+    raw_NxSxCxM: the surrogate's own losses (its scale), per seed simulated.
+    diverged_NxS: the step each seed's simulation diverged at, or -1.
+  """
+  steps: np.ndarray
+  eval_ids: tuple[str, ...]
+  frag_M: np.ndarray
+  is_probe_M: np.ndarray
+  members_NxKxCxM: np.ndarray
+  example_sd_CxM: np.ndarray
+  fragment_sd_NxCxM: np.ndarray
+  raw_NxSxCxM: np.ndarray
+  diverged_NxS: np.ndarray
 
-  def simulate_orders(self, orders_NxTxB, seed_N=None, *, diagnostics: bool = False,
-                      progress: bool = False, chunk_size: int | None = None,
-                      folder: str | os.PathLike | None = None,
-                      resume: bool = False) -> tuple[np.ndarray, Any]:
-    """Real-scale ensemble members for orders of the calibration runs' shape.
+  @property
+  def mean_NxCxM(self) -> np.ndarray:
+    """The ensemble mean prediction (over members whose seed did not diverge)."""
+    with np.errstate(invalid="ignore"):
+      return np.nanmean(self.members_NxKxCxM, 1)
 
-    Each order is trained from the seeds `seed_N` (one per order; default every seed, the
-    seed axis then following the order axis) with the calibration schedule, evaluated at
-    the calibration steps `steps_C` on `eval_ids`, and mapped to the real scale with every
-    gain quantile. With `folder`, each chunk's results are written there as it finishes
-    (`surrogate.store.simulate_to_folder`), and `resume` continues a killed job.
+  def samples(self, reduce, *, draws: int = 32, seed: int = 0) -> np.ndarray:
+    """Draws from the predictive distribution of `reduce(losses_NxCxM)`.
 
-    Returns:
-      (members_NxKxCxM, trajectory): K = gain quantiles (x seeds when `seed_N` is None); the
-      surrogate's own `Trajectory` (leading axis N, or N x S flattened), its losses in
-      `eval_ids` columns at `steps_C`.
+    Each member is perturbed by Gaussian residual noise, one draw shared by a fragment's
+    examples (`fragment_sd_NxCxM`) plus one per example (`example_sd_CxM`), then reduced;
+    returns the reductions stacked on a leading axis.
     """
-    orders = np.asarray(orders_NxTxB, np.int32)
-    if orders.ndim != 3 or orders.shape[1:] != (self.num_steps, self.batch_size):
-      raise CalibrationError(f"orders must have shape [N, {self.num_steps}, {self.batch_size}] "
-                             f"(the calibration runs' steps and batch), got {orders.shape}")
-    n, n_s = len(orders), self.num_seeds
-    if seed_N is None:
-      seed_N, sel = np.tile(np.arange(n_s), n), np.repeat(np.arange(n), n_s)
-    else:
-      seed_N, sel = np.asarray(seed_N, np.int64) % n_s, np.arange(n)
-    data, plan, col, rows = self._sim_setup(self.eval_ids, self.num_steps,
-                                            self.steps_C.tolist(), diagnostics=diagnostics)
-    params = jax.tree.map(lambda a: np.asarray(a)[seed_N], self.params_S)
-    lrs = optim.learning_rates(self.opt_cfg, self.num_steps)
-    # Knobs with an order axis, as `fit` passes them: then the fit's simulations, these and
-    # any others of the same chunk shape share one compilation.
-    knobs = optim.Knobs(np.full(len(sel), self.knobs.lr_scale, np.float32),
-                        np.full(len(sel), self.knobs.weight_decay_scale, np.float32))
-    run = dict(model_cfg=self.model_cfg, opt_cfg=self.opt_cfg, plan=plan,
-               chunk_size=chunk_size, progress=progress)
-    if folder is None:
-      traj = simulate_many(params, knobs, orders[sel], lrs, data, **run)
-    else:
-      from surrogate.store import simulate_to_folder
-      traj = simulate_to_folder(folder, params, knobs, orders[sel], lrs, data,
-                                resume=resume, **run)
-    pick = lambda a: a[:, rows] if a.ndim >= 2 else a  # noqa: E731
-    traj = traj._replace(eval_loss_CxM=traj.eval_loss_CxM[:, rows][:, :, col],
-                         diagnostics=None if traj.diagnostics is None
-                         else jax.tree.map(pick, traj.diagnostics))
-    members = self.to_real(traj.eval_loss_CxM, seed_N)            # (N*S) G C M
-    members = members.reshape(n, -1, *members.shape[2:])
-    return members, traj
-
-  def fragment_means(self, losses_xM: np.ndarray, *, probe: bool = True) -> np.ndarray:
-    """Mean over each fragment's probes (or its evaluated train examples) of losses given in
-    `eval_ids` columns: [..., M] -> [..., F] (NaN where a fragment has none)."""
-    pos = _positions(self.fragments, self.eval_ids)
-    is_probe = self.fragments.split_of[pos] == _PROBE
-    with np.errstate(invalid="ignore", divide="ignore"):
-      return fragment_means(losses_xM, self.fragments.fragment_of[pos],
-                            is_probe if probe else ~is_probe, len(self.fragments.names))
-
-  def to_real(self, raw_NxCxM: np.ndarray, seed_N: np.ndarray) -> np.ndarray:
-    """The anchored gain map at the calibration steps: [N, G, C, M] for each gain quantile."""
-    frag_M = self.fragments.fragment_of[_positions(self.fragments, self.eval_ids)]
-    gains_GxF = np.maximum(self.gain_F[None] + np.array(self.gain_quantiles)[:, None]
-                           * self.gain_sd_F[None], 0.0)
-    dev = np.asarray(raw_NxCxM, np.float64) - self.sur_cal_SxCxM[np.asarray(seed_N)]
-    return self.anchor_CxM[None, None] + gains_GxF[None, :, None, frag_M] * dev[:, None]
-
-  def predict(self, runs: Sequence[RunLog], *, progress: bool = False,
-              chunk_size: int | None = None) -> Prediction:
-    """Predicts the real per-example losses of each run (or order file) at its eval steps.
-
-    The runs must share their eval steps (see `wanted_eval_steps`: an order file is evaluated
-    every 20 steps) and have at most `num_steps` steps. Evals present in `runs` are ignored
-    except for which steps and which train examples they cover.
-
-    Raises:
-      CalibrationError: runs longer than the calibration runs, different eval steps, or a
-        different optimizer family.
-    """
-    if not runs:
-      raise CalibrationError("predict needs at least one run or order file")
-    self._check_compatible(runs)
-    steps = np.array(wanted_eval_steps(runs[0]))
-    for r in runs[1:]:
-      if list(wanted_eval_steps(r)) != steps.tolist():
-        raise CalibrationError(f"run {r.header.run_id!r} is evaluated at other steps than "
-                               f"{runs[0].header.run_id!r}; predict them in separate calls")
-    if steps.max() > self.steps_C[-1]:
-      raise CalibrationError(f"run {runs[0].header.run_id!r} asks for step {int(steps.max())}, "
-                             f"after the calibration runs' last eval ({int(self.steps_C[-1])}); "
-                             "the real trajectory is unknown there")
-    shapes = {order_from_runlog(r, self.fragments).shape for r in runs}
-    if len(shapes) > 1:
-      raise CalibrationError(f"the runs differ in steps or batch size ({sorted(shapes)}); "
-                             "predict them in separate calls")
-    eval_ids = self._predicted_ids(runs)
-    # Simulate at the calibration eval steps too: the deviation from the calibration mean is
-    # taken where both are known and interpolated from there, so no curvature of the loss
-    # curve between evals is mistaken for an order effect.
-    cal_steps = self.steps_C[self.steps_C <= runs[0].num_steps]
-    all_steps = np.union1d(steps, cal_steps)
-    raw_all, diverged = self.simulate_raw(runs, all_steps.tolist(), eval_ids, progress=progress,
-                                          chunk_size=chunk_size)
-    raw = raw_all[:, :, np.searchsorted(all_steps, steps)]
-    anchor, _, frag_M, ex_sd, frag_sd = self._maps_at(steps, eval_ids)
-    sur_cal_at = self._maps_at(cal_steps, eval_ids)[1]           # S Ccal M, exact there
-    dev_cal = raw_all[:, :, np.searchsorted(all_steps, cal_steps)] - sur_cal_at[None]
-    dev = _interp_steps(dev_cal, cal_steps, steps)               # R S C M
-    # A train example the calibration runs never evaluated has no calibration mean of its
-    # own: it takes its fragment's mean deviation over the anchored train examples.
-    probe_M = self.fragments.split_of[_positions(self.fragments, eval_ids)] == _PROBE
-    known = set(self.eval_ids)
-    for m, i in enumerate(eval_ids):
-      if i not in known:
-        same = [c for c, j in enumerate(eval_ids) if j in known and not probe_M[c]
-                and frag_M[c] == frag_M[m]]
-        dev[..., m] = dev[..., same].mean(-1)
-    gains_GxF = np.maximum(self.gain_F[None] + np.array(self.gain_quantiles)[:, None]
-                           * self.gain_sd_F[None], 0.0)
-    members = anchor[None, None, None] + gains_GxF[None, None, :, None, frag_M] * dev[:, :, None]
-    members = members.reshape(len(runs), -1, *anchor.shape)      # R (S*G) C M
-    # The surrogate's effects are right in pattern, not in detail: an error in proportion to
-    # each fragment's predicted effect (its probe mean's distance from the anchor).
-    num_f = len(self.fragments.names)
-    effect_RxCxF = np.abs(fragment_means(np.nanmean(members, 1) - anchor[None], frag_M, probe_M,
-                                         num_f))
-    frag_sd = np.sqrt(frag_sd[None] ** 2 + (self.effect_error * effect_RxCxF[..., frag_M]) ** 2)
-    return Prediction(tuple(r.header.run_id for r in runs), steps, tuple(eval_ids), frag_M,
-                      probe_M, members, ex_sd, frag_sd, raw, diverged)
-
-  def what_if(self, order, **kw):
-    """What each fragment becomes under `order`; see `calibrate.answers.outcomes.what_if`."""
-    from calibrate.answers.outcomes import what_if
-    return what_if(self, order, **kw)
-
-  def compare(self, candidates, **kw):
-    """Named orders ranked by predicted probe loss; see `calibrate.answers.outcomes.compare`."""
-    from calibrate.answers.outcomes import compare
-    return compare(self, candidates, **kw)
-
-  def screen(self, **kw):
-    """Outcome probabilities, interference and failures over many orders; see
-    `calibrate.answers.screen.screen`."""
-    from calibrate.answers.screen import screen
-    return screen(self, **kw)
-
-  def search(self, **kw):
-    """The best feeding order found for an objective; see `calibrate.answers.search.search`."""
-    from calibrate.answers.search import search
-    return search(self, **kw)
-
-  def next_run(self, candidates=None, **kw):
-    """The real run that would most reduce the uncertainty; see `calibrate.answers.search.next_run`."""
-    from calibrate.answers.search import next_run
-    return next_run(self, candidates, **kw)
-
-  def predicted_runlogs(self, runs: Sequence[RunLog], prediction: Prediction,
-                        level: float = 0.8) -> list[RunLog]:
-    """Predictions as RunLogs on the real scale: same run ids and steps, predicted evals.
-
-    Each eval record carries the `level` interval per example in the extra keys
-    `losses_lo` and `losses_hi`; a header says `"simulated": true`, and `diverged_seeds`
-    when some of the ensemble diverged (their losses are left out of the mean).
-    """
-    lo, hi = prediction.interval(level=level, draws=8)
-    mean = prediction.mean_RxCxM
-    ids = prediction.eval_ids
+    rng = np.random.default_rng(seed)
+    num_f = int(self.frag_M.max()) + 1
     out = []
-    for n, run in enumerate(runs):
-      extra = {"simulated": True, "source_run": run.header.run_id,
-               "simulator": {"interval": level, "seeds": self.num_seeds}}
-      bad = [s for s, d in enumerate(prediction.diverged_RxS[n]) if d >= 0]
-      if bad:
-        extra["diverged_seeds"] = bad
-      header = RunHeader(run_id=run.header.run_id, dataset_sha256=self.fragments.sha256,
-                         model=f"surrogate-{self.model_cfg.depth}x{self.model_cfg.width}",
-                         optimizer=dict(run.header.optimizer), batch_size=run.header.batch_size,
-                         seed=run.header.seed, extra=extra)
-      steps = [StepRecord(t, s.examples, lr=s.lr) for t, s in enumerate(run.steps)]
-      evals = []
-      for c, step in enumerate(prediction.steps):
-        row = mean[n, c]
-        if not np.isfinite(row).all():
-          break
-        evals.append(EvalRecord(int(step), dict(zip(ids, map(float, row))), extra={
-            "losses_lo": dict(zip(ids, map(float, lo[n, c]))),
-            "losses_hi": dict(zip(ids, map(float, hi[n, c])))}))
-      out.append(RunLog(header, tuple(steps), tuple(evals)))
-    return out
+    for k in range(self.members_NxKxCxM.shape[1]):
+      base = self.members_NxKxCxM[:, k]
+      for _ in range(draws):
+        shared = rng.standard_normal(base.shape[:-1] + (num_f,))[..., self.frag_M]
+        own = rng.standard_normal(base.shape)
+        out.append(reduce(base + shared * self.fragment_sd_NxCxM + own * self.example_sd_CxM))
+    return np.stack(out)
 
-  def _check_compatible(self, runs: Sequence[RunLog]) -> None:
-    for r in runs:
-      rid = r.header.run_id
-      if r.header.dataset_sha256.lower() != self.fragments.sha256:
-        raise CalibrationError(f"run {rid!r} is of another fragments file (dataset_sha256 differs "
-                               "from the simulator's)")
-      if r.num_steps > self.num_steps:
-        raise CalibrationError(f"run {rid!r} has {r.num_steps} steps; the simulator was calibrated "
-                               f"on {self.num_steps}-step runs and cannot predict beyond them")
-      name = r.header.optimizer.get("name")
-      if name != self.opt_cfg.name.value:
-        raise CalibrationError(f"run {rid!r} uses optimizer {name!r}; the simulator was calibrated "
-                               f"on {self.opt_cfg.name.value!r} runs")
-      if optim.OptimizerConfig.from_dict(r.header.optimizer) != self.opt_cfg:
-        warnings.warn(f"run {rid!r} has optimizer settings {r.header.optimizer}, the calibration "
-                      f"runs {self.opt_cfg.to_dict()}: its learning rates are simulated as given, "
-                      "the other settings as calibrated, and the prediction is an extrapolation",
-                      UserWarning, stacklevel=3)
+  def interval(self, reduce=lambda x: x, level: float = 0.8, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """The central `level` predictive interval of `reduce(losses_NxCxM)`."""
+    s = self.samples(reduce, **kw)
+    return (np.nanquantile(s, (1 - level) / 2, axis=0),
+            np.nanquantile(s, (1 + level) / 2, axis=0))
 
-  def _predicted_ids(self, runs: Sequence[RunLog]) -> list[str]:
-    known = list(self.eval_ids)
-    seen = set(known)
-    for r in runs:
-      for ev in r.evals:
-        for i in ev.losses:
-          if i not in seen:
-            seen.add(i)
-            known.append(i)
-    return known
-
-  def _maps_at(self, steps: np.ndarray, eval_ids: Sequence[str]):
-    """Anchor, surrogate calibration mean and noise at `steps` for `eval_ids`.
-
-    Steps between calibration evals are interpolated linearly. A train example the
-    calibration runs did not evaluate takes its fragment's mean train anchor.
-    """
-    frags = self.fragments
-    pos = _positions(frags, eval_ids)
-    frag_M = frags.fragment_of[pos]
-    col = {i: c for c, i in enumerate(self.eval_ids)}
-    known_frag = frags.fragment_of[_positions(frags, self.eval_ids)]
-    known_train = frags.split_of[_positions(frags, self.eval_ids)] == _TRAIN
-
-    def gather(x_CxM):
-      out = np.empty(x_CxM.shape[:-1] + (len(eval_ids),), np.float64)
-      for m, i in enumerate(eval_ids):
-        if i in col:
-          out[..., m] = x_CxM[..., col[i]]
-        else:
-          same = known_train & (known_frag == frag_M[m])
-          out[..., m] = x_CxM[..., same].mean(-1) if same.any() else np.nan
-      return out
-
-    def interp(x):  # [..., C_cal, M] -> [..., C, M]
-      return _interp_steps(x, self.steps_C, steps)
-
-    anchor = interp(gather(self.anchor_CxM))
-    sur_cal = interp(gather(self.sur_cal_SxCxM))
-    ex_sd = interp(gather(self.example_sd_CxM))
-    frag_sd = interp(self.fragment_sd_CxF[:, frag_M])
-    if np.isnan(anchor).any():
-      missing = [eval_ids[m] for m in np.nonzero(np.isnan(anchor).any(0))[0]]
-      raise CalibrationError(f"no calibration data for the fragment of {missing[:3]} (its train "
-                             "examples were never evaluated in the calibration runs)")
-    return anchor, sur_cal, frag_M, ex_sd, frag_sd
-
-  # -- saving --------------------------------------------------------------------------------
-
-  def save(self, path: str | os.PathLike) -> None:
-    """Writes the simulator as a folder of plain data (each file written atomically)."""
-    os.makedirs(path, exist_ok=True)
-    flat, _ = jax.tree_util.tree_flatten_with_path(self.params_S)
-    arrays = {f"params/{jax.tree_util.keystr(p)}": np.asarray(a) for p, a in flat}
-    arrays.update(steps_C=self.steps_C, anchor_CxM=self.anchor_CxM,
-                  sur_cal_SxCxM=self.sur_cal_SxCxM, gain_F=self.gain_F,
-                  gain_sd_F=self.gain_sd_F, example_sd_CxM=self.example_sd_CxM,
-                  fragment_sd_CxF=self.fragment_sd_CxF, simfluence_a_FxF=self.simfluence.a_FxF,
-                  simfluence_b_FxF=self.simfluence.b_FxF)
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    blobs = {"arrays.npz": buf.getvalue(),
-             "tokenizer.json": self.tokenizer.to_str().encode(),
-             "fragments.jsonl": _fragments_bytes(self.fragments)}
-    for name, data in blobs.items():
-      atomic_write(os.path.join(path, name), data)
-    meta = {
-        "format": FORMAT,
-        "model": dataclasses.asdict(self.model_cfg),
-        "optimizer": self.opt_cfg.to_dict(),
-        "knobs": {"lr_scale": float(self.knobs.lr_scale),
-                  "weight_decay_scale": float(self.knobs.weight_decay_scale)},
-        "num_steps": self.num_steps, "batch_size": self.batch_size,
-        "eval_ids": list(self.eval_ids), "gain_quantiles": list(self.gain_quantiles),
-        "effect_error": self.effect_error,
-        "dataset_sha256": self.fragments.sha256, "info": self.info,
-        "simfluence_ridge": self.simfluence.ridge,
-        "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
-    }
-    atomic_write(os.path.join(path, "simulator.json"),
-                 (json.dumps(meta, indent=1) + "\n").encode())
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> Simulator:
-    """Reads a saved simulator, checking its format and every file's sha256.
-
-    Raises:
-      SimulatorError: a file is missing, unreadable, of another format or altered.
-    """
-    path = os.fspath(path)
-    meta_path = os.path.join(path, "simulator.json")
-    try:
-      with open(meta_path, "rb") as f:
-        meta = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-      raise SimulatorError("no saved simulator here (simulator.json is missing)",
-                           path=meta_path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise SimulatorError(f"not valid JSON ({e})", path=meta_path) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-      raise SimulatorError(f"expected format {FORMAT!r}", path=meta_path, field="format")
-    try:
-      files = meta["files"]
-      blobs = {}
-      for name in _FILES:
-        p = os.path.join(path, name)
-        try:
-          with open(p, "rb") as f:
-            blobs[name] = f.read()
-        except FileNotFoundError:
-          raise SimulatorError("missing from the saved simulator", path=p) from None
-        if hashlib.sha256(blobs[name]).hexdigest() != files[name]:
-          raise SimulatorError("its sha256 differs from simulator.json's: the file was "
-                               "truncated or changed after saving", path=p)
-      fragments = read_fragments(os.path.join(path, "fragments.jsonl"))
-      with np.load(os.path.join(path, "arrays.npz"), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-      model_cfg = model_lib.ModelConfig(**meta["model"])
-      skeleton = model_lib.init_params(jax.random.key(0), model_cfg)
-      flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-      leaves = [jnp.asarray(arrays[f"params/{jax.tree_util.keystr(p)}"]) for p, _ in flat]
-      params = jax.tree_util.tree_unflatten(treedef, leaves)
-      knobs = optim.Knobs(jnp.float32(meta["knobs"]["lr_scale"]),
-                          jnp.float32(meta["knobs"]["weight_decay_scale"]))
-      return cls(fragments=fragments, model_cfg=model_cfg,
-                 opt_cfg=optim.OptimizerConfig.from_dict(meta["optimizer"]), knobs=knobs,
-                 tokenizer=Tokenizer.from_str(blobs["tokenizer.json"].decode()),
-                 params_S=params, num_steps=int(meta["num_steps"]),
-                 batch_size=int(meta["batch_size"]), steps_C=arrays["steps_C"],
-                 eval_ids=tuple(meta["eval_ids"]), anchor_CxM=arrays["anchor_CxM"],
-                 sur_cal_SxCxM=arrays["sur_cal_SxCxM"], gain_F=arrays["gain_F"],
-                 gain_sd_F=arrays["gain_sd_F"], example_sd_CxM=arrays["example_sd_CxM"],
-                 fragment_sd_CxF=arrays["fragment_sd_CxF"],
-                 simfluence=SimfluenceLinear(arrays["simfluence_a_FxF"],
-                                             arrays["simfluence_b_FxF"],
-                                             float(meta["simfluence_ridge"])),
-                 info=meta["info"], gain_quantiles=tuple(meta["gain_quantiles"]),
-                 effect_error=float(meta["effect_error"]))
-    except SimulatorError:
-      raise
-    except (KeyError, TypeError, ValueError) as e:
-      raise SimulatorError(f"inconsistent saved simulator ({e!r})", path=meta_path) from None
+  def fragment_members(self, probe: bool = True) -> np.ndarray:
+    """[N, K, C, F] fragment means of each member (probe or evaluated train examples)."""
+    num_f = int(self.frag_M.max()) + 1
+    select = self.is_probe_M if probe else ~self.is_probe_M
+    return _fragment_means(self.members_NxKxCxM, self.frag_M, select, num_f)
 
 
-_TRAIN, _PROBE = 0, 1  # Fragments.split_of codes
+# -- the map from the surrogate's scale to the real one ---------------------------------------
 
 
-def _interp_steps(x: np.ndarray, from_steps: np.ndarray, to_steps: np.ndarray) -> np.ndarray:
+def example_positions(fragments: Fragments, ids: Sequence[str]) -> np.ndarray:
+  """Positions of example ids in the fragments file."""
+  try:
+    return np.array([fragments.index[i] for i in ids], np.int64)
+  except KeyError as e:
+    raise CalibrationError(f"example id {e.args[0]!r} is not in the fragments file") from None
+
+
+def is_probe(fragments: Fragments, positions: np.ndarray) -> np.ndarray:
+  return fragments.split_of[positions] == SPLIT_CODE[Split.PROBE]
+
+
+def gains_GxF(calibration: Calibration, quantiles: Sequence[float]) -> np.ndarray:
+  """Each gain quantile's gain per fragment (the posterior mean + q sd, at least 0)."""
+  return np.maximum(calibration.gain_F[None] + np.array(quantiles)[:, None]
+                    * calibration.gain_sd_F[None], 0.0)
+
+
+def anchored_map(anchor_CxM: np.ndarray, gain_GxF: np.ndarray, frag_M: np.ndarray,
+                 dev_NxCxM: np.ndarray) -> np.ndarray:
+  """The anchored gain map: anchor + gain of the example's fragment x the surrogate's
+  deviation from its calibration mean, for every gain row: [N, G, C, M]."""
+  return anchor_CxM[None, None] + gain_GxF[None, :, None, frag_M] * dev_NxCxM[:, None]
+
+
+def fragment_means(sim: Simulator, losses_xM: np.ndarray, *, probe: bool = True) -> np.ndarray:
+  """Mean over each fragment's probes (or its evaluated train examples) of losses given in
+  `sim.eval_ids` columns: [..., M] -> [..., F] (NaN where a fragment has none)."""
+  pos = example_positions(sim.fragments, sim.eval_ids)
+  probe_M = is_probe(sim.fragments, pos)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return _fragment_means(losses_xM, sim.fragments.fragment_of[pos],
+                           probe_M if probe else ~probe_M, len(sim.fragments.names))
+
+
+def to_real(sim: Simulator, raw_NxCxM: np.ndarray, seed_N: np.ndarray) -> np.ndarray:
+  """The anchored gain map at the calibration steps: [N, G, C, M] for each gain quantile."""
+  cal = sim.calibration
+  frag_M = sim.fragments.fragment_of[example_positions(sim.fragments, sim.eval_ids)]
+  dev = np.asarray(raw_NxCxM, np.float64) - cal.sur_cal_SxCxM[np.asarray(seed_N)]
+  return anchored_map(cal.anchor_CxM, gains_GxF(cal, sim.config.gain_quantiles), frag_M, dev)
+
+
+def interp_steps(x: np.ndarray, from_steps: np.ndarray, to_steps: np.ndarray) -> np.ndarray:
   """Linear interpolation along axis -2 ([..., C_from, M] -> [..., C_to, M])."""
   moved = np.moveaxis(x, -2, -1)
   flat = moved.reshape(-1, moved.shape[-1])
@@ -574,26 +343,186 @@ def _interp_steps(x: np.ndarray, from_steps: np.ndarray, to_steps: np.ndarray) -
   return np.moveaxis(res.reshape(moved.shape[:-1] + (len(to_steps),)), -1, -2)
 
 
-def _positions(fragments: Fragments, ids: Sequence[str]) -> np.ndarray:
-  try:
-    return np.array([fragments.index[i] for i in ids], np.int64)
-  except KeyError as e:
-    raise CalibrationError(f"example id {e.args[0]!r} is not in the fragments file") from None
+class Maps(NamedTuple):
+  """The calibration's arrays at some steps, for some examples (see `maps_at`)."""
+  anchor_CxM: np.ndarray
+  sur_cal_SxCxM: np.ndarray
+  frag_M: np.ndarray
+  example_sd_CxM: np.ndarray
+  fragment_sd_CxM: np.ndarray
 
 
-def _fragments_bytes(fragments: Fragments) -> bytes:
-  """The fragments file's bytes: the original file when it is unchanged, else re-encoded."""
-  import tempfile
-  if fragments.path and os.path.exists(fragments.path) and \
-     sha256_file(fragments.path) == fragments.sha256:
-    with open(fragments.path, "rb") as f:
-      return f.read()
-  with tempfile.TemporaryDirectory() as d:
-    p = os.path.join(d, "f.jsonl")
-    write_fragments(p, fragments)
-    with open(p, "rb") as f:
-      data = f.read()
-  if hashlib.sha256(data).hexdigest() != fragments.sha256:
-    raise ValueError("the fragments do not round-trip to the bytes they were read from")
-  return data
+def maps_at(sim: Simulator, steps: np.ndarray, eval_ids: Sequence[str]) -> Maps:
+  """Anchor, surrogate calibration mean and noise at `steps` for `eval_ids`.
 
+  Steps between calibration evals are interpolated linearly. A train example the
+  calibration runs did not evaluate takes its fragment's mean train anchor.
+  """
+  frags, cal = sim.fragments, sim.calibration
+  pos = example_positions(frags, eval_ids)
+  frag_M = frags.fragment_of[pos]
+  col = {i: c for c, i in enumerate(sim.eval_ids)}
+  known_pos = example_positions(frags, sim.eval_ids)
+  known_frag = frags.fragment_of[known_pos]
+  known_train = ~is_probe(frags, known_pos)
+
+  def gather(x_CxM):
+    out = np.empty(x_CxM.shape[:-1] + (len(eval_ids),), np.float64)
+    for m, i in enumerate(eval_ids):
+      if i in col:
+        out[..., m] = x_CxM[..., col[i]]
+      else:
+        same = known_train & (known_frag == frag_M[m])
+        out[..., m] = x_CxM[..., same].mean(-1) if same.any() else np.nan
+    return out
+
+  def interp(x):  # [..., C_cal, M] -> [..., C, M]
+    return interp_steps(x, cal.steps_C, steps)
+
+  anchor = interp(gather(cal.anchor_CxM))
+  if np.isnan(anchor).any():
+    missing = [eval_ids[m] for m in np.nonzero(np.isnan(anchor).any(0))[0]]
+    raise CalibrationError(f"no calibration data for the fragment of {missing[:3]} (its train "
+                           "examples were never evaluated in the calibration runs)")
+  return Maps(anchor, interp(gather(cal.sur_cal_SxCxM)), frag_M,
+              interp(gather(cal.example_sd_CxM)), interp(cal.fragment_sd_CxF[:, frag_M]))
+
+
+# -- the one prediction path ------------------------------------------------------------------
+
+
+def schedule(sim: Simulator) -> np.ndarray:
+  """The calibration runs' learning rate at each step: [T]."""
+  return optim.learning_rates(sim.opt_cfg, sim.num_steps)
+
+
+def _sim_setup(sim: Simulator, eval_ids: Sequence[str], num_steps: int, steps: np.ndarray,
+               diagnostics: bool):
+  """Data, plan and the columns / checkpoint rows that give `eval_ids` at `steps`."""
+  frags = sim.fragments
+  pos = example_positions(frags, eval_ids)
+  train_pos = [int(p) for p in pos[~is_probe(frags, pos)]]
+  tokenized = encode_examples(sim.tokenizer, frags.examples, sim.model_cfg.length)
+  data = build_sim_data(frags, tokenized, vocab_size=sim.model_cfg.vocab_size,
+                        eval_train=train_pos, diag_probes=4 if diagnostics else 1,
+                        key=jax.random.key(sim.config.diag_seed))
+  data_ids = [frags.examples[i].id for i in np.asarray(data.eval_idx_M)]
+  col = np.array([data_ids.index(i) for i in eval_ids])
+  inner = [int(x) for x in steps if 0 < x < num_steps]
+  plan = SimPlan(eval_every=math.gcd(*inner) if inner else max(num_steps, 1),
+                 diagnostics=diagnostics)
+  ckpt = plan.checkpoint_steps(num_steps)
+  rows = np.searchsorted(ckpt, steps)
+  if not np.array_equal(ckpt[np.minimum(rows, len(ckpt) - 1)], steps):
+    raise CalibrationError(f"eval steps {steps.tolist()} are not within 0..{num_steps}")
+  return data, plan, col, rows
+
+
+def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
+            seed_N: np.ndarray | None = None, eval_ids: Sequence[str] | None = None,
+            diagnostics: bool = False, progress: bool = False, chunk_size: int | None = None,
+            folder: str | os.PathLike | None = None,
+            resume: bool = False) -> tuple[Prediction, Trajectory]:
+  """Predicts the real per-example losses of orders at `eval_steps`: the one prediction path.
+
+  Each order is trained from the seeds `seed_N` (one per order; default every seed, the seed
+  axis then following the order axis) with its learning rates, evaluated at `eval_steps`
+  and at the calibration steps it reaches, and mapped to the real scale with every gain
+  quantile. The deviation from the calibration mean is taken at the calibration steps, where
+  both are known, and interpolated from there, so no curvature of the loss curve between
+  evals is mistaken for an order effect. Nothing here is random: the same inputs give the
+  same prediction.
+
+  Args:
+    sim: the calibrated simulator.
+    orders_NxTxB: int example positions, -1 for empty slots; T <= `sim.num_steps`.
+    lr_NxT: base learning rates per order and step, or [T] shared (`schedule(sim)` for the
+      calibration runs' own).
+    eval_steps: the C steps to predict (within 0..T and the calibration runs' last eval).
+    seed_N: the surrogate seed of each order (taken modulo the number of seeds), or None
+      for every seed.
+    eval_ids: the examples to predict (default `sim.eval_ids`); a train example the
+      calibration runs never evaluated takes its fragment's mean deviation.
+    diagnostics: also compute the diagnostics (returned in the trajectory).
+    progress, chunk_size: passed to `simulate_many`.
+    folder, resume: stream each chunk's results into `folder` as it finishes
+      (`surrogate.store.simulate_to_folder`); `resume` continues a killed job.
+
+  Returns:
+    (prediction, trajectory): the `Prediction` (K = gain quantiles, x seeds when `seed_N`
+    is None) and the surrogate's own `Trajectory` (leading axis N, or N x S flattened), its
+    losses in `eval_ids` columns at `eval_steps`.
+
+  Raises:
+    CalibrationError: orders longer than the calibration runs, or steps it cannot predict.
+  """
+  cal, cfg = sim.calibration, sim.config
+  orders = np.asarray(orders_NxTxB, np.int32)
+  if orders.ndim != 3 or orders.shape[0] == 0:
+    raise CalibrationError(f"orders must have shape [N >= 1, T, B], got {orders.shape}")
+  n, num_steps = orders.shape[0], orders.shape[1]
+  if num_steps > cfg.num_steps:
+    raise CalibrationError(f"orders of {num_steps} steps: the simulator was calibrated on "
+                           f"{cfg.num_steps}-step runs and cannot predict beyond them")
+  steps = np.unique(np.asarray(eval_steps, np.int64))
+  if steps.size == 0 or steps.min() < 0 or steps.max() > num_steps:
+    raise CalibrationError(f"eval steps {steps.tolist()} are not within 0..{num_steps}")
+  if steps.max() > cal.steps_C[-1]:
+    raise CalibrationError(f"step {int(steps.max())} is after the calibration runs' last eval "
+                           f"({int(cal.steps_C[-1])}); the real trajectory is unknown there")
+  eval_ids = tuple(cfg.eval_ids if eval_ids is None else eval_ids)
+  n_s = sim.num_seeds
+  if seed_N is None:
+    seed_R, sel = np.tile(np.arange(n_s), n), np.repeat(np.arange(n), n_s)
+  else:
+    seed_R, sel = np.asarray(seed_N, np.int64) % n_s, np.arange(n)
+  cal_steps = cal.steps_C[cal.steps_C <= num_steps]
+  all_steps = np.union1d(steps, cal_steps)
+  data, plan, col, rows = _sim_setup(sim, eval_ids, num_steps, all_steps, diagnostics)
+  params = jax.tree.map(lambda a: np.asarray(a)[seed_R], cal.params_S)
+  # Knobs with an order axis, as `fit` passes them: then the fit's simulations, these and
+  # any others of the same chunk shape share one compilation.
+  knobs = optim.Knobs(np.full(len(sel), cal.knobs.lr_scale, np.float32),
+                      np.full(len(sel), cal.knobs.weight_decay_scale, np.float32))
+  lrs = np.asarray(lr_NxT, np.float32)
+  lrs = lrs if lrs.ndim == 1 else lrs[sel]
+  run = dict(model_cfg=cfg.model_cfg, opt_cfg=cfg.opt_cfg, plan=plan, chunk_size=chunk_size,
+             progress=progress)
+  if folder is None:
+    traj = simulate_many(params, knobs, orders[sel], lrs, data, **run)
+  else:
+    from surrogate.store import simulate_to_folder
+    traj = simulate_to_folder(folder, params, knobs, orders[sel], lrs, data, resume=resume,
+                              **run)
+  raw_all = traj.eval_loss_CxM[:, rows][:, :, col]                  # (N S) C_all M
+  at_steps = np.searchsorted(all_steps, steps)
+  pick = lambda a: a[:, rows][:, at_steps] if a.ndim >= 2 else a  # noqa: E731
+  traj = traj._replace(eval_loss_CxM=raw_all[:, at_steps],
+                       diagnostics=None if traj.diagnostics is None
+                       else jax.tree.map(pick, traj.diagnostics))
+
+  maps = maps_at(sim, steps, eval_ids)
+  sur_cal_at = maps_at(sim, cal_steps, eval_ids).sur_cal_SxCxM    # S C_cal M, exact there
+  dev_cal = raw_all[:, np.searchsorted(all_steps, cal_steps)] - sur_cal_at[seed_R]
+  dev = interp_steps(dev_cal, cal_steps, steps)                     # (N S) C M
+  frag_M = maps.frag_M
+  probe_M = is_probe(sim.fragments, example_positions(sim.fragments, eval_ids))
+  known = set(cfg.eval_ids)
+  for m, i in enumerate(eval_ids):
+    if i not in known:
+      same = [c for c, j in enumerate(eval_ids) if j in known and not probe_M[c]
+              and frag_M[c] == frag_M[m]]
+      dev[..., m] = dev[..., same].mean(-1)
+  members = anchored_map(maps.anchor_CxM, gains_GxF(cal, cfg.gain_quantiles), frag_M, dev)
+  members = members.reshape(n, -1, *maps.anchor_CxM.shape)          # N K C M
+  # The surrogate's effects are right in pattern, not in detail: an error in proportion to
+  # each fragment's predicted effect (its probe mean's distance from the anchor).
+  num_f = len(sim.fragments.names)
+  effect_NxCxF = np.abs(_fragment_means(np.nanmean(members, 1) - maps.anchor_CxM[None],
+                                        frag_M, probe_M, num_f))
+  frag_sd = np.sqrt(maps.fragment_sd_CxM[None] ** 2
+                    + (float(cal.effect_error) * effect_NxCxF[..., frag_M]) ** 2)
+  raw = raw_all[:, at_steps].reshape(n, -1, len(steps), len(eval_ids))
+  prediction = Prediction(steps, eval_ids, frag_M, probe_M, members, maps.example_sd_CxM,
+                          frag_sd, raw, traj.diverged_step.reshape(n, -1))
+  return prediction, traj

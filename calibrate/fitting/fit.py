@@ -33,6 +33,7 @@ import itertools
 import time
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +41,20 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from calibrate.fitting.baselines import SimfluenceLinear, fragment_shares
+from calibrate.fitting.calibration import (BaselineInfo, Calibration, EffectErrorFit, FitInfo,
+                                           FitSeconds, GainFit, KnobCandidate, LeaveOneRunOut,
+                                           Simulator, SimulatorConfig, anchored_map,
+                                           example_positions, is_probe)
 from calibrate.fitting.metrics import fragment_means
-from calibrate.io.simulated import plan_for
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
-from calibrate.fitting.calibration import Simulator, _positions
+from calibrate.io.simulated import plan_for
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
 from surrogate.errors import CalibrationError
 from surrogate.fragments import Fragments
 from surrogate.orders import order_sha256
-from surrogate.prepare import model_config_for, prepare
+from surrogate.prepare import Prepared, model_config_for, prepare
 from surrogate.pretrain import pretrain_ensemble
 from surrogate.simulate import simulate_many
 from surrogate.tokenize import check_vocab, encode_texts
@@ -192,6 +196,30 @@ def _shape_misfit(sur_RxCxF: np.ndarray, real_RxCxF: np.ndarray) -> float:
   return float(np.mean(res)) if res else float("inf")
 
 
+class Gains(NamedTuple):
+  """The fitted gains of the anchored map (`fit_gains`)."""
+  gain_F: np.ndarray
+  gain_sd_F: np.ndarray
+  common: GainFit
+
+
+class Residuals(NamedTuple):
+  """Leave-one-run-out residuals of the anchored map on the calibration runs.
+
+  fragment_sd_CxF: spread of fragment-mean probe residuals.
+  example_sd_CxM: spread of each example's residual around its fragment's.
+  loo: the leave-one-out MSEs (map and order-agnostic) on fragment probe means.
+  res_RxCxF, effect_RxCxF: each left-out run's fragment residuals and predicted order effects
+    (|prediction - anchor|).
+  The last three are None with one run.
+  """
+  fragment_sd_CxF: np.ndarray
+  example_sd_CxM: np.ndarray
+  loo: LeaveOneRunOut | None
+  res_RxCxF: np.ndarray | None
+  effect_RxCxF: np.ndarray | None
+
+
 def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
   """Bayesian gains of the anchored map, common and per fragment.
 
@@ -204,7 +232,7 @@ def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
   posterior stays at the prior) instead of pulling it towards zero.
 
   Returns:
-    (gain_F, gain_sd_F, info): posterior means and sds, and the common gain's posterior.
+    `Gains`: posterior means and sds per fragment, and the common gain's posterior.
   """
   n_s = sur_SxRxCxF.shape[0]
   sur_RxCxF = sur_SxRxCxF.mean(0)
@@ -234,33 +262,26 @@ def fit_gains(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray, cfg: FitConfig):
             zip(x_RxF.sum(0), x_raw_RxF.sum(0), xy_RxF.sum(0))]
   gain_F = np.array([m for m, _ in post_f])
   gain_sd_F = np.array([p ** -0.5 for _, p in post_f])
-  info = {"common_gain": float(g), "common_gain_sd": float(g_sd),
-          "data_weight": float(1 - (1 / cfg.gain_prior_sd ** 2) / prec)}
-  return np.maximum(gain_F, 0.0), gain_sd_F, info
+  common = GainFit(float(g), float(g_sd), float(1 - (1 / cfg.gain_prior_sd ** 2) / prec))
+  return Gains(np.maximum(gain_F, 0.0), gain_sd_F, common)
 
 
-def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
-  """Leave-one-run-out residuals of the anchored map on the calibration runs.
-
-  Returns:
-    (frag_sd_CxF, example_sd_CxM, loo, res_RxCxF, effect_RxCxF): the spread of
-    fragment-mean probe residuals, of each example's residual around its fragment's, the
-    leave-one-out MSEs (map and order-agnostic) on fragment probe means, and each left-out
-    run's fragment residuals and predicted order effects (|prediction - anchor|).
-  """
+def residuals(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg: FitConfig) -> Residuals:
+  """Leave-one-run-out residuals of the anchored map on the calibration runs: each run is
+  predicted from the others' anchor and gains."""
   r = real_RxCxM.shape[0]
   c, m = real_RxCxM.shape[1:]
   if r < 2:
-    return np.zeros((c, num_f)), np.zeros((c, m)), None, None, None
+    return Residuals(np.zeros((c, num_f)), np.zeros((c, m)), None, None, None)
   frag_res, ex_res, effects, mse_map, mse_mean = [], [], [], [], []
   for out in range(r):
     keep = [i for i in range(r) if i != out]
     anchor = real_RxCxM[keep].mean(0)
     real_f = fragment_means(real_RxCxM[keep], frag_M, probe_M, num_f)
     sur_f = fragment_means(np.moveaxis(sur_RxSxCxM[keep], 1, 0), frag_M, probe_M, num_f)
-    gain_F = fit_gains(real_f, sur_f, cfg)[0]
+    gain_F = fit_gains(real_f, sur_f, cfg).gain_F
     dev = sur_RxSxCxM[out].mean(0) - sur_RxSxCxM[keep].mean((0, 1))
-    pred = anchor + gain_F[frag_M] * dev
+    pred = anchored_map(anchor, gain_F[None], frag_M, dev[None])[0, 0]
     res = real_RxCxM[out] - pred
     res_f = fragment_means(res, frag_M, probe_M, num_f)
     frag_res.append(res_f)
@@ -271,8 +292,8 @@ def _residual_sds(real_RxCxM, sur_RxSxCxM, frag_M, probe_M, num_f, cfg):
     mse_mean.append(np.mean((fragment_means(anchor, frag_M, probe_M, num_f) - real_out_f) ** 2))
   frag_sd = np.nan_to_num(np.sqrt(np.mean(np.square(frag_res), 0)))
   ex_sd = np.nan_to_num(np.sqrt(np.mean(np.square(ex_res), 0)))
-  loo = {"mse": float(np.mean(mse_map)), "order_agnostic_mse": float(np.mean(mse_mean))}
-  return frag_sd, ex_sd, loo, np.array(frag_res), np.array(effects)
+  loo = LeaveOneRunOut(float(np.mean(mse_map)), float(np.mean(mse_mean)))
+  return Residuals(frag_sd, ex_sd, loo, np.array(frag_res), np.array(effects))
 
 
 def train_fidelity(real_RxCxF: np.ndarray, sur_SxRxCxF: np.ndarray) -> float | None:
@@ -313,7 +334,7 @@ def effect_error_from(res_RxCxF: np.ndarray, effect_RxCxF: np.ndarray,
   leave-one-run-out residuals.
 
   The predictive model of a fragment's probe mean is Normal(prediction, frag_sd^2 +
-  (e x effect)^2), as `Simulator.predict` uses it; this is the e under which the left-out
+  (e x effect)^2), as `calibration.predict` uses it; this is the e under which the left-out
   runs' residuals are most likely (steps after 0; a grid from 0 to 8). It is large only when
   residuals grow with the predicted effect beyond the common spread `frag_sd`.
   """
@@ -363,11 +384,105 @@ def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Seq
           traj.diverged_step.reshape(n_k, n_s, n_r))
 
 
+class Pretrained(NamedTuple):
+  """The pre-training stage: the surrogate seeds and the data prepared for them."""
+  params_S: model_lib.Params
+  prep: Prepared
+  seconds: float
+
+
+class KnobChoice(NamedTuple):
+  """The knob stage: every candidate's shape misfit and the one chosen (its simulations)."""
+  candidates: tuple[KnobCandidate, ...]
+  best: int
+  sur_SxRxCxM: np.ndarray
+
+
+class EvalSet(NamedTuple):
+  """Which examples the fit predicts: positions in `eval_ids` order, their fragments and
+  whether each is a probe."""
+  eval_ids: tuple[str, ...]
+  frag_M: np.ndarray
+  probe_M: np.ndarray
+
+
+def pretrain_stage(fragments: Fragments, runs: Sequence[RunLog], model_cfg: model_lib.ModelConfig,
+                   tokenizer: Tokenizer | None, config: FitConfig, neutral_texts, *,
+                   key: jax.Array) -> Pretrained:
+  """Prepares the data (every train example all runs evaluate is predicted too) and
+  pre-trains the surrogate seeds on neutral text."""
+  t0 = time.perf_counter()
+  evaluated = {i for r in runs for ev in r.evals for i in ev.losses}
+  common = [i for i in evaluated if all(i in ev.losses for r in runs for ev in r.evals)]
+  pos = example_positions(fragments, common)
+  train_pos = sorted(int(p) for p in pos[~is_probe(fragments, pos)])
+  k_prep, k_pre = jax.random.split(key)
+  prep = prepare(fragments, model_cfg, key=k_prep, eval_train=train_pos, diag_probes=1,
+                 tokenizer=tokenizer)
+  corpus = encode_texts(prep.tokenizer, list(neutral_texts or python_docs_neutral()),
+                        model_cfg.length)
+  check_vocab(corpus, model_cfg.vocab_size, "the pre-training text")
+  params_S, _ = pretrain_ensemble(corpus, model_cfg=model_cfg, key=k_pre, seeds=config.seeds,
+                                  steps=config.pretrain_steps)
+  return Pretrained(params_S, prep, time.perf_counter() - t0)
+
+
+def choose_knobs(sur_KxSxRxCxM: np.ndarray, diverged_KxSxR: np.ndarray, real_RxCxM: np.ndarray,
+                 evals: EvalSet, cands: Sequence[tuple[float, float]],
+                 config: FitConfig) -> KnobChoice:
+  """The candidate whose per-fragment curves (probe and train means) best match the real
+  curves' shape, with a prior on log(scale) centred on the real settings.
+
+  Raises:
+    FitError: every candidate diverged.
+  """
+  num_f = int(evals.frag_M.max()) + 1
+  scores = []
+  for k in range(len(cands)):
+    if (diverged_KxSxR[k] >= 0).any():
+      scores.append(float("inf"))
+      continue
+    misfit = np.mean([_shape_misfit(fragment_means(sur_KxSxRxCxM[k].mean(0), evals.frag_M,
+                                                   sel, num_f),
+                                    fragment_means(real_RxCxM, evals.frag_M, sel, num_f))
+                      for sel in (evals.probe_M, ~evals.probe_M) if sel.any()])
+    scores.append(misfit)
+  best_misfit = min(scores)
+  if not np.isfinite(best_misfit):
+    raise FitError("the surrogate diverged at every candidate learning-rate scale "
+                   f"{sorted({lr for lr, _ in cands})} (x the runs' logged rates); pass lower "
+                   "ones, e.g. FitConfig(lr_scales=(1.0,)) or `surrogate fit --lr-scales 1`")
+  n_curves = 2 * num_f
+  post = [0.5 * n_curves * s / max(best_misfit, 1e-12)
+          + (np.log(lr) ** 2 + np.log(wd) ** 2) / (2 * config.knob_prior_sd ** 2)
+          for s, (lr, wd) in zip(scores, cands)]
+  best = int(np.argmin(post))
+  return KnobChoice(tuple(KnobCandidate(lr, wd, s) for (lr, wd), s in zip(cands, scores)), best,
+                    sur_KxSxRxCxM[best])
+
+
+def effect_error_used(config: FitConfig, rho: float | None, gains: Gains,
+                      res: Residuals) -> EffectErrorFit:
+  """The effect error: the prior blended with the left-out runs' estimate by the gain's data
+  weight. The order effects that pin the gain also show how wrong the predicted effects are;
+  shuffled runs show neither, and the prior stands."""
+  e_runs = (effect_error_from(res.res_RxCxF, res.effect_RxCxF, res.fragment_sd_CxF)
+            if res.res_RxCxF is not None else None)
+  e_prior = effect_error_prior(config, rho)
+  weight = gains.common.data_weight
+  used = e_prior if e_runs is None else weight * e_runs + (1 - weight) * e_prior
+  return EffectErrorFit(e_prior, e_runs, used)
+
+
 def fit(fragments: Fragments, runs: Sequence[RunLog], *,
         model_cfg: model_lib.ModelConfig | None = None,
         config: FitConfig = FitConfig(), seed: int = 0, neutral_texts: Sequence[str] | None = None,
         tokenizer: Tokenizer | None = None, progress: bool = True) -> Simulator:
   """Calibrates the surrogate to real runs of `fragments`.
+
+  The stages, each a function of its own: `check_runs`, `pretrain_stage`,
+  `simulate_knob_grid` and `choose_knobs`, `fit_gains`, `residuals`, `effect_error_used`,
+  and the Simfluence baseline.
 
   Args:
     fragments: the data set the runs were recorded on.
@@ -384,7 +499,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
     progress: show progress bars.
 
   Returns:
-    The calibrated `Simulator`; `sim.info` says how the fit went.
+    The calibrated `Simulator`; `sim.fit_info` says how the fit went.
 
   Raises:
     FitError: the runs cannot be calibrated on (see `check_runs`).
@@ -394,103 +509,61 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   check_runs(fragments, runs, min_steps=config.min_steps)
   first = runs[0]
   opt_cfg = optim.OptimizerConfig.from_dict(first.header.optimizer)
-  evaluated = {i for r in runs for ev in r.evals for i in ev.losses}
-  common = [i for i in evaluated if all(i in ev.losses for r in runs for ev in r.evals)]
-  train_pos = sorted(p for p in _positions(fragments, common) if fragments.split_of[p] == 0)
   if model_cfg is None:
     if tokenizer is not None:
       raise ValueError("fit: pass `model_cfg` with `tokenizer` (the shape it was trained for)")
     model_cfg, tokenizer = model_config_for(fragments)
-  key = jax.random.key(seed)
-  k_prep, k_pre = jax.random.split(key)
-  prep = prepare(fragments, model_cfg, key=k_prep, eval_train=train_pos, diag_probes=1,
-                 tokenizer=tokenizer)
-  eval_ids = prep.eval_ids()
-  frag_M = fragments.fragment_of[_positions(fragments, eval_ids)]
-  probe_M = fragments.split_of[_positions(fragments, eval_ids)] == 1
+  pre = pretrain_stage(fragments, runs, model_cfg, tokenizer, config, neutral_texts,
+                       key=jax.random.key(seed))
+  eval_ids = tuple(pre.prep.eval_ids())
+  pos = example_positions(fragments, eval_ids)
+  evals = EvalSet(eval_ids, fragments.fragment_of[pos], is_probe(fragments, pos))
   num_f = len(fragments.names)
-
-  corpus = encode_texts(prep.tokenizer, list(neutral_texts or python_docs_neutral()),
-                        model_cfg.length)
-  check_vocab(corpus, model_cfg.vocab_size, "the pre-training text")
-  params_S, _ = pretrain_ensemble(corpus, model_cfg=model_cfg, key=k_pre, seeds=config.seeds,
-                                  steps=config.pretrain_steps)
-  t_pre = time.perf_counter() - t0
 
   lr_scales = config.lr_scales or (default_lr_scale(model_cfg.length),)
   cands = list(itertools.product(lr_scales, config.weight_decay_scales))
   steps_C = np.array(sorted(set(first.eval_steps)))
-  sur, diverged = simulate_knob_grid(params_S, cands, runs, fragments, prep.data,
+  sur, diverged = simulate_knob_grid(pre.params_S, cands, runs, fragments, pre.prep.data,
                                      model_cfg=model_cfg, opt_cfg=opt_cfg,
                                      chunk_size=config.chunk_size, progress=progress)
-  sur = sur.astype(np.float64)
-  orders = np.stack([order_from_runlog(r, fragments) for r in runs])
-  lrs = np.stack([run_learning_rates(r) for r in runs])
   real = _real_losses(runs, eval_ids)
-
-  # Knobs: shape of the per-fragment curves (probe and train means), plus the prior.
-  scores = []
-  for k, (lr_s, wd_s) in enumerate(cands):
-    if (diverged[k] >= 0).any():
-      scores.append(float("inf"))
-      continue
-    misfit = np.mean([_shape_misfit(fragment_means(sur[k].mean(0), frag_M, sel, num_f),
-                                    fragment_means(real, frag_M, sel, num_f))
-                      for sel in (probe_M, ~probe_M) if sel.any()])
-    scores.append(misfit)
-  best_misfit = min(scores)
-  if not np.isfinite(best_misfit):
-    raise FitError("the surrogate diverged at every candidate learning-rate scale "
-                   f"{list(lr_scales)} (x the runs' logged rates); pass lower ones, "
-                   "e.g. FitConfig(lr_scales=(1.0,)) or `surrogate fit --lr-scales 1`")
-  n_curves = 2 * num_f
-  post = [0.5 * n_curves * s / max(best_misfit, 1e-12)
-          + (np.log(lr) ** 2 + np.log(wd) ** 2) / (2 * config.knob_prior_sd ** 2)
-          for s, (lr, wd) in zip(scores, cands)]
-  k_best = int(np.argmin(post))
-  sur_k = sur[k_best]                                             # S R C M
+  knobs = choose_knobs(sur.astype(np.float64), diverged, real, evals, cands, config)
+  sur_k = knobs.sur_SxRxCxM                                       # S R C M
+  frag_M, probe_M = evals.frag_M, evals.probe_M
   real_f = fragment_means(real, frag_M, probe_M, num_f)
-  sur_f = fragment_means(sur_k, frag_M, probe_M, num_f)
-  gain_F, gain_sd_F, gain_info = fit_gains(real_f, sur_f, config)
+  gains = fit_gains(real_f, fragment_means(sur_k, frag_M, probe_M, num_f), config)
   rho = (train_fidelity(fragment_means(real, frag_M, ~probe_M, num_f),
                         fragment_means(sur_k, frag_M, ~probe_M, num_f))
          if (~probe_M).any() else None)
-  frag_sd, ex_sd, loo, res_f, effect_f = _residual_sds(real, np.moveaxis(sur_k, 0, 1), frag_M,
-                                                       probe_M, num_f, config)
-  # The order effects that pin the gain (its data weight) also show how wrong the predicted
-  # effects are; shuffled runs show neither, and the prior stands.
-  weight = gain_info["data_weight"]
-  e_runs = effect_error_from(res_f, effect_f, frag_sd) if res_f is not None else None
-  e_prior = effect_error_prior(config, rho)
-  effect_error = e_prior if e_runs is None else weight * e_runs + (1 - weight) * e_prior
+  res = residuals(real, np.moveaxis(sur_k, 0, 1), frag_M, probe_M, num_f, config)
+  effect_error = effect_error_used(config, rho, gains, res)
   anchor = real.mean(0)
   sur_cal = sur_k.mean(1)                                         # S C M
-  fitted = anchor[None] + gain_F[frag_M] * (sur_k.mean(0) - sur_cal.mean(0))
+  fitted = anchored_map(anchor, gains.gain_F[None], frag_M,
+                        (sur_k.mean(0) - sur_cal.mean(0))[None])[0, 0]
   fit_mse = float(np.mean((fragment_means(fitted, frag_M, probe_M, num_f) - real_f) ** 2))
 
+  orders = np.stack([order_from_runlog(r, fragments) for r in runs])
+  lrs = np.stack([run_learning_rates(r) for r in runs])
   shares = np.stack([fragment_shares(o, lr, fragments.fragment_of, num_f, steps_C,
                                      float(lrs.max())) for o, lr in zip(orders, lrs)])
   simfluence = SimfluenceLinear.fit(real_f, shares)
-  info = {
-      "calibration_runs": [r.header.run_id for r in runs],
-      "calibration_orders_sha256": [order_sha256(o) for o in orders],
-      "knob_candidates": [{"lr_scale": lr, "weight_decay_scale": wd, "shape_misfit": s}
-                          for (lr, wd), s in zip(cands, scores)],
-      "lr_scale": cands[k_best][0], "weight_decay_scale": cands[k_best][1],
-      "gain": gain_info, "fit_mse": fit_mse, "leave_one_run_out": loo,
-      "train_fidelity": rho,
-      "effect_error": {"prior": e_prior, "leave_one_run_out": e_runs,
-                       "used": effect_error},
-      "seconds": {"pretrain": t_pre, "total": time.perf_counter() - t0},
-      "baselines": {"simfluence_ridge": simfluence.ridge, "lr_ref": float(lrs.max())},
-  }
-  return Simulator(
-      fragments=fragments, model_cfg=model_cfg, opt_cfg=opt_cfg,
-      knobs=optim.Knobs(jnp.float32(cands[k_best][0]), jnp.float32(cands[k_best][1])),
-      tokenizer=prep.tokenizer, params_S=params_S, num_steps=first.num_steps,
-      batch_size=first.header.batch_size, steps_C=steps_C, eval_ids=tuple(eval_ids),
-      anchor_CxM=anchor, sur_cal_SxCxM=sur_cal, gain_F=gain_F, gain_sd_F=gain_sd_F,
-      example_sd_CxM=ex_sd, fragment_sd_CxF=frag_sd, simfluence=simfluence, info=info,
-      effect_error=effect_error)
-
-
+  chosen = knobs.candidates[knobs.best]
+  fit_info = FitInfo(
+      calibration_runs=tuple(r.header.run_id for r in runs),
+      calibration_orders_sha256=tuple(order_sha256(o) for o in orders),
+      knob_candidates=knobs.candidates, lr_scale=chosen.lr_scale,
+      weight_decay_scale=chosen.weight_decay_scale, gain=gains.common, fit_mse=fit_mse,
+      leave_one_run_out=res.loo, train_fidelity=rho, effect_error=effect_error,
+      seconds=FitSeconds(pre.seconds, time.perf_counter() - t0),
+      baselines=BaselineInfo(simfluence.ridge, float(lrs.max())))
+  calibration = Calibration(
+      params_S=pre.params_S,
+      knobs=optim.Knobs(jnp.float32(chosen.lr_scale), jnp.float32(chosen.weight_decay_scale)),
+      steps_C=steps_C, anchor_CxM=anchor, sur_cal_SxCxM=sur_cal, gain_F=gains.gain_F,
+      gain_sd_F=gains.gain_sd_F, example_sd_CxM=res.example_sd_CxM,
+      fragment_sd_CxF=res.fragment_sd_CxF, effect_error=np.float64(effect_error.used))
+  config_ = SimulatorConfig(model_cfg=model_cfg, opt_cfg=opt_cfg, num_steps=first.num_steps,
+                            batch_size=first.header.batch_size, eval_ids=eval_ids)
+  return Simulator(config=config_, calibration=calibration, fragments=fragments,
+                   tokenizer=pre.prep.tokenizer, fit_info=fit_info, simfluence=simfluence)

@@ -20,7 +20,8 @@ import numpy as np
 from calibrate.fitting import metrics
 from calibrate.fitting.baselines import fragment_shares
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
-from calibrate.fitting.calibration import Simulator
+from calibrate.fitting.calibration import Simulator, maps_at
+from calibrate.io.simulated import predict_runs
 from surrogate.errors import CalibrationError
 from surrogate.orders import order_sha256
 
@@ -185,8 +186,8 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   Raises:
     CalibrationError: a run is a calibration run, has no evals, or the runs cannot be compared.
   """
-  cal = set(sim.info.get("calibration_runs", ()))
-  cal_orders = set(sim.info.get("calibration_orders_sha256", ()))
+  cal = set(sim.fit_info.calibration_runs)
+  cal_orders = set(sim.fit_info.calibration_orders_sha256)
   for r in runs:
     if r.is_order_file:
       raise CalibrationError(f"run {r.header.run_id!r} has no evals: nothing to validate against")
@@ -200,7 +201,7 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   if len(reps) < 2:
     raise CalibrationError("validation needs at least two held-out runs with different orders")
   held = [runs[i] for i in reps]
-  pred = sim.predict(held, progress=progress)
+  pred = predict_runs(sim, held, progress=progress)
   ids, frag_M, probe_M = pred.eval_ids, pred.frag_M, pred.is_probe_M
   steps = pred.steps
   num_f = len(sim.fragments.names)
@@ -213,17 +214,17 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
 
   real_f = real_probe(held)
 
-  mean_f = _fragment_probe(sim, pred.mean_RxCxM, frag_M, probe_M)
-  anchor = sim._maps_at(steps, ids)[0]
+  mean_f = _fragment_probe(sim, pred.mean_NxCxM, frag_M, probe_M)
+  anchor = maps_at(sim, steps, ids).anchor_CxM
   agnostic_f = np.broadcast_to(_fragment_probe(sim, anchor, frag_M, probe_M), real_f.shape)
-  lr_ref = sim.info["baselines"]["lr_ref"]
+  lr_ref = sim.fit_info.baselines.lr_ref
   simfluence_f = []
   for r in held:
     shares = fragment_shares(order_from_runlog(r, sim.fragments), run_learning_rates(r),
                              sim.fragments.fragment_of, num_f, steps, lr_ref)
     simfluence_f.append(sim.simfluence.predict(agnostic_f[0, 0], shares))
   with np.errstate(invalid="ignore"):
-    raw_f = _fragment_probe(sim, np.nanmean(pred.raw_RxSxCxM, 1), frag_M, probe_M)
+    raw_f = _fragment_probe(sim, np.nanmean(pred.raw_NxSxCxM, 1), frag_M, probe_M)
 
   base_mse = float(np.mean((agnostic_f[:, 1:] - real_f[:, 1:]) ** 2))
   methods = {"simulator": _scores(mean_f, real_f, base_mse),
