@@ -40,7 +40,7 @@ from surrogate.datasets import python_docs_neutral
 from surrogate.fragments import Split, read_fragments
 from surrogate.prepare import model_config_for, prepare
 from surrogate.pretrain import pretrain_ensemble
-from surrogate.simulate import SimPlan, simulate_many
+from surrogate.simulate import OrderAxes, SimPlan, simulate_many
 from surrogate.tokenize import encode_texts
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
@@ -164,7 +164,7 @@ def evaluate(frags, runs, *, task: str, width: int, length: int, heads: int, pre
     traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[sel_s], params_S), knobs,
                          orders[sel_r], lrs[sel_r], prep.data, model_cfg=cfg, opt_cfg=opt,
                          plan=SimPlan(eval_every=t, diagnostics=False), chunk_size=chunk,
-                         progress=False)
+                         progress=False, axes=OrderAxes(params=0, knobs=None))
     sur = traj.eval_loss_CxM[:, [0, -1]].reshape(n_s, n_r, 2, -1)
     sur_f = np.moveaxis(metrics.fragment_means(sur, frag_M, probe_M, num_f), 2, 1)  # S 2 R F
     d, tau, auc = scores(sur_f.mean(0), real_f)

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,12 +188,28 @@ def _loss_and_push(params, tokens_BxL1, mask_BxL, cfg: model_lib.ModelConfig):
 DIVERGED_LOSS_FACTOR = 4.0
 
 
+class TrainCarry(NamedTuple):
+  """The training scan's carry (one order).
+
+  params, opt_state: the model and its optimizer state.
+  diverged_step: the step the run diverged at, or -1.
+  t: steps taken (fed or not).
+  push_F: each fragment's summed gradient push so far (`Trajectory.grad_push_F`).
+  ref_loss: the first fed step's loss (at least log V), NaN before it.
+  """
+  params: model_lib.Params
+  opt_state: Any
+  diverged_step: jax.Array
+  t: jax.Array
+  push_F: jax.Array
+  ref_loss: jax.Array
+
+
 def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, opt_cfg,
              model_cfg):
   """The training loop's pieces: `start(params0) -> carry` and the scan body `train_step`.
 
-  Carry: (params, opt_state, diverged_step, t, push_F, ref_loss); the body takes one
-  optimizer step on the batch `idx_B` at rate `lr`. A step whose loss or new parameters are
+  The carry is a `TrainCarry`; the body takes one optimizer step on the batch `idx_B` at rate `lr`. A step whose loss or new parameters are
   not finite, or whose loss exceeds `DIVERGED_LOSS_FACTOR` x `ref_loss` (the first fed
   step's loss, at least log V), marks the run diverged; from then on, and on steps with no
   example, nothing moves.
@@ -201,11 +217,11 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
   opt = optim.make_optimizer(opt_cfg)
   wd = opt_cfg.weight_decay * knobs.weight_decay_scale
 
-  def start(params0):
-    return (params0, opt.init(params0), jnp.int32(-1), jnp.int32(0),
-            jnp.zeros((num_f,), jnp.float32), jnp.float32(jnp.nan))
+  def start(params0) -> TrainCarry:
+    return TrainCarry(params0, opt.init(params0), jnp.int32(-1), jnp.int32(0),
+                      jnp.zeros((num_f,), jnp.float32), jnp.float32(jnp.nan))
 
-  def train_step(carry, xs):
+  def train_step(carry: TrainCarry, xs):
     params, opt_state, diverged_step, t, push_F, ref_loss = carry
     idx_B, lr = xs
     valid_B = idx_B >= 0
@@ -227,7 +243,7 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
                                      (new_params, new_state), (params, opt_state))
     push_F = push_F + jnp.where(move, jax.ops.segment_sum(
         push_B, fragment_E[safe_B], num_segments=num_f), 0.0)
-    return ((params, opt_state, diverged_step, t + 1, push_F, ref_loss),
+    return (TrainCarry(params, opt_state, diverged_step, t + 1, push_F, ref_loss),
             jnp.where(valid_B.any(), loss, jnp.nan))
 
   return start, train_step
@@ -243,9 +259,8 @@ def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   """
   fragment_E = jnp.zeros(tokens_ExL1.shape[:1], jnp.int32)
   start, step = _trainer(tokens_ExL1, mask_ExL, fragment_E, 1, knobs, opt_cfg, model_cfg)
-  (params, _, diverged_step, *_), loss_T = jax.lax.scan(step, start(params0),
-                                                          (order_TxB, lr_T))
-  return params, loss_T, diverged_step
+  carry, loss_T = jax.lax.scan(step, start(params0), (order_TxB, lr_T))
+  return carry.params, loss_T, carry.diverged_step
 
 
 def _begin(params0, data: SimData, model_cfg: model_lib.ModelConfig, plan: SimPlan):
@@ -257,7 +272,7 @@ def _begin(params0, data: SimData, model_cfg: model_lib.ModelConfig, plan: SimPl
 def _segment(carry, xs, train_step, data, ref, model_cfg, plan):
   """Trains the `eval_every` steps of `xs` = (idx_KxB, lr_K), then takes a checkpoint."""
   carry, loss_K = jax.lax.scan(train_step, carry, xs)
-  return carry, (loss_K, _checkpoint(carry[0], data, ref, model_cfg, plan))
+  return carry, (loss_K, _checkpoint(carry.params, data, ref, model_cfg, plan))
 
 
 def _assemble(first, carry, outs, *, steps: int, plan: SimPlan) -> Trajectory:
@@ -265,7 +280,7 @@ def _assemble(first, carry, outs, *, steps: int, plan: SimPlan) -> Trajectory:
   eval0_M, diag0 = first
   loss_SxK, (eval_SxM, diag_S) = outs
   stack = lambda a, b: jnp.concatenate([a[None], b])
-  diverged_step = carry[2]
+  diverged_step = carry.diverged_step
   # A checkpoint taken after the divergence shows a frozen model: report it as NaN.
   ckpt_C = jnp.asarray(plan.checkpoint_steps(steps))
   bad_C = (diverged_step >= 0) & (ckpt_C > diverged_step)
@@ -274,7 +289,7 @@ def _assemble(first, carry, outs, *, steps: int, plan: SimPlan) -> Trajectory:
   if plan.diagnostics:
     diags = jax.tree.map(lambda a, b: jnp.where(bad_C[:, None], jnp.nan, stack(a, b)),
                          diag0, diag_S)
-  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step, carry[4])
+  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step, carry.push_F)
 
 
 def _split_segments(order_TxB, lr_T, k: int):
@@ -316,28 +331,53 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   return _assemble(first, carry, outs, steps=order_TxB.shape[0], plan=plan)
 
 
-# Incremented when `_simulate_batch` or `_advance_batch` (prefix sharing) is traced; tests
-# read it.
-_TRACE_COUNT = [0]
+class OrderAxes(NamedTuple):
+  """Which of `simulate_many`'s inputs carry their own leading order axis (0) and which
+  every order shares (None), as `jax.vmap`'s `in_axes` say it.
+
+  params: the initial parameters (0 for an ensemble or one state per order).
+  knobs: the learning-rate and weight-decay scales (0 for a knob grid).
+  """
+  params: int | None = None
+  knobs: int | None = None
 
 
-def _per_order(params0, knobs) -> tuple[bool, bool]:
-  """Whether the initial parameters and the knobs carry their own leading order axis
-  (ensembles, calibration) rather than being shared by every order."""
-  return jnp.ndim(params0["embed_VxD"]) == 3, jnp.ndim(knobs.lr_scale) == 1
+SHARED = OrderAxes()
+PER_ORDER = OrderAxes(params=0, knobs=0)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
-def _simulate_batch(params0, knobs, orders_NxTxB, lr_NxT, data, *, model_cfg, opt_cfg, plan):
-  _TRACE_COUNT[0] += 1
-  p_axis, k_axis = (0 if own else None for own in _per_order(params0, knobs))
+def check_axes(params0, knobs: optim.Knobs, axes: OrderAxes, n: int,
+               model_cfg: model_lib.ModelConfig) -> None:
+  """Raises ValueError unless `params0` and `knobs` have the shapes `axes` declares for
+  `n` orders."""
+  want = jax.eval_shape(lambda k: model_lib.init_params(k, model_cfg), jax.random.key(0))
+  lead = () if axes.params is None else (n,)
+  got = jax.tree.map(lambda a: tuple(np.shape(a)), params0)
+  expected = jax.tree.map(lambda a: lead + tuple(a.shape), want)
+  if got != expected:
+    raise ValueError(f"params0 does not match OrderAxes(params={axes.params}) for {n} orders "
+                     f"(embedding {got.get('embed_VxD') if isinstance(got, dict) else got}, "
+                     f"expected {expected['embed_VxD']})")
+  k_shape = (n,) if axes.knobs == 0 else ()
+  for name, v in zip(knobs._fields, knobs):
+    if np.shape(v) != k_shape:
+      raise ValueError(f"knobs.{name} has shape {np.shape(v)}; OrderAxes(knobs={axes.knobs}) "
+                       f"for {n} orders needs {k_shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan", "axes"))
+def _simulate_batch(params0, knobs, orders_NxTxB, lr_NxT, data, *, model_cfg, opt_cfg, plan,
+                    axes: OrderAxes):
   fn = functools.partial(simulate, data=data, model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
-  return jax.vmap(fn, in_axes=(p_axis, k_axis, 0, 0))(params0, knobs, orders_NxTxB, lr_NxT)
+  return jax.vmap(fn, in_axes=(axes.params, axes.knobs, 0, 0))(params0, knobs, orders_NxTxB,
+                                                                lr_NxT)
 
 
-def trace_count() -> int:
-  """How many times the many-orders simulator has been traced (compiled) in this process."""
-  return _TRACE_COUNT[0]
+def compiled_count() -> int:
+  """How many programs the many-orders simulator has compiled in this process (jit's own
+  cache of `_simulate_batch` and of prefix sharing's `_advance_batch`): tests check that a
+  second call with new data of the same shapes compiles nothing."""
+  return _simulate_batch._cache_size() + _advance_batch._cache_size()
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
@@ -351,7 +391,6 @@ def _begin_root(params0, knobs, data, *, model_cfg, opt_cfg, plan):
 @functools.partial(jax.jit, static_argnames=("model_cfg", "opt_cfg", "plan"))
 def _advance_batch(carry_W, order_WxKxB, lr_WxK, ref, knobs, data, *, model_cfg, opt_cfg, plan):
   """One segment for W states of one root: vmapped `_segment`."""
-  _TRACE_COUNT[0] += 1
   _, train_step = _trainer(data.tokens_ExL1, data.mask_ExL, data.fragment_E,
                            data.probe_weight_FxM.shape[0], knobs, opt_cfg, model_cfg)
   seg = lambda c, o, lr: _segment(c, (o, lr), train_step, data, ref, model_cfg, plan)
@@ -390,7 +429,8 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
                   model_cfg: model_lib.ModelConfig, opt_cfg: optim.OptimizerConfig,
                   plan: SimPlan, chunk_size: int | None = None,
                   devices: Sequence[jax.Device] | None = None,
-                  progress: bool = True, share_prefixes: bool | None = None) -> Trajectory:
+                  progress: bool = True, share_prefixes: bool | None = None,
+                  axes: OrderAxes = SHARED) -> Trajectory:
   """Simulates N orders: `simulate` vmapped, in chunks, each chunk sharded over devices.
 
   Memory is bounded by `chunk_size`, not N. Every chunk has the same shape (the last is
@@ -402,8 +442,9 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   (`surrogate.prefix`), and the states branch where the orders part.
 
   Args:
-    params0: initial parameters, shared or with a leading N axis (one per order).
-    knobs: shared, or with a leading N axis.
+    params0: initial parameters, shared or with a leading N axis (one per order), as
+      `axes.params` says.
+    knobs: shared, or with a leading N axis, as `axes.knobs` says.
     orders_NxTxB: int example positions, -1 for empty slots.
     lr_NxT: base learning rate of each step of each order (or [T], shared).
     data, model_cfg, opt_cfg, plan: as for `simulate`.
@@ -415,12 +456,14 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
     share_prefixes: simulate common prefixes once. None (default): when that saves at
       least `SHARE_MIN_SAVED` of the work and `SHARE_MIN_ORDERS` orders' worth. Results
       equal those without sharing up to float rounding.
+    axes: which of `params0` and `knobs` have an order axis (`OrderAxes`; checked).
 
   Returns:
     A `Trajectory` of numpy arrays with a leading N axis.
   """
   orders = np.asarray(orders_NxTxB, np.int32)
   n, steps = orders.shape[:2]
+  check_axes(params0, knobs, axes, n, model_cfg)
   lrs = np.broadcast_to(np.asarray(lr_NxT, np.float32), (n, steps))
   devices = list(devices or jax.local_devices())
   chunk = max(1, min(chunk_size or default_chunk_size(devices), n))
@@ -428,7 +471,7 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   mesh = jax.sharding.Mesh(np.array(devices), ("orders",))
   sharded = NamedSharding(mesh, PartitionSpec("orders"))
   replicated = NamedSharding(mesh, PartitionSpec())
-  per_order_params, per_order_knobs = _per_order(params0, knobs)
+  per_order_params, per_order_knobs = axes.params == 0, axes.knobs == 0
   put_rep = lambda t: jax.device_put(t, replicated)
   put_sharded = lambda t: jax.device_put(t, sharded)
   data = put_rep(data)
@@ -443,7 +486,8 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
       out = [_simulate_shared(
           params0, knobs, sel, o_NxSxKxB[sel], lr_NxSxK[sel], root_N, tree, data,
           steps=steps, chunk=chunk, put_rep=put_rep, put_sharded=put_sharded, bar=bar,
-          model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan) for sel, root_N, tree in blocks]
+          axes=axes, model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
+          for sel, root_N, tree in blocks]
       bar.close()
       perm = np.concatenate([sel for sel, _, _ in blocks])
       inverse = np.empty_like(perm)
@@ -466,7 +510,7 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
         take(params0, sel) if per_order_params else params0,
         take(knobs, sel) if per_order_knobs else knobs,
         take(orders, sel), take(lrs, sel), data,
-        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
+        model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, axes=axes)
     real = min(chunk, n - start)
     results.append(jax.tree.map(functools.partial(_head, k=real), out))
     bar.update(real)
@@ -512,7 +556,8 @@ def _prefix_blocks(params_N, knobs_N, o_NxSxKxB, lr_NxSxK, *, check: bool):
 
 
 def _simulate_shared(params0, knobs, sel_N, o_NxSxKxB, lr_NxSxK, root_N, tree, data, *, steps,
-                     chunk, put_rep, put_sharded, bar, model_cfg, opt_cfg, plan) -> Trajectory:
+                     chunk, put_rep, put_sharded, bar, axes, model_cfg, opt_cfg,
+                     plan) -> Trajectory:
   """The orders `sel_N` (segmented: `o_NxSxKxB`, `lr_NxSxK`) simulated an eval interval at
   a time, each prefix once; numpy results."""
   n = len(sel_N)
@@ -520,7 +565,7 @@ def _simulate_shared(params0, knobs, sel_N, o_NxSxKxB, lr_NxSxK, root_N, tree, d
   pick = lambda t, i: jax.tree.map(lambda a: np.asarray(a)[i], t)
   # Per root (0 .. R-1): knobs and diagnostics reference on the devices; training carry and
   # step-0 checkpoint on the host.
-  own_params, own_knobs = _per_order(params0, knobs)
+  own_params, own_knobs = axes.params == 0, axes.knobs == 0
   roots, carry0, first0 = [], [], []
   for r in range(int(root_N.max()) + 1):
     i = sel_N[np.argmax(root_N == r)]

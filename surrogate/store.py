@@ -30,7 +30,7 @@ from surrogate import optim
 from surrogate.errors import DataError
 from surrogate.jsonl import atomic_write
 from surrogate.orders import order_sha256
-from surrogate.simulate import (SimData, SimPlan, Trajectory, default_chunk_size,
+from surrogate.simulate import (SHARED, OrderAxes, SimData, SimPlan, Trajectory, default_chunk_size,
                                 simulate_many)
 
 FORMAT = "surrogate-results/1"
@@ -107,7 +107,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
                        devices: Sequence[jax.Device] | None = None,
                        progress: bool = True, process_index: int | None = None,
                        process_count: int | None = None, wait_s: float = 86400.0,
-                       share_prefixes: bool | None = None) -> Trajectory:
+                       share_prefixes: bool | None = None,
+                       axes: OrderAxes = SHARED) -> Trajectory:
   """`simulate_many`, with each chunk's results written to `folder` as it finishes.
 
   Several processes (hosts) share the work through the folder: process i of n simulates
@@ -126,6 +127,7 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     process_index, process_count: this process's share of the chunks (see above).
     wait_s: how long to wait for other processes' chunks before giving up.
     share_prefixes: as for `simulate_many`, within each chunk file.
+    axes: which of `params0` and `knobs` carry an order axis, as for `simulate_many`.
 
   Returns:
     The whole `Trajectory` (numpy), read back from the chunk files.
@@ -171,8 +173,7 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
                          "choose an empty folder", path=folder)
     atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
 
-  per_order_params = np.ndim(params0["embed_VxD"]) == 3  # as in simulate_many
-  per_order_knobs = np.ndim(knobs.lr_scale) == 1
+  per_order_params, per_order_knobs = axes.params == 0, axes.knobs == 0
   starts = list(range(0, n, chunk))
   todo = []
   for i, start in enumerate(starts):
@@ -197,7 +198,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     out = simulate_many(take(params0) if per_order_params else params0,
                         take(knobs) if per_order_knobs else knobs, orders[idx], lrs[idx], data,
                         model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, chunk_size=call,
-                        devices=devices, progress=False, share_prefixes=share_prefixes)
+                        devices=devices, progress=False, share_prefixes=share_prefixes,
+                        axes=axes)
     out = jax.tree.map(lambda a: np.asarray(a)[:real], out)
     _write_chunk(_chunk_path(folder, i), start, orders[start:start + real], out)
     bar.update(real)

@@ -11,7 +11,8 @@ from surrogate import model as model_lib
 from surrogate import optim, orders, prefix
 from surrogate.datasets import python_docs
 from surrogate.prepare import prepare
-from surrogate.simulate import DIVERGED_LOSS_FACTOR, SimPlan, simulate, simulate_many, trace_count
+from surrogate.simulate import (DIVERGED_LOSS_FACTOR, PER_ORDER, OrderAxes, SimPlan, compiled_count,
+                                simulate, simulate_many)
 
 # Distinct sizes: N=3 orders, T=10 steps, B=3, L=12, D=16, F=3, eval every 4 (padded tail).
 CFG = model_lib.ModelConfig(vocab_size=300, length=12, width=16, depth=2, heads=2, mlp_ratio=2)
@@ -75,11 +76,11 @@ def test_vmapped_equals_looped(setup):
 
 def test_deterministic_and_compiles_once(setup):
   first = _many(setup)
-  count = trace_count()
+  count = compiled_count()
   again = _many(setup)
   new_orders = setup[2][::-1] % 7  # different orders, same shape
   _many(setup, new_orders)
-  assert trace_count() == count, "a second call with new orders must not retrace"
+  assert compiled_count() == count, "a second call with new orders must not retrace"
   _assert_trees_close(first, again, rtol=0, atol=0)
 
 
@@ -96,7 +97,7 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence(setup):
   # of magnitude without ever producing inf or NaN.
   knobs = optim.Knobs(jnp.array([1.0, 3e4, 1.0]), jnp.ones(3))
   out = simulate_many(params, knobs, order_NxTxB, lr_T, prep.data, model_cfg=CFG, opt_cfg=OPT,
-                      plan=PLAN, progress=False)
+                      plan=PLAN, progress=False, axes=OrderAxes(knobs=0))
   step = int(out.diverged_step[1])
   assert step > 0 and (out.diverged_step[[0, 2]] == -1).all()
   loss_T = np.asarray(out.train_loss_T[1])
@@ -109,7 +110,7 @@ def test_divergence_is_reported_for_that_order_alone(setup):
   prep, params, order_NxTxB, lr_T = setup
   knobs = optim.Knobs(jnp.array([1.0, 1e12, 1.0]), jnp.ones(3))
   out = simulate_many(params, knobs, order_NxTxB, lr_T, prep.data, model_cfg=CFG, opt_cfg=OPT,
-                      plan=PLAN, progress=False)
+                      plan=PLAN, progress=False, axes=OrderAxes(knobs=0))
   calm = _many(setup)
   assert out.diverged_step[1] >= 0 and (out.diverged_step[[0, 2]] == -1).all()
   after = PLAN.checkpoint_steps(T) > out.diverged_step[1]
@@ -213,16 +214,16 @@ def test_prefix_sharing_gives_the_same_results(setup):
   params_N = jax.tree.map(lambda a, b: np.stack([a, a, b, b, a]), params,
                           model_lib.init_params(jax.random.key(7), CFG))
   knobs = optim.Knobs(jnp.array([1.0, 1e12, 1.0, 1.0, 1.0]), jnp.ones(5))
-  kw = {"model_cfg": CFG, "opt_cfg": OPT, "plan": PLAN, "progress": False}
+  kw = {"model_cfg": CFG, "opt_cfg": OPT, "plan": PLAN, "progress": False, "axes": PER_ORDER}
   plain = simulate_many(params_N, knobs, o, lr_T, prep.data, share_prefixes=False, **kw)
   shared = simulate_many(params_N, knobs, o, lr_T, prep.data, share_prefixes=True, **kw)
   assert plain.diverged_step[1] >= 0 and (np.delete(plain.diverged_step, 1) == -1).all()
   _assert_trees_close(shared, plain, rtol=2e-4, atol=2e-5)
-  count = trace_count()
+  count = compiled_count()
   rev = lambda t: jax.tree.map(lambda a: a[::-1], t)
   again = simulate_many(rev(params_N), rev(knobs), o[::-1], lr_T, prep.data,
                         share_prefixes=True, **kw)
-  assert trace_count() == count, "a second shared call must not retrace"
+  assert compiled_count() == count, "a second shared call must not retrace"
   _assert_trees_close(again, rev(shared), rtol=2e-4, atol=2e-5)
 
 
@@ -255,3 +256,19 @@ def test_sharers_are_sorted_together_across_blocks(setup, monkeypatch):
   assert sum(tree.saved() > 0 for _, _, tree in blocks) >= 1
   _assert_trees_close(_many(setup, o, share_prefixes=True),
                       _many(setup, o, share_prefixes=False), rtol=2e-4, atol=2e-5)
+
+
+def test_order_axes_are_declared_and_checked(setup):
+  prep, params, order_NxTxB, lr_T = setup
+  kw = dict(model_cfg=CFG, opt_cfg=OPT, plan=PLAN, progress=False)
+  n = len(order_NxTxB)
+  params_N = jax.tree.map(lambda a: np.stack([a] * n), params)
+  with pytest.raises(ValueError, match=r"params0 does not match OrderAxes\(params=None\)"):
+    simulate_many(params_N, optim.Knobs.identity(), order_NxTxB, lr_T, prep.data, **kw)
+  with pytest.raises(ValueError, match=r"knobs.lr_scale has shape \(\)"):
+    simulate_many(params_N, optim.Knobs.identity(), order_NxTxB, lr_T, prep.data,
+                  axes=PER_ORDER, **kw)
+  # Declared per order, the same state for every order gives the shared result.
+  same = simulate_many(params_N, optim.Knobs.identity(), order_NxTxB, lr_T, prep.data,
+                       axes=OrderAxes(params=0), **kw)
+  _assert_trees_close(same, _many(setup), rtol=2e-4, atol=2e-5)

@@ -43,7 +43,7 @@ from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.errors import CalibrationError
 from surrogate.fragments import Fragments, Split
-from surrogate.simulate import SimPlan, Trajectory, build_sim_data, simulate_many
+from surrogate.simulate import PER_ORDER, SimPlan, Trajectory, build_sim_data, simulate_many
 from surrogate.tokenize import encode_examples
 
 # Fragments.split_of codes.
@@ -487,7 +487,7 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
   lrs = np.asarray(lr_NxT, np.float32)
   lrs = lrs if lrs.ndim == 1 else lrs[sel]
   run = dict(model_cfg=cfg.model_cfg, opt_cfg=cfg.opt_cfg, plan=plan, chunk_size=chunk_size,
-             progress=progress)
+             progress=progress, axes=PER_ORDER)
   if folder is None:
     traj = simulate_many(params, knobs, orders[sel], lrs, data, **run)
   else:

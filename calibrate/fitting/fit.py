@@ -56,7 +56,7 @@ from surrogate.fragments import Fragments
 from surrogate.orders import order_sha256
 from surrogate.prepare import Prepared, model_config_for, prepare
 from surrogate.pretrain import pretrain_ensemble
-from surrogate.simulate import simulate_many
+from surrogate.simulate import PER_ORDER, simulate_many
 from surrogate.tokenize import check_vocab, encode_texts
 
 
@@ -378,7 +378,7 @@ def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Seq
   traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[idx_s], params_S), knobs,
                        orders[idx_r], lrs[idx_r], data, model_cfg=model_cfg, opt_cfg=opt_cfg,
                        plan=plan, chunk_size=chunk_size, progress=progress,
-                       share_prefixes=share_prefixes)
+                       share_prefixes=share_prefixes, axes=PER_ORDER)
   sur = traj.eval_loss_CxM[:, np.searchsorted(ckpt, steps_C)]
   return (sur.reshape(n_k, n_s, n_r, len(steps_C), -1),
           traj.diverged_step.reshape(n_k, n_s, n_r))
