@@ -24,6 +24,25 @@ class _DuplicateKey(Exception):
     self.key = key
 
 
+def json_safe(obj: Any) -> Any:
+  """`obj` with every non-finite float (NaN, inf) as None, numpy scalars and arrays as plain
+  Python: the one convention for missing values in JSON output (strict JSON has no NaN)."""
+  import math
+
+  import numpy as np
+  if isinstance(obj, Mapping):
+    return {str(k): json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return json_safe(obj.tolist())
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
   # json.loads silently keeps the last of repeated keys; a file that says two things is an error.
   out = {}

@@ -50,9 +50,9 @@ def test_bad_input_is_a_clear_error(data, tmp_path, capsys):
   assert main(["simulate", "--data", str(bad), "--orders", str(bad), "--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err
   assert "bad.jsonl, line 2, field 'id'" in err
-  with pytest.raises(SystemExit, match="unknown fragment 'nope'"):
-    main(["orders", "--data", str(data), "--kind", "subset", "--keep", "nope", "--steps", "3",
-          "--batch-size", "2", "--out", str(tmp_path / "o.jsonl")])
+  assert main(["orders", "--data", str(data), "--kind", "subset", "--keep", "nope", "--steps",
+               "3", "--batch-size", "2", "--out", str(tmp_path / "o.jsonl")]) == 2
+  assert "unknown fragment 'nope'" in capsys.readouterr().err
 
 
 def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
@@ -172,10 +172,64 @@ def test_fit_with_the_real_models_tokenizer(data, real_tokenizer, tmp_path, caps
   # The saved simulator reads with its compacted tokenizer and predicts.
   assert main(["simulate", "--sim", str(sim), "--orders", str(order), "--out",
                str(tmp_path / "pred"), "--quiet"]) == 0
-  with pytest.raises(SystemExit, match="--vocab sizes"):
-    main(["fit", "--data", str(data), "--runs", str(runs / order.name), "--out", str(sim),
-          "--tokenizer", str(real_tokenizer), "--vocab", "300"])
+  assert main(["fit", "--data", str(data), "--runs", str(runs / order.name), "--out", str(sim),
+               "--tokenizer", str(real_tokenizer), "--vocab", "300"]) == 2
+  assert "--vocab sizes" in capsys.readouterr().err
   (tmp_path / "junk.json").write_text("{not json")
-  with pytest.raises(SystemExit, match="junk.json: not a readable tokenizer.json"):
-    main(["simulate", "--data", str(data), "--orders", str(order), "--out", str(runs),
-          "--tokenizer", str(tmp_path / "junk.json")])
+  assert main(["simulate", "--data", str(data), "--orders", str(order), "--out", str(runs),
+               "--tokenizer", str(tmp_path / "junk.json")]) == 2
+  assert "junk.json: not a readable tokenizer.json" in capsys.readouterr().err
+
+
+def _subparsers():
+  import argparse
+
+  from calibrate.cli.main import build_parser
+  parser = build_parser()
+  sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+  return parser, sub.choices
+
+
+def test_every_command_is_listed_and_every_option_explained():
+  parser, commands = _subparsers()
+  top = parser.format_help()
+  for name, p in commands.items():
+    assert name in top
+    for action in p._actions:
+      if action.dest != "help":
+        assert action.help, f"surrogate {name} {action.option_strings}: no help text"
+  # Every command that prints results can print them as JSON.
+  assert all(any("--json" in a.option_strings for a in p._actions) for p in commands.values())
+
+
+def test_version(capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["--version"])
+  assert e.value.code == 0 and capsys.readouterr().out.startswith("surrogate ")
+
+
+def test_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys):
+  missing = tmp_path / "missing.jsonl"
+  assert main(["simulate", "--data", str(missing), "--orders", str(missing), "--out",
+               str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and str(missing) in err and "Traceback" not in err
+  assert main(["validate", "--sim", str(tmp_path), "--runs", str(missing)]) == 2
+  assert "simulator.json is missing" in capsys.readouterr().err
+  assert main(["orders", "--data", str(data), "--kind", "blocked", "--sequence", "nope",
+               "--steps", "3", "--batch-size", "2", "--out", str(tmp_path / "o.jsonl")]) == 2
+  assert "unknown fragment 'nope'" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:                  # argparse's own usage errors
+    main(["orders", "--data", str(data)])
+  assert e.value.code == 2
+
+
+def test_json_output_is_strict(data, tmp_path, capsys):
+  assert main(["orders", "--data", str(data), "--kind", "shuffled", "--steps", "3",
+               "--batch-size", "2", "--out", str(tmp_path / "o.jsonl"), "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["steps"] == 3 and out["wrote"].endswith("o.jsonl")
+  from surrogate.jsonl import json_safe
+  import numpy as np
+  assert json_safe({"a": [1.0, float("nan")], "b": np.float32(np.inf), "c": np.arange(2)}) == {
+      "a": [1.0, None], "b": None, "c": [0, 1]}

@@ -32,6 +32,7 @@ import numpy as np
 from calibrate.answers.outcomes import OUTCOMES, Thresholds, label_outcomes
 from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
 from surrogate import orders as orders_lib
+from surrogate.jsonl import json_safe
 
 __all__ = ["DIAGNOSTICS", "Screen", "ScreenThresholds", "draw_orders", "screen"]
 
@@ -133,10 +134,8 @@ class Screen:
     return "\n".join(lines)
 
   def to_json(self) -> dict[str, Any]:
-    """Every figure as plain JSON (NaN as null)."""
-    def clean(x):
-      a = np.asarray(x, np.float64)
-      return np.where(np.isfinite(a), a.astype(object), None).tolist()
+    """Every figure as plain JSON (NaN as null, `surrogate.jsonl.json_safe`)."""
+    clean = json_safe
     return {
         "fragments": list(self.fragments), "steps": self.steps.tolist(),
         "outcomes": [o.value for o in OUTCOMES],

@@ -1,4 +1,5 @@
-"""The `surrogate` command line: `orders`, `fit`, `validate`, `simulate`, `demo`.
+"""The `surrogate` command line: orders, fit, validate, simulate, what-if, screen, search,
+next-run, report, demo.
 
   surrogate orders --data F --kind blocked --sequence a,b,c --steps 200 --batch-size 16 --out o.jsonl
   surrogate fit --data F --runs r1.jsonl r2.jsonl r3.jsonl --out sim/
@@ -6,18 +7,38 @@
   surrogate simulate --sim sim/ --orders o1.jsonl h1.jsonl --out DIR   (predicted, real scale)
   surrogate simulate --data F --orders o1.jsonl o2.jsonl --out DIR    (raw surrogate)
   surrogate what-if --sim sim/ --orders o1.jsonl o2.jsonl [--json]
+  surrogate screen --sim sim/ [--orders 256] [--json]
+  surrogate search --sim sim/ [--budget 32] [--out best.jsonl] [--json]
+  surrogate next-run --sim sim/ [--out next.jsonl] [--json]
+  surrogate report --sim sim/ --out report/
   surrogate demo
 
-Run `surrogate COMMAND --help` for every option.
+Run `surrogate COMMAND --help` for every option. Exit status: 0 done, 2 bad input (a usage
+error, or an input file that is missing, unreadable or invalid: one line on stderr names it).
+`--json` prints strict JSON, a missing value (NaN) as null.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
+
+
+class UsageError(Exception):
+  """A command line that cannot be carried out as given (exit status 2)."""
+
+
+def _print_json(obj: Any) -> None:
+  """`--json` output: strict JSON, every missing value (NaN, inf) as null."""
+  import json
+
+  from surrogate.jsonl import json_safe
+  print(json.dumps(json_safe(obj), indent=1, allow_nan=False))
 
 
 def _use_all_cores() -> None:
@@ -53,17 +74,17 @@ def _model_cfg(args, frags):
   if args.tokenizer is None:
     return model_config_for(frags, length=args.length, vocab_size=args.vocab or 512, **shape)
   if args.vocab is not None:
-    raise SystemExit("--vocab sizes the surrogate's own BPE; with --tokenizer the vocabulary "
+    raise UsageError("--vocab sizes the surrogate's own BPE; with --tokenizer the vocabulary "
                      "is the real tokenizer's tokens that occur")
   from tokenizers import Tokenizer
   try:
     real = Tokenizer.from_file(args.tokenizer)
   except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-    raise SystemExit(f"--tokenizer {args.tokenizer}: not a readable tokenizer.json ({e})") from e
+    raise UsageError(f"--tokenizer {args.tokenizer}: not a readable tokenizer.json ({e})") from e
   try:
     return model_config_for(frags, length=args.length, real_tokenizer=real, **shape)
   except ValueError as e:
-    raise SystemExit(f"--tokenizer {args.tokenizer}: {e}") from e
+    raise UsageError(f"--tokenizer {args.tokenizer}: {e}") from e
 
 
 def _parse_named(text: str | None, names: Sequence[str], what: str) -> list[float] | None:
@@ -74,11 +95,11 @@ def _parse_named(text: str | None, names: Sequence[str], what: str) -> list[floa
   for part in text.split(","):
     name, _, value = part.partition("=")
     if name not in values:
-      raise SystemExit(f"--{what}: unknown fragment {name!r} (fragments: {', '.join(names)})")
+      raise UsageError(f"--{what}: unknown fragment {name!r} (fragments: {', '.join(names)})")
     try:
       values[name] = float(value)
     except ValueError:
-      raise SystemExit(f"--{what}: {part!r} is not NAME=NUMBER") from None
+      raise UsageError(f"--{what}: {part!r} is not NAME=NUMBER") from None
   return [values[n] for n in names]
 
 
@@ -89,7 +110,7 @@ def _parse_list(text: str | None, names: Sequence[str], what: str) -> list[int] 
   out = []
   for name in text.split(","):
     if name not in index:
-      raise SystemExit(f"--{what}: unknown fragment {name!r} (fragments: {', '.join(names)})")
+      raise UsageError(f"--{what}: unknown fragment {name!r} (fragments: {', '.join(names)})")
     out.append(index[name])
   return out
 
@@ -121,7 +142,11 @@ def cmd_orders(args) -> int:
   with RunLogWriter(args.out, header, frags, overwrite=args.force) as log:
     for t, row in enumerate(order):
       log.step(t, [ids[i] for i in row if i >= 0])
-  print(f"wrote {args.out}: {args.kind} order, {args.steps} steps x {args.batch_size}")
+  if args.json:
+    _print_json({"wrote": args.out, "kind": args.kind, "steps": args.steps,
+                 "batch_size": args.batch_size, "order_spec": spec.to_dict()})
+  else:
+    print(f"wrote {args.out}: {args.kind} order, {args.steps} steps x {args.batch_size}")
   return 0
 
 
@@ -144,6 +169,10 @@ def cmd_fit(args) -> int:
             progress=not args.quiet)
   save(sim, args.out)
   info = sim.fit_info
+  if args.json:
+    _print_json({"wrote": args.out, "model": dataclasses.asdict(cfg), "seeds": sim.num_seeds,
+                 "fit": info.to_json()})
+    return 0
   gain = info.gain
   loo = info.leave_one_run_out
   print(f"calibrated on {len(runs)} runs ({', '.join(info.calibration_runs)}) in "
@@ -188,8 +217,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_what_if(args) -> int:
-  import json
-
   from calibrate.answers.outcomes import OUTCOMES, compare, what_if
   from calibrate.io.saved import load
   sim = load(args.sim)
@@ -210,7 +237,7 @@ def cmd_what_if(args) -> int:
       out["ranking"] = [{"run_id": n, "mean_final_probe": float(m), "lo": float(lo),
                          "hi": float(hi), "p_best": float(p)} for n, m, lo, hi, p in
                         zip(ranking.names, ranking.mean, ranking.lo, ranking.hi, ranking.p_best)]
-    print(json.dumps(out, indent=1, allow_nan=True))
+    _print_json(out)
     return 0
   for a in answers:
     print(a.table())
@@ -244,6 +271,7 @@ def _simulate_calibrated(args) -> int:
     groups.setdefault(key, []).append(i)
   os.makedirs(args.out, exist_ok=True)
   t0 = time.perf_counter()
+  written = []
   for members in groups.values():
     group = [runs[i] for i in members]
     pred = predict_runs(sim, group, progress=not args.quiet, chunk_size=args.chunk_size)
@@ -251,9 +279,14 @@ def _simulate_calibrated(args) -> int:
       out = outs[i]
       write_runlog(out, log)
       bad = log.header.extra.get("diverged_seeds")
-      print(f"wrote {out}" + (f" (surrogate seeds {bad} diverged)" if bad else ""))
-  print(f"predicted {len(runs)} runs in {time.perf_counter() - t0:.1f} s "
-        f"({sim.num_seeds} surrogate seeds each)")
+      written.append({"wrote": out, "run_id": log.header.run_id, "diverged_seeds": bad or []})
+      if not args.json:
+        print(f"wrote {out}" + (f" (surrogate seeds {bad} diverged)" if bad else ""))
+  seconds = time.perf_counter() - t0
+  if args.json:
+    _print_json({"runs": written, "seconds": seconds, "seeds": sim.num_seeds})
+  else:
+    print(f"predicted {len(runs)} runs in {seconds:.1f} s ({sim.num_seeds} surrogate seeds each)")
   return 0
 
 
@@ -263,7 +296,7 @@ def cmd_simulate(args) -> int:
   if args.sim:
     return _simulate_calibrated(args)
   if not args.data:
-    raise SystemExit("surrogate simulate: give --sim (a fitted simulator) or --data")
+    raise UsageError("give --sim (a fitted simulator) or --data")
 
   from calibrate.io.simulated import simulate_runs
   from calibrate.io.runlog import read_runlog, write_runlog
@@ -285,13 +318,18 @@ def cmd_simulate(args) -> int:
                        model_name=f"surrogate-{cfg.depth}x{cfg.width}")
   elapsed = time.perf_counter() - t0
   os.makedirs(args.out, exist_ok=True)
+  written = []
   for path, sim in zip(args.orders, sims):
     out = os.path.join(args.out, os.path.basename(path))
     write_runlog(out, sim)
-    note = (f" (diverged at step {sim.header.extra['diverged_at_step']})"
-            if "diverged_at_step" in sim.header.extra else "")
-    print(f"wrote {out}{note}")
-  print(f"simulated {len(runs)} runs in {elapsed:.1f} s (compilation included)")
+    diverged = sim.header.extra.get("diverged_at_step")
+    written.append({"wrote": out, "run_id": sim.header.run_id, "diverged_at_step": diverged})
+    if not args.json:
+      print(f"wrote {out}" + ("" if diverged is None else f" (diverged at step {diverged})"))
+  if args.json:
+    _print_json({"runs": written, "seconds": elapsed})
+  else:
+    print(f"simulated {len(runs)} runs in {elapsed:.1f} s (compilation included)")
   return 0
 
 
@@ -305,7 +343,7 @@ def _objective(text: str | None):
     try:
       out[name.strip()] = float(w)
     except ValueError:
-      raise SystemExit(f"error: --objective expects 'mean' or NAME=WEIGHT,...; got {item!r}")
+      raise UsageError(f"--objective expects 'mean' or NAME=WEIGHT,...; got {item!r}")
   return out
 
 
@@ -332,16 +370,14 @@ def _run_screen(sim, args):
 
 
 def cmd_screen(args) -> int:
-  import json
-
   from calibrate.io.saved import load
   sim = load(args.sim)
   if args.resume and not args.results:
-    raise SystemExit("error: --resume needs --results DIR (where the killed screen streamed "
+    raise UsageError("--resume needs --results DIR (where the killed screen streamed "
                      "its results)")
   sc = _run_screen(sim, args)
   if args.json:
-    print(json.dumps(sc.to_json(), indent=1))
+    _print_json(sc.to_json())
   else:
     print(sc.table())
     print(f"{sc.seconds_per_order:.2f} s per simulated order (compilation included)")
@@ -349,8 +385,6 @@ def cmd_screen(args) -> int:
 
 
 def cmd_search(args) -> int:
-  import json
-
   from calibrate.io.saved import load
   sim = load(args.sim)
   start = _named_orders(args.start, sim)
@@ -360,12 +394,12 @@ def cmd_search(args) -> int:
   if args.out:
     result.save_order(sim, args.out, run_id=args.run_id)
   if args.json:
-    print(json.dumps({"ranked": [
+    _print_json({"ranked": [
         {"name": n, "score": float(sc), "interval": list(result.interval(i)),
          "spec": spec.to_dict() if spec is not None else None}
         for i, (n, sc, spec) in enumerate(zip(result.ranked.names, result.ranked.score_N,
                                               result.ranked.specs))],
-        "p_best_top": result.p_best.tolist(), "start_best": result.start_best}, indent=1))
+        "p_best_top": result.p_best.tolist(), "start_best": result.start_best})
   else:
     print(result.table())
   if args.out:
@@ -375,8 +409,6 @@ def cmd_search(args) -> int:
 
 
 def cmd_next_run(args) -> int:
-  import json
-
   from calibrate.io.saved import load
   sim = load(args.sim)
   cands = _named_orders(args.orders, sim)
@@ -386,11 +418,11 @@ def cmd_next_run(args) -> int:
   if args.out:
     nr.save_order(sim, args.out, run_id=args.run_id)
   if args.json:
-    print(json.dumps({"ranked": [
+    _print_json({"ranked": [
         {"name": n, "disagreement": float(d), "predicted": float(p),
          "spec": spec.to_dict() if spec is not None else None}
         for n, d, p, spec in zip(nr.ranked.names, nr.ranked.spread_N, nr.ranked.score_N,
-                                 nr.ranked.specs)]}, indent=1))
+                                 nr.ranked.specs)]})
   else:
     print(nr.table())
   if args.out:
@@ -409,24 +441,39 @@ def cmd_report(args) -> int:
   result = search(sim, budget=args.budget, key=_key(args.seed), progress=not args.quiet)
   plots = trajectories_of(sim, runs, progress=not args.quiet) if runs else []
   path = write_report(args.out, sim, screen=sc, search=result, trajectories=plots)
-  print(f"wrote {path}")
+  if args.json:
+    _print_json({"wrote": path, "screen": sc.to_json(), "best_order": (
+        result.best_spec.to_dict() if result.best_spec is not None else None)})
+  else:
+    print(f"wrote {path}")
   return 0
 
 
 def cmd_demo(args) -> int:
   from calibrate.cli.demo import run_demo
-  return run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
-                  length=args.length, progress=not args.quiet)
+  if not args.json:
+    return run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
+                    length=args.length, progress=not args.quiet)
+  import contextlib
+  import io
+  import json
+  with contextlib.redirect_stdout(io.StringIO()):  # the narrative; the summary is the result
+    code = run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
+                    length=args.length, progress=False)
+  with open(os.path.join(args.out, "summary.json"), encoding="utf-8") as f:
+    _print_json(json.load(f))
+  return code
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="surrogate", description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="surrogate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
   sub = p.add_subparsers(dest="command", required=True)
 
   o = sub.add_parser("orders", help="write an order file (a RunLog without evals)")
   o.add_argument("--data", required=True, help="fragments file (JSON Lines)")
-  o.add_argument("--kind", required=True,
+  o.add_argument("--kind", required=True, help="the order's family",
                  choices=["shuffled", "blocked", "interleaved", "mixture", "curriculum", "subset"])
   o.add_argument("--sequence", help="blocked/interleaved: fragment names, comma-separated")
   o.add_argument("--shares", help="blocked: relative block lengths, comma-separated")
@@ -434,17 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
   o.add_argument("--scores", help="curriculum: NAME=SCORE,... (low first)")
   o.add_argument("--descending", action="store_true", help="curriculum: high scores first")
   o.add_argument("--keep", help="subset: fragment names to feed, comma-separated")
-  o.add_argument("--steps", type=int, required=True)
-  o.add_argument("--batch-size", type=int, required=True)
-  o.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
-  o.add_argument("--lr", type=float, default=1e-3)
-  o.add_argument("--weight-decay", type=float, default=0.0)
-  o.add_argument("--warmup-steps", type=int, default=0)
-  o.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+  o.add_argument("--steps", type=int, required=True, help="optimizer steps in the order")
+  o.add_argument("--batch-size", type=int, required=True, help="examples per step")
+  o.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"],
+                 help="the real run's optimizer, written in the header (default adamw)")
+  o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+  o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
+  o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+  o.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+                 help="learning-rate schedule after warmup (default constant)")
   o.add_argument("--seed", type=int, default=0, help="seed of the order's randomness")
   o.add_argument("--run-id", help="run id in the header (default KIND-sSEED)")
   o.add_argument("--out", required=True, help="order file to write")
   o.add_argument("--force", action="store_true", help="overwrite an existing file")
+  o.add_argument("--json", action="store_true", help="print what was written as JSON")
   o.set_defaults(func=cmd_orders)
 
   f = sub.add_parser("fit", help="calibrate the surrogate to real runs; write a simulator")
@@ -459,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: 2 with a 32-token context, 3 with 64, the rates that ranked "
                       "best on the development sets; e.g. 1,2,4 to choose by the loss "
                       "curves' shape)")
+  f.add_argument("--json", action="store_true", help="print how the fit went as JSON")
   f.add_argument("--quiet", action="store_true", help="no progress bar")
   _model_args(f)
   f.set_defaults(func=cmd_fit)
@@ -476,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
   w.add_argument("--orders", nargs="+", required=True,
                  help="order files or runs; with several, they are also ranked")
   w.add_argument("--level", type=float, default=0.8, help="interval level (0.8)")
+  w.add_argument("--seed", type=int, default=0,
+                 help="draws the counterfactuals' replacement examples (default 0)")
   w.add_argument("--json", action="store_true", help="print JSON")
   w.add_argument("--quiet", action="store_true", help="no progress bar")
   w.set_defaults(func=cmd_what_if)
@@ -491,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="train examples evaluated per fragment when the inputs name none")
   s.add_argument("--chunk-size", type=int,
                  help="orders per compiled call (default: 2 per CPU device, 64 per accelerator)")
+  s.add_argument("--json", action="store_true", help="print what was written as JSON")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
   _model_args(s)
   s.set_defaults(func=cmd_simulate)
@@ -523,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
   se.add_argument("--start", nargs="+", help="order files or runs to start from")
   se.add_argument("--out", help="write the best order here (an order file)")
   se.add_argument("--run-id", default="searched", help="run id of the written order")
-  se.add_argument("--seed", type=int, default=0)
+  se.add_argument("--seed", type=int, default=0,
+                  help="draws the start set, the variations and the orders (default 0)")
   se.add_argument("--json", action="store_true", help="print JSON")
   se.add_argument("--quiet", action="store_true", help="no progress bar")
   se.set_defaults(func=cmd_search)
@@ -536,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
   nx.add_argument("--objective", default="mean", help="as for `surrogate search`")
   nx.add_argument("--out", help="write the chosen order here (an order file)")
   nx.add_argument("--run-id", default="next-run", help="run id of the written order")
-  nx.add_argument("--seed", type=int, default=0)
+  nx.add_argument("--seed", type=int, default=0,
+                  help="draws the candidates and their orders (default 0)")
   nx.add_argument("--json", action="store_true", help="print JSON")
   nx.add_argument("--quiet", action="store_true", help="no progress bar")
   nx.set_defaults(func=cmd_next_run)
@@ -546,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
   rp.add_argument("--runs", nargs="+", help="real runs to plot against their predictions")
   rp.add_argument("--budget", type=int, default=16, help="search budget (default 16)")
   rp.add_argument("--out", required=True, help="folder for report.html and its PNGs")
+  rp.add_argument("--json", action="store_true",
+                  help="print the report's path, the screen and the best order as JSON")
   screen_args(rp)
   rp.set_defaults(func=cmd_report)
 
@@ -559,21 +617,39 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the surrogate's tokens per example (default: fit's, 64 on this data; "
                       "32 is about twice as fast and ranks worse)")
   d.add_argument("--out", default="surrogate-demo", help="folder for the report and results")
-  d.add_argument("--seed", type=int, default=0)
+  d.add_argument("--seed", type=int, default=0,
+                 help="drives the surrogate seeds and every drawn order (default 0)")
+  d.add_argument("--json", action="store_true",
+                 help="print the summary (summary.json) as JSON instead of the narrative")
   d.add_argument("--quiet", action="store_true", help="no progress bars")
   d.set_defaults(func=cmd_demo)
   return p
 
 
+def _version() -> str:
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return version("surrogate-sim")
+  except PackageNotFoundError:  # run from a checkout that is not installed
+    return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  """Runs one command; returns its exit status (2 for bad input, with one line on stderr)."""
+  parser = build_parser()
+  args = parser.parse_args(argv)  # a usage error exits 2 here, as argparse does
   _use_all_cores()
   from surrogate.errors import CalibrationError, DataError
   try:
     return args.func(args)
+  except UsageError as e:
+    print(f"surrogate {args.command}: error: {e}", file=sys.stderr)
   except (DataError, CalibrationError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+  except OSError as e:  # a missing, unreadable or unwritable file, named
+    where = e.filename if e.filename is not None else ""
+    print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+  return 2
 
 
 if __name__ == "__main__":

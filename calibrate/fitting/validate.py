@@ -23,6 +23,7 @@ from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
 from calibrate.fitting.calibration import Simulator, maps_at
 from calibrate.io.simulated import predict_runs
 from surrogate.errors import CalibrationError
+from surrogate.jsonl import json_safe
 from surrogate.orders import order_sha256
 
 METHODS = ("simulator", "order_agnostic", "simfluence_linear", "uncalibrated_surrogate")
@@ -60,7 +61,8 @@ class ValidationReport:
     return dataclasses.asdict(self)
 
   def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=1, allow_nan=True)
+    """The figures as strict JSON, a missing figure (NaN) as null."""
+    return json.dumps(json_safe(self.to_dict()), indent=1, allow_nan=False)
 
   def format_table(self) -> str:
     """A table for people: one row per metric, one column per method."""
