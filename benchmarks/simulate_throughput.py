@@ -228,10 +228,11 @@ def _flax_vs_hand_worker(job: dict) -> dict:
 
   Each program is compiled ahead of time with `model_lib.forward` set to one implementation
   (jit caches cleared between), so both sit in one process and the rounds alternate (the
-  order swapped each round): machine load falls on both alike. The simulator is
-  `simulate_many`'s compiled chunk function, fed chunk after chunk as it does.
+  order swapped each round): machine load falls on both alike. The simulator is `simulate`
+  vmapped over a chunk of orders sharded over the devices, fed chunk after chunk, as
+  `simulate_many` runs it (shared initial params and knobs).
   """
-  import importlib
+  import functools
 
   import jax
   import numpy as np
@@ -239,25 +240,26 @@ def _flax_vs_hand_worker(job: dict) -> dict:
 
   from surrogate import model as model_lib
   from surrogate import optim
-  # The module (the package re-exports its function `simulate` under the same name).
-  sim_lib = importlib.import_module("surrogate.simulate")
+  from surrogate.simulate import SimPlan, default_chunk_size, simulate
   flax_forward = model_lib.forward
   impls = {"hand": _hand_forward, "flax": flax_forward}
   n, rounds = job["n"], job["rounds"]
   prep, cfg, opt, orders = _workload(job["cfg"], n)
-  plan = sim_lib.SimPlan(eval_every=EVAL_EVERY)
+  plan = SimPlan(eval_every=EVAL_EVERY)
   params0 = model_lib.init_params(jax.random.key(1), cfg)
   knobs = optim.Knobs.identity()
   lr_T = np.asarray(optim.learning_rates(opt, STEPS), np.float32)
   devices = jax.devices()
-  chunk = sim_lib.default_chunk_size(devices)
+  chunk = default_chunk_size(devices)
   mesh = jax.sharding.Mesh(np.array(devices), ("orders",))
   put_sharded = lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec("orders")))
   put_rep = lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec()))
   data, params0, knobs = put_rep(prep.data), put_rep(params0), put_rep(knobs)
   chunks = [(put_sharded(orders[i:i + chunk]), put_sharded(np.tile(lr_T, (chunk, 1))))
             for i in range(0, n, chunk)]
-  static = {"model_cfg": cfg, "opt_cfg": opt, "plan": plan}
+  one = functools.partial(simulate, model_cfg=cfg, opt_cfg=opt, plan=plan)
+  sim_chunk = lambda p, k, o_NxTxB, lr_NxT, d: jax.vmap(
+      lambda o, lr: one(p, k, o, lr, d))(o_NxTxB, lr_NxT)
   # The train step alone: loss and gradient of one batch per order, N orders' own params.
   b = BATCH
   params_N = put_sharded(jax.vmap(lambda k: model_lib.init_params(k, cfg))(
@@ -272,7 +274,7 @@ def _flax_vs_hand_worker(job: dict) -> dict:
     model_lib.forward = fwd  # what simulate, example_losses and the diagnostics call
     try:
       t = time.perf_counter()
-      sim = sim_lib._simulate_batch.lower(params0, knobs, *chunks[0], data, **static).compile()
+      sim = jax.jit(sim_chunk).lower(params0, knobs, *chunks[0], data).compile()
       step = jax.jit(jax.vmap(jax.value_and_grad(
           lambda p, x, m: model_lib.batch_loss(p, x, m, cfg)))).lower(
               params_N, tokens_NxBxL1, mask_NxBxL).compile()
