@@ -403,7 +403,7 @@ def default_chunk_size(devices: Sequence[jax.Device]) -> int:
   CPU: 2 orders per device. On this project's 2-core machine the default workload ran
   1.14-1.41x faster per order in chunks of 2 per device than of 16 per device, side by
   side, and 1.3x faster than in chunks of 32 per device, the earlier default
-  (docs/results.md):
+  (docs/experiments.md):
   `vmap` over orders buys nothing on a CPU (each order has its own weights), and a small
   chunk's working set stays in cache.
 

@@ -62,7 +62,7 @@ def compact_tokenizer(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[Token
 
   The surrogate then reads the fragments cut into the very tokens the real model reads
   (against a BPE trained on the fragments: better ranks on the LM development set, not on
-  the LM test set; docs/results.md), while its vocabulary holds only the tokens that occur
+  the LM test set; docs/experiments.md), while its vocabulary holds only the tokens that occur
   in `texts`: PAD and BOS take ids 0 and 1, the occurring tokens the next ids, every other
   token of the real vocabulary the ids after those (never produced by these texts, so the
   surrogate needs no rows for them). `texts` must hold everything the surrogate will
@@ -163,7 +163,7 @@ def context_length(tokenizer: Tokenizer, examples: Sequence[Example],
   """The surrogate's default context length for `examples`: the shortest of `choices`
   that holds the median example whole, else the longest.
 
-  Measured on the two development sets (docs/results.md): on LM-like text (median 50
+  Measured on the two development sets (docs/experiments.md): on LM-like text (median 50
   tokens, 81 % of examples cut at 32) 64 tokens ranked fragments better and cut the
   calibrated trajectory error to a third; 128 added nothing. On short classification
   examples (median 26) 64 ranked no better than 32, at twice the cost.

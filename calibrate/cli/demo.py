@@ -11,9 +11,10 @@ on 12 fragments of text from Debian's `fortunes` (made by `calibrate.reference`)
 4. shows predicted against real probe losses for real runs it never saw;
 5. writes the report (HTML and PNGs) and a JSON summary.
 
-The demo uses the default surrogate (32 tokens per example), whose accuracy docs/results.md
-reports; to stay near five minutes on a 2-core CPU it screens 128 simulated runs (64 orders
-and their counterfactuals), so its outcome probabilities are coarse.
+The demo uses fit's default surrogate (64 tokens per example on this data, at three times the
+real rate), whose accuracy docs/results.md reports; to stay near ten minutes on a 2-core CPU it
+screens 128 simulated runs (64 orders and their counterfactuals), so its outcome probabilities
+are coarse.
 """
 
 from __future__ import annotations

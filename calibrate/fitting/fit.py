@@ -69,14 +69,14 @@ class FitConfig:
     pretrain_steps: steps of pre-training on neutral text per seed.
     lr_scales, weight_decay_scales: the candidate knobs (every combination is simulated).
       None (default): one scale, `default_lr_scale` of the surrogate's context length:
-      twice the real learning rate at 32 tokens, three times at 64 (docs/results.md).
+      twice the real learning rate at 32 tokens, three times at 64 (docs/experiments.md).
     knob_prior_sd: sd of the prior on log(scale), centred on the real settings.
     gain_prior, gain_prior_sd: prior of the common gain. The default 1.6 is the gain that
       structured runs of both development sets gave at the default rates (1.60 each;
       1.65 and 1.59 when both were simulated with 32 tokens at twice the real rate);
       at the real rate it was 2.5 (DESIGN.md: the surrogate's effects were 2-3x too small).
       The sd is 0.5 since the intervals' model error comes from the runs (below); it was
-      1.0, which made the intervals of LM-like sets too wide (docs/results.md).
+      1.0, which made the intervals of LM-like sets too wide (docs/experiments.md).
     fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
     effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
       treated as noise when fitting gains.
@@ -90,7 +90,7 @@ class FitConfig:
       gain's data weight: shuffled runs keep the prior, structured runs replace it.
     misfit_to_error: the constant above; 0.3, from a grid (0.3, 0.4, 0.5) whose 80 %
       intervals, calibrated on four shuffles, came nearest covering 80 % of the held-out
-      runs over both development sets (docs/results.md).
+      runs over both development sets (docs/experiments.md).
     fallback_effect_error: the prior without train evals; 0.5, by the same rule over a grid
       of fixed values (0, 0.25, 0.5, 1, 1.5, 2, 3).
     min_steps: runs shorter than this cannot be fitted.
@@ -115,7 +115,7 @@ class FitConfig:
 def default_lr_scale(length: int) -> float:
   """The surrogate's learning rate as a multiple of the real one, by its context length.
 
-  Chosen on the two development sets (docs/results.md): with 32 tokens per example twice
+  Chosen on the two development sets (docs/experiments.md): with 32 tokens per example twice
   the real rate ranked fragments better than the real rate on both. With 64 tokens (the
   context `model_config_for` picks for long examples) the surrogate's order effects come
   out smaller, and three times the real rate ranked, and fitted, better than twice it on
