@@ -35,6 +35,7 @@ from surrogate import optim
 from surrogate.datasets import python_docs_neutral
 from surrogate.fragments import read_fragments
 from surrogate.prepare import prepare
+from surrogate.simulate import Sharing
 from surrogate.pretrain import pretrain_ensemble
 from surrogate.tokenize import encode_texts
 
@@ -65,7 +66,7 @@ def collect(task: str, *, seeds: int, length: int, lr_scales, wd_scales, pretrai
   # Prefix sharing goes back to the host between eval intervals: plain vmap on a GPU.
   sur, diverged = simulate_knob_grid(params_S, cands, runs, frags, prep.data, model_cfg=cfg,
                                      opt_cfg=opt_cfg, chunk_size=chunk, progress=False,
-                                     share_prefixes=False)
+                                     sharing=Sharing.NEVER)
   t_sim = time.perf_counter() - t1
   pos = example_positions(frags, eval_ids)
   frag_M, probe_M = frags.fragment_of[pos], is_probe(frags, pos)

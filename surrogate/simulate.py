@@ -8,6 +8,7 @@ F fragments, L length, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from collections.abc import Sequence
@@ -331,6 +332,18 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   return _assemble(first, carry, outs, steps=order_TxB.shape[0], plan=plan)
 
 
+class Sharing(enum.Enum):
+  """Whether `simulate_many` simulates the common prefixes of orders once.
+
+  AUTO: when that saves at least `SHARE_MIN_SAVED` of the work and `SHARE_MIN_ORDERS`
+  orders' worth; ALWAYS and NEVER as they say. Results equal those without sharing up to
+  float rounding.
+  """
+  AUTO = "auto"
+  ALWAYS = "always"
+  NEVER = "never"
+
+
 class OrderAxes(NamedTuple):
   """Which of `simulate_many`'s inputs carry their own leading order axis (0) and which
   every order shares (None), as `jax.vmap`'s `in_axes` say it.
@@ -429,7 +442,7 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
                   model_cfg: model_lib.ModelConfig, opt_cfg: optim.OptimizerConfig,
                   plan: SimPlan, chunk_size: int | None = None,
                   devices: Sequence[jax.Device] | None = None,
-                  progress: bool = True, share_prefixes: bool | None = None,
+                  progress: bool = True, sharing: Sharing = Sharing.AUTO,
                   axes: OrderAxes = SHARED) -> Trajectory:
   """Simulates N orders: `simulate` vmapped, in chunks, each chunk sharded over devices.
 
@@ -453,9 +466,7 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
       on it beyond float rounding (the vmap width can reorder a reduction's sums).
     devices: devices to shard the order axis over (default: all local devices).
     progress: show a progress bar.
-    share_prefixes: simulate common prefixes once. None (default): when that saves at
-      least `SHARE_MIN_SAVED` of the work and `SHARE_MIN_ORDERS` orders' worth. Results
-      equal those without sharing up to float rounding.
+    sharing: whether to simulate common prefixes once (`Sharing`; default AUTO).
     axes: which of `params0` and `knobs` have an order axis (`OrderAxes`; checked).
 
   Returns:
@@ -468,39 +479,33 @@ def simulate_many(params0, knobs: optim.Knobs, orders_NxTxB, lr_NxT, data: SimDa
   devices = list(devices or jax.local_devices())
   chunk = max(1, min(chunk_size or default_chunk_size(devices), n))
   chunk = -(-chunk // len(devices)) * len(devices)
-  mesh = jax.sharding.Mesh(np.array(devices), ("orders",))
-  sharded = NamedSharding(mesh, PartitionSpec("orders"))
-  replicated = NamedSharding(mesh, PartitionSpec())
+  place = _Placement.over(devices)
   per_order_params, per_order_knobs = axes.params == 0, axes.knobs == 0
-  put_rep = lambda t: jax.device_put(t, replicated)
-  put_sharded = lambda t: jax.device_put(t, sharded)
-  data = put_rep(data)
+  data = place.replicated(data)
   bar = _progress(n, progress)
 
-  if share_prefixes is not False and n > 1 and steps > 0:
+  if sharing is not Sharing.NEVER and n > 1 and steps > 0:
     o_NxSxKxB, lr_NxSxK = prefix_lib.segment_orders(orders, lrs, plan.eval_every)
     blocks = _prefix_blocks(params0 if per_order_params else None,
                             knobs if per_order_knobs else None, o_NxSxKxB, lr_NxSxK,
-                            check=share_prefixes is None)
+                            check=sharing is Sharing.AUTO)
     if blocks:
-      out = [_simulate_shared(
-          params0, knobs, sel, o_NxSxKxB[sel], lr_NxSxK[sel], root_N, tree, data,
-          steps=steps, chunk=chunk, put_rep=put_rep, put_sharded=put_sharded, bar=bar,
-          axes=axes, model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
-          for sel, root_N, tree in blocks]
+      static = _Static(model_cfg, opt_cfg, plan, axes, steps)
+      out = [_simulate_shared(params0, knobs, b, data, chunk=chunk, place=place, bar=bar,
+                              static=static) for b in blocks]
       bar.close()
-      perm = np.concatenate([sel for sel, _, _ in blocks])
+      perm = np.concatenate([b.sel_N for b in blocks])
       inverse = np.empty_like(perm)
       inverse[perm] = np.arange(n)
       return jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *out)
 
   if not per_order_params:
-    params0 = put_rep(params0)
+    params0 = place.replicated(params0)
   if not per_order_knobs:
-    knobs = put_rep(knobs)
+    knobs = place.replicated(knobs)
 
   def take(tree, sel):
-    return put_sharded(jax.tree.map(lambda a: np.asarray(a)[sel], tree))
+    return place.sharded(jax.tree.map(lambda a: np.asarray(a)[sel], tree))
 
   results = []
   for start in range(0, n, chunk):
@@ -526,8 +531,7 @@ def _prefix_blocks(params_N, knobs_N, o_NxSxKxB, lr_NxSxK, *, check: bool):
       `SHARE_MIN_ORDERS` orders' worth.
 
   Returns:
-    [(positions of the block's orders, root of each (0 .. R-1 in the block), its
-    `prefix.PrefixTree`)].
+    The `_Block`s.
   """
   n = len(o_NxSxKxB)
   per_order = [np.asarray(a) for t in (params_N, knobs_N) if t is not None
@@ -549,19 +553,58 @@ def _prefix_blocks(params_N, knobs_N, o_NxSxKxB, lr_NxSxK, *, check: bool):
     sel = perm[start:start + SHARE_BLOCK]
     _, root_b = np.unique(root_N[sel], return_inverse=True)  # the block's roots: 0 .. R-1
     root_b = root_b.reshape(-1).astype(np.int64)
-    blocks.append((sel, root_b, prefix_lib.prefix_tree(o_NxSxKxB[sel], lr_NxSxK[sel], root_b)))
-  if check and n * segs - sum(tree.work for _, _, tree in blocks) < need:
+    blocks.append(_Block(sel, o_NxSxKxB[sel], lr_NxSxK[sel], root_b,
+                         prefix_lib.prefix_tree(o_NxSxKxB[sel], lr_NxSxK[sel], root_b)))
+  if check and n * segs - sum(b.tree.work for b in blocks) < need:
     return []
   return blocks
 
 
-def _simulate_shared(params0, knobs, sel_N, o_NxSxKxB, lr_NxSxK, root_N, tree, data, *, steps,
-                     chunk, put_rep, put_sharded, bar, axes, model_cfg, opt_cfg,
-                     plan) -> Trajectory:
-  """The orders `sel_N` (segmented: `o_NxSxKxB`, `lr_NxSxK`) simulated an eval interval at
-  a time, each prefix once; numpy results."""
+class _Placement(NamedTuple):
+  """Where `simulate_many` puts arrays: the order axis split over the devices, or copied."""
+  shard: NamedSharding
+  replicate: NamedSharding
+
+  @classmethod
+  def over(cls, devices: Sequence[jax.Device]) -> _Placement:
+    mesh = jax.sharding.Mesh(np.array(devices), ("orders",))
+    return cls(NamedSharding(mesh, PartitionSpec("orders")), NamedSharding(mesh, PartitionSpec()))
+
+  def sharded(self, tree):
+    return jax.device_put(tree, self.shard)
+
+  def replicated(self, tree):
+    return jax.device_put(tree, self.replicate)
+
+
+class _Block(NamedTuple):
+  """Orders simulated together with prefix sharing: their positions, their segmented
+  batches and rates, the root (initial state) of each and their `prefix.PrefixTree`."""
+  sel_N: np.ndarray
+  o_NxSxKxB: np.ndarray
+  lr_NxSxK: np.ndarray
+  root_N: np.ndarray
+  tree: prefix_lib.PrefixTree
+
+
+class _Static(NamedTuple):
+  """What is fixed for a whole `simulate_many` call."""
+  model_cfg: model_lib.ModelConfig
+  opt_cfg: optim.OptimizerConfig
+  plan: SimPlan
+  axes: OrderAxes
+  steps: int
+
+
+def _simulate_shared(params0, knobs, block: _Block, data, *, chunk: int, place: _Placement,
+                     bar, static: _Static) -> Trajectory:
+  """A block's orders simulated an eval interval at a time, each prefix once; numpy
+  results."""
+  sel_N, o_NxSxKxB, lr_NxSxK, root_N, tree = block
   n = len(sel_N)
-  static = {"model_cfg": model_cfg, "opt_cfg": opt_cfg, "plan": plan}
+  axes, steps, plan = static.axes, static.steps, static.plan
+  put_rep, put_sharded = place.replicated, place.sharded
+  static = {"model_cfg": static.model_cfg, "opt_cfg": static.opt_cfg, "plan": plan}
   pick = lambda t, i: jax.tree.map(lambda a: np.asarray(a)[i], t)
   # Per root (0 .. R-1): knobs and diagnostics reference on the devices; training carry and
   # step-0 checkpoint on the host.

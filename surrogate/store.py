@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+from typing import NamedTuple
 from collections.abc import Sequence
 
 import jax
@@ -30,7 +31,7 @@ from surrogate import optim
 from surrogate.errors import DataError
 from surrogate.jsonl import atomic_write
 from surrogate.orders import order_sha256
-from surrogate.simulate import (SHARED, OrderAxes, SimData, SimPlan, Trajectory, default_chunk_size,
+from surrogate.simulate import (SHARED, OrderAxes, Sharing, SimData, SimPlan, Trajectory, default_chunk_size,
                                 simulate_many)
 
 FORMAT = "surrogate-results/1"
@@ -100,14 +101,25 @@ def _read_chunk(path: str, start: int, orders: np.ndarray) -> Trajectory:
   return traj
 
 
+class ProcessShare(NamedTuple):
+  """Which share of a streamed simulation this process takes (see `simulate_to_folder`).
+
+  index, count: process i of n simulates the chunks c with c % n == i; None: from
+    `jax.distributed` (`jax.process_index()`, `jax.process_count()`).
+  wait_s: how long to wait for the other processes' chunks before giving up.
+  """
+  index: int | None = None
+  count: int | None = None
+  wait_s: float = 86400.0
+
+
 def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, orders_NxTxB,
                        lr_NxT, data: SimData, *, model_cfg: model_lib.ModelConfig,
                        opt_cfg: optim.OptimizerConfig, plan: SimPlan,
                        chunk_size: int | None = None, resume: bool = False,
                        devices: Sequence[jax.Device] | None = None,
-                       progress: bool = True, process_index: int | None = None,
-                       process_count: int | None = None, wait_s: float = 86400.0,
-                       share_prefixes: bool | None = None,
+                       progress: bool = True, processes: ProcessShare = ProcessShare(),
+                       sharing: Sharing = Sharing.AUTO,
                        axes: OrderAxes = SHARED) -> Trajectory:
   """`simulate_many`, with each chunk's results written to `folder` as it finishes.
 
@@ -124,9 +136,9 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
       (or `default_chunk_size`, if larger), simulated in calls of `default_chunk_size`.
     resume: keep the chunks already in `folder` and simulate only the missing ones.
     devices, progress: as for `simulate_many`.
-    process_index, process_count: this process's share of the chunks (see above).
-    wait_s: how long to wait for other processes' chunks before giving up.
-    share_prefixes: as for `simulate_many`, within each chunk file.
+    processes: this process's share of the chunks, and how long to wait for the others'
+      (`ProcessShare`, see above).
+    sharing: as for `simulate_many`, within each chunk file.
     axes: which of `params0` and `knobs` carry an order axis, as for `simulate_many`.
 
   Returns:
@@ -136,8 +148,8 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     ResultsError: the folder holds results of other inputs, or results without `resume`.
   """
   folder = os.fspath(folder)
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
+  index = jax.process_index() if processes.index is None else processes.index
+  count = jax.process_count() if processes.count is None else processes.count
   if not 0 <= index < count:
     raise ValueError(f"process_index {index} is not in [0, {count})")
   orders = np.asarray(orders_NxTxB, np.int32)
@@ -153,7 +165,7 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   os.makedirs(folder, exist_ok=True)
   if count > 1 and index > 0:
     # Process 0 writes the manifest; the others wait for it, then check it is theirs.
-    _wait_for(lambda: os.path.exists(manifest_path), wait_s, manifest_path)
+    _wait_for(lambda: os.path.exists(manifest_path), processes.wait_s, manifest_path)
     if _read_manifest(manifest_path).get("fingerprint") != fp:
       raise ResultsError("process 0 started these results with other inputs", path=manifest_path)
   elif os.path.exists(manifest_path):
@@ -198,15 +210,14 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
     out = simulate_many(take(params0) if per_order_params else params0,
                         take(knobs) if per_order_knobs else knobs, orders[idx], lrs[idx], data,
                         model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan, chunk_size=call,
-                        devices=devices, progress=False, share_prefixes=share_prefixes,
-                        axes=axes)
+                        devices=devices, progress=False, sharing=sharing, axes=axes)
     out = jax.tree.map(lambda a: np.asarray(a)[:real], out)
     _write_chunk(_chunk_path(folder, i), start, orders[start:start + real], out)
     bar.update(real)
   bar.close()
   if count > 1:
     paths = [_chunk_path(folder, i) for i in range(len(starts))]
-    _wait_for(lambda: all(os.path.exists(p) for p in paths), wait_s, folder)
+    _wait_for(lambda: all(os.path.exists(p) for p in paths), processes.wait_s, folder)
   return load_results(folder, orders)
 
 

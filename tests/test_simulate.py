@@ -11,7 +11,8 @@ from surrogate import model as model_lib
 from surrogate import optim, orders, prefix
 from surrogate.datasets import python_docs
 from surrogate.prepare import prepare
-from surrogate.simulate import (DIVERGED_LOSS_FACTOR, PER_ORDER, OrderAxes, SimPlan, compiled_count,
+from surrogate.simulate import (DIVERGED_LOSS_FACTOR, PER_ORDER, OrderAxes, Sharing, SimPlan,
+                                compiled_count,
                                 simulate, simulate_many)
 
 # Distinct sizes: N=3 orders, T=10 steps, B=3, L=12, D=16, F=3, eval every 4 (padded tail).
@@ -215,14 +216,14 @@ def test_prefix_sharing_gives_the_same_results(setup):
                           model_lib.init_params(jax.random.key(7), CFG))
   knobs = optim.Knobs(jnp.array([1.0, 1e12, 1.0, 1.0, 1.0]), jnp.ones(5))
   kw = {"model_cfg": CFG, "opt_cfg": OPT, "plan": PLAN, "progress": False, "axes": PER_ORDER}
-  plain = simulate_many(params_N, knobs, o, lr_T, prep.data, share_prefixes=False, **kw)
-  shared = simulate_many(params_N, knobs, o, lr_T, prep.data, share_prefixes=True, **kw)
+  plain = simulate_many(params_N, knobs, o, lr_T, prep.data, sharing=Sharing.NEVER, **kw)
+  shared = simulate_many(params_N, knobs, o, lr_T, prep.data, sharing=Sharing.ALWAYS, **kw)
   assert plain.diverged_step[1] >= 0 and (np.delete(plain.diverged_step, 1) == -1).all()
   _assert_trees_close(shared, plain, rtol=2e-4, atol=2e-5)
   count = compiled_count()
   rev = lambda t: jax.tree.map(lambda a: a[::-1], t)
   again = simulate_many(rev(params_N), rev(knobs), o[::-1], lr_T, prep.data,
-                        share_prefixes=True, **kw)
+                        sharing=Sharing.ALWAYS, **kw)
   assert compiled_count() == count, "a second shared call must not retrace"
   _assert_trees_close(again, rev(shared), rtol=2e-4, atol=2e-5)
 
@@ -238,7 +239,7 @@ def test_sharing_is_chosen_when_it_saves_enough(setup, monkeypatch):
   monkeypatch.setattr(simulate_lib, "SHARE_MIN_ORDERS", 2)
   out = _many(setup, o)
   assert calls
-  _assert_trees_close(out, _many(setup, o, share_prefixes=False), rtol=2e-4, atol=2e-5)
+  _assert_trees_close(out, _many(setup, o, sharing=Sharing.NEVER), rtol=2e-4, atol=2e-5)
 
 
 def test_sharers_are_sorted_together_across_blocks(setup, monkeypatch):
@@ -249,13 +250,13 @@ def test_sharers_are_sorted_together_across_blocks(setup, monkeypatch):
   assert (h[[0, 2, 3, 4], 0] == h[0, 0]).all() and h[1, 0] != h[0, 0]
   monkeypatch.setattr(simulate_lib, "SHARE_BLOCK", 2)
   blocks = simulate_lib._prefix_blocks(None, None, seg_o, seg_lr, check=False)
-  assert [len(sel) for sel, _, _ in blocks] == [2, 2, 1]
-  perm = np.concatenate([sel for sel, _, _ in blocks])
+  assert [len(b.sel_N) for b in blocks] == [2, 2, 1]
+  perm = np.concatenate([b.sel_N for b in blocks])
   at = np.sort(np.nonzero(np.isin(perm, [0, 2, 3, 4]))[0])
   np.testing.assert_array_equal(at, np.arange(at[0], at[0] + 4))  # the sharers are adjacent
-  assert sum(tree.saved() > 0 for _, _, tree in blocks) >= 1
-  _assert_trees_close(_many(setup, o, share_prefixes=True),
-                      _many(setup, o, share_prefixes=False), rtol=2e-4, atol=2e-5)
+  assert sum(b.tree.saved() > 0 for b in blocks) >= 1
+  _assert_trees_close(_many(setup, o, sharing=Sharing.ALWAYS),
+                      _many(setup, o, sharing=Sharing.NEVER), rtol=2e-4, atol=2e-5)
 
 
 def test_order_axes_are_declared_and_checked(setup):

@@ -16,7 +16,7 @@ from surrogate import optim, orders
 from surrogate.datasets import python_docs
 from surrogate.prepare import prepare
 from surrogate.simulate import SimPlan, simulate_many
-from surrogate.store import ResultsError, load_results, simulate_to_folder
+from surrogate.store import ProcessShare, ResultsError, load_results, simulate_to_folder
 
 # Distinct sizes: N=10 orders in chunks of 4 (a padded tail of 2), T=7, B=3, L=12, D=16.
 CFG = model_lib.ModelConfig(vocab_size=300, length=12, width=16, depth=1, heads=2, mlp_ratio=2)
@@ -130,7 +130,7 @@ _SHARE = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     import test_store as t
-    t._run(t._inputs(), {folder!r}, process_index={index}, process_count=2, wait_s=600)
+    t._run(t._inputs(), {folder!r}, processes=t.ProcessShare({index}, 2, 600))
 """)
 
 
@@ -144,4 +144,4 @@ def test_two_processes_share_the_chunks_of_one_folder(inputs, tmp_path):
   assert [c.wait(timeout=600) for c in children] == [0, 0]
   _assert_same(load_results(folder, inputs[2]), _run(inputs, tmp_path / "alone"))
   with pytest.raises(ValueError, match="process_index"):
-    _run(inputs, tmp_path / "bad", process_index=2, process_count=2)
+    _run(inputs, tmp_path / "bad", processes=ProcessShare(2, 2))

@@ -56,7 +56,7 @@ from surrogate.fragments import Fragments
 from surrogate.orders import order_sha256
 from surrogate.prepare import Prepared, model_config_for, prepare
 from surrogate.pretrain import pretrain_ensemble
-from surrogate.simulate import PER_ORDER, simulate_many
+from surrogate.simulate import PER_ORDER, Sharing, simulate_many
 from surrogate.tokenize import check_vocab, encode_texts
 
 
@@ -351,7 +351,7 @@ def effect_error_from(res_RxCxF: np.ndarray, effect_RxCxF: np.ndarray,
 def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Sequence[RunLog],
                        fragments: Fragments, data, *, model_cfg: model_lib.ModelConfig,
                        opt_cfg: optim.OptimizerConfig, chunk_size: int | None = None,
-                       progress: bool = True, share_prefixes: bool | None = None):
+                       progress: bool = True, sharing: Sharing = Sharing.AUTO):
   """Every (knobs, seed, run) simulated at once, on the runs' exact batches and rates.
 
   Args:
@@ -359,7 +359,7 @@ def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Seq
     cands: K (learning-rate scale, weight-decay scale) pairs.
     runs: R runs of one length, evaluated at the same steps (their C distinct eval steps).
     fragments, data: the data set and its `SimData`.
-    model_cfg, opt_cfg, chunk_size, progress, share_prefixes: as for `simulate_many`.
+    model_cfg, opt_cfg, chunk_size, progress, sharing: as for `simulate_many`.
 
   Returns:
     (sur_KxSxRxCxM, diverged_KxSxR): eval losses at the runs' eval steps, and the step each
@@ -378,7 +378,7 @@ def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Seq
   traj = simulate_many(jax.tree.map(lambda a: np.asarray(a)[idx_s], params_S), knobs,
                        orders[idx_r], lrs[idx_r], data, model_cfg=model_cfg, opt_cfg=opt_cfg,
                        plan=plan, chunk_size=chunk_size, progress=progress,
-                       share_prefixes=share_prefixes, axes=PER_ORDER)
+                       sharing=sharing, axes=PER_ORDER)
   sur = traj.eval_loss_CxM[:, np.searchsorted(ckpt, steps_C)]
   return (sur.reshape(n_k, n_s, n_r, len(steps_C), -1),
           traj.diverged_step.reshape(n_k, n_s, n_r))
