@@ -35,12 +35,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                              f"device_count={len(os.sched_getaffinity(0))}").strip()
 
-from calibrate.fitting.fit import FitConfig, fit
-from calibrate.reference import real_tokenizer as reference_tokenizer
-from calibrate.io.runlog import read_runlog
 from calibrate.fitting import calibration
 from calibrate.fitting.calibration import Simulator
+from calibrate.fitting.fit import FitConfig, fit
 from calibrate.fitting.validate import validate
+from calibrate.io.runlog import read_runlog
+from calibrate.reference import real_tokenizer as reference_tokenizer
 from surrogate.fragments import read_fragments
 from surrogate.model import ModelConfig
 from surrogate.prepare import model_config_for

@@ -26,17 +26,17 @@ sys.path[:0] = [os.path.dirname(HERE)]
 import jax
 import numpy as np
 
+from calibrate.fitting.calibration import example_positions, is_probe
 from calibrate.fitting.fit import _real_losses, simulate_knob_grid
 from calibrate.fitting.metrics import fragment_means
 from calibrate.io.runlog import read_runlog
-from calibrate.fitting.calibration import example_positions, is_probe
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
 from surrogate.fragments import read_fragments
 from surrogate.prepare import prepare
-from surrogate.simulate import Sharing
 from surrogate.pretrain import pretrain_ensemble
+from surrogate.simulate import Sharing
 from surrogate.tokenize import encode_texts
 
 DATA = os.path.join(HERE, "..", "calibrate", "reference", "data")

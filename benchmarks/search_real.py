@@ -29,9 +29,9 @@ import numpy as np
 
 from calibrate.answers.search import search
 from calibrate.fitting.fit import FitConfig, fit
+from calibrate.io.runlog import read_runlog
 from calibrate.reference import lm
 from calibrate.reference.runs import run_order
-from calibrate.io.runlog import read_runlog
 from surrogate.fragments import read_fragments
 from surrogate.model import ModelConfig
 

@@ -15,8 +15,6 @@ from typing import Any
 from surrogate.errors import DataError
 
 
-
-
 class _DuplicateKey(Exception):
 
   def __init__(self, key: str):

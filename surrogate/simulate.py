@@ -210,10 +210,10 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
              model_cfg):
   """The training loop's pieces: `start(params0) -> carry` and the scan body `train_step`.
 
-  The carry is a `TrainCarry`; the body takes one optimizer step on the batch `idx_B` at rate `lr`. A step whose loss or new parameters are
-  not finite, or whose loss exceeds `DIVERGED_LOSS_FACTOR` x `ref_loss` (the first fed
-  step's loss, at least log V), marks the run diverged; from then on, and on steps with no
-  example, nothing moves.
+  The carry is a `TrainCarry`; the body takes one optimizer step on the batch `idx_B` at
+  rate `lr`. A step whose loss or new parameters are not finite, or whose loss exceeds
+  `DIVERGED_LOSS_FACTOR` x `ref_loss` (the first fed step's loss, at least log V), marks the
+  run diverged; from then on, and on steps with no example, nothing moves.
   """
   opt = optim.make_optimizer(opt_cfg)
   wd = opt_cfg.weight_decay * knobs.weight_decay_scale

@@ -19,8 +19,8 @@ import hashlib
 import io
 import json
 import os
-from typing import NamedTuple
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -31,8 +31,16 @@ from surrogate import optim
 from surrogate.errors import DataError
 from surrogate.jsonl import atomic_write
 from surrogate.orders import order_sha256
-from surrogate.simulate import (SHARED, OrderAxes, Sharing, SimData, SimPlan, Trajectory, default_chunk_size,
-                                simulate_many)
+from surrogate.simulate import (
+  SHARED,
+  OrderAxes,
+  Sharing,
+  SimData,
+  SimPlan,
+  Trajectory,
+  default_chunk_size,
+  simulate_many,
+)
 
 FORMAT = "surrogate-results/1"
 _DIAG_FIELDS = diag_lib.Diagnostics._fields

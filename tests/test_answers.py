@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from calibrate.answers.outcomes import OUTCOMES, Outcome, label_outcomes, Thresholds, what_if
+from calibrate.answers.outcomes import OUTCOMES, Outcome, Thresholds, label_outcomes, what_if
 from calibrate.answers.report import trajectories_of, write_report
-from calibrate.io.runlog import order_from_runlog, read_runlog
 from calibrate.answers.screen import screen
 from calibrate.answers.search import evaluate, next_run, search
+from calibrate.io.runlog import order_from_runlog, read_runlog
 from surrogate import orders
 
 # The world has F=4 fragments; 16 runs are 8 orders with their counterfactuals, 2 per fragment.
@@ -44,7 +44,6 @@ def test_screen_outcome_probabilities_sum_to_one(sim, screened):
 
 
 def test_screen_leaves_out_only_fragments_the_order_feeds(sim, screened):
-  frags = sim.fragments
   for spec, f in zip(screened.specs, screened.left_out_P):
     if spec.kind is orders.OrderKind.SUBSET:
       assert f in spec.keep

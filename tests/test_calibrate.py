@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from self_made import CFG, CONFIG, NEUTRAL, OPT, SEED, TRUE_LR_SCALE
 
+from calibrate.answers.outcomes import OUTCOMES, Outcome, compare, what_if
+from calibrate.fitting.calibration import FitInfo, predict, schedule
 from calibrate.fitting.fit import (
   FitConfig,
   FitError,
@@ -19,12 +21,10 @@ from calibrate.fitting.fit import (
   fit,
   train_fidelity,
 )
-from calibrate.answers.outcomes import OUTCOMES, Outcome, compare, what_if
-from calibrate.fitting.calibration import FitInfo, predict, schedule
+from calibrate.fitting.runs import predict_runs, predicted_runlogs
+from calibrate.fitting.saved import SimulatorError, load, save
 from calibrate.fitting.validate import validate
 from calibrate.io.runlog import order_from_runlog, run_learning_rates
-from calibrate.io.saved import SimulatorError, load, save
-from calibrate.io.simulated import predict_runs, predicted_runlogs
 from surrogate.datasets import python_docs
 from surrogate.prepare import model_config_for
 
@@ -117,8 +117,8 @@ def test_save_load_round_trip_and_tampering(world, sim, tmp_path):
   save(sim, tmp_path / "sim")
   again = load(tmp_path / "sim")
   runs = world[1][3:5]
-  np.testing.assert_allclose(predict_runs(again, runs).mean_NxCxM, predict_runs(sim, runs).mean_NxCxM,
-                             rtol=1e-5)
+  np.testing.assert_allclose(predict_runs(again, runs).mean_NxCxM,
+                             predict_runs(sim, runs).mean_NxCxM, rtol=1e-5)
   with open(tmp_path / "sim" / "arrays.npz", "r+b") as f:
     f.truncate(os.path.getsize(tmp_path / "sim" / "arrays.npz") // 2)
   with pytest.raises(SimulatorError, match="arrays.npz.*sha256"):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from calibrate.io.runlog import read_runlog
 from calibrate.cli.main import main
+from calibrate.io.runlog import read_runlog
 from surrogate.datasets import python_docs
 from surrogate.fragments import read_fragments, write_fragments
 
@@ -229,7 +229,8 @@ def test_json_output_is_strict(data, tmp_path, capsys):
                "--batch-size", "2", "--out", str(tmp_path / "o.jsonl"), "--json"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["steps"] == 3 and out["wrote"].endswith("o.jsonl")
-  from surrogate.jsonl import json_safe
   import numpy as np
+
+  from surrogate.jsonl import json_safe
   assert json_safe({"a": [1.0, float("nan")], "b": np.float32(np.inf), "c": np.arange(2)}) == {
       "a": [1.0, None], "b": None, "c": [0, 1]}

@@ -98,3 +98,20 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_cycles():
   assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
   assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# The pipeline's rooms, lowest first: a room imports only from rooms below it (or itself).
+LAYERS = ("surrogate", "calibrate.io", "calibrate.fitting", "calibrate.answers", "calibrate.cli")
+
+
+def _layer(module: str) -> int | None:
+  for i, prefix in reversed(list(enumerate(LAYERS))):
+    if module == prefix or module.startswith(prefix + "."):
+      return i
+  return None  # the package roots and calibrate.reference sit outside the pipeline
+
+
+def test_imports_run_down_the_pipeline():
+  up = sorted((m, d) for m, deps in _graph().items() for d in deps
+              if _layer(m) is not None and _layer(d) is not None and _layer(d) > _layer(m))
+  assert up == []

@@ -11,9 +11,16 @@ from surrogate import model as model_lib
 from surrogate import optim, orders, prefix
 from surrogate.datasets import python_docs
 from surrogate.prepare import prepare
-from surrogate.simulate import (DIVERGED_LOSS_FACTOR, PER_ORDER, OrderAxes, Sharing, SimPlan,
-                                compiled_count,
-                                simulate, simulate_many)
+from surrogate.simulate import (
+  DIVERGED_LOSS_FACTOR,
+  PER_ORDER,
+  OrderAxes,
+  Sharing,
+  SimPlan,
+  compiled_count,
+  simulate,
+  simulate_many,
+)
 
 # Distinct sizes: N=3 orders, T=10 steps, B=3, L=12, D=16, F=3, eval every 4 (padded tail).
 CFG = model_lib.ModelConfig(vocab_size=300, length=12, width=16, depth=2, heads=2, mlp_ratio=2)

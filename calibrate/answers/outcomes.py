@@ -28,8 +28,9 @@ import numpy as np
 
 from calibrate.fitting.calibration import Simulator, predict
 from calibrate.fitting.metrics import fragment_means
+from calibrate.fitting.runs import check_compatible
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
-from calibrate.io.simulated import check_compatible, default_eval_steps
+from calibrate.io.simulated import default_eval_steps
 from surrogate import optim
 from surrogate import orders as orders_lib
 
@@ -81,7 +82,8 @@ def outcome_shares(label: np.ndarray, valid: np.ndarray, axis: int = 0) -> np.nd
 _INDEX = {o: i for i, o in enumerate(OUTCOMES)}
 
 
-def order_arrays(sim: Simulator, order, run_id: str = "order") -> tuple[str, np.ndarray, np.ndarray]:
+def order_arrays(sim: Simulator, order,
+                 run_id: str = "order") -> tuple[str, np.ndarray, np.ndarray]:
   """(name, order_TxB, lr_T) of an order given as a RunLog (its logged rates, else its
   header's schedule) or as an int array [T, B] of example positions (the simulator's
   schedule)."""

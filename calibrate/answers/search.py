@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
+from calibrate.fitting.runs import order_file
 from calibrate.io.runlog import write_runlog
-from calibrate.io.simulated import order_file
 from surrogate import orders as orders_lib
 
 __all__ = ["Candidates", "NextRun", "SearchResult", "evaluate", "next_run", "search"]

@@ -157,7 +157,7 @@ def _read_runs(paths: Sequence[str], frags) -> list:
 
 def cmd_fit(args) -> int:
   from calibrate.fitting.fit import FitConfig, fit
-  from calibrate.io.saved import save
+  from calibrate.fitting.saved import save
   from surrogate.fragments import read_fragments
   frags = read_fragments(args.data)
   runs = _read_runs(args.runs, frags)
@@ -207,7 +207,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_validate(args) -> int:
-  from calibrate.io.saved import load
+  from calibrate.fitting.saved import load
   from calibrate.fitting.validate import validate
   sim = load(args.sim)
   report = validate(sim, _read_runs(args.runs, sim.fragments), level=args.level,
@@ -218,7 +218,7 @@ def cmd_validate(args) -> int:
 
 def cmd_what_if(args) -> int:
   from calibrate.answers.outcomes import OUTCOMES, compare, what_if
-  from calibrate.io.saved import load
+  from calibrate.fitting.saved import load
   sim = load(args.sim)
   runs = _read_runs(args.orders, sim.fragments)
   answers = [what_if(sim, r, key=_key(args.seed), level=args.level,
@@ -248,9 +248,10 @@ def cmd_what_if(args) -> int:
 
 
 def _simulate_calibrated(args) -> int:
-  from calibrate.io.simulated import predict_runs, predicted_runlogs, wanted_eval_steps
+  from calibrate.fitting.runs import predict_runs, predicted_runlogs
+  from calibrate.fitting.saved import load
   from calibrate.io.runlog import write_runlog
-  from calibrate.io.saved import load
+  from calibrate.io.simulated import wanted_eval_steps
   from surrogate.errors import CalibrationError
   from surrogate.fragments import sha256_file
   sim = load(args.sim)
@@ -298,8 +299,8 @@ def cmd_simulate(args) -> int:
   if not args.data:
     raise UsageError("give --sim (a fitted simulator) or --data")
 
-  from calibrate.io.simulated import simulate_runs
   from calibrate.io.runlog import read_runlog, write_runlog
+  from calibrate.io.simulated import simulate_runs
   from surrogate.fragments import read_fragments
   from surrogate.model import init_params
   from surrogate.prepare import prepare
@@ -370,7 +371,7 @@ def _run_screen(sim, args):
 
 
 def cmd_screen(args) -> int:
-  from calibrate.io.saved import load
+  from calibrate.fitting.saved import load
   sim = load(args.sim)
   if args.resume and not args.results:
     raise UsageError("--resume needs --results DIR (where the killed screen streamed "
@@ -385,7 +386,7 @@ def cmd_screen(args) -> int:
 
 
 def cmd_search(args) -> int:
-  from calibrate.io.saved import load
+  from calibrate.fitting.saved import load
   sim = load(args.sim)
   start = _named_orders(args.start, sim)
   from calibrate.answers.search import search
@@ -409,7 +410,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_next_run(args) -> int:
-  from calibrate.io.saved import load
+  from calibrate.fitting.saved import load
   sim = load(args.sim)
   cands = _named_orders(args.orders, sim)
   from calibrate.answers.search import next_run
@@ -433,7 +434,7 @@ def cmd_next_run(args) -> int:
 
 def cmd_report(args) -> int:
   from calibrate.answers.report import trajectories_of, write_report
-  from calibrate.io.saved import load
+  from calibrate.fitting.saved import load
   sim = load(args.sim)
   runs = _read_runs(args.runs, sim.fragments) if args.runs else []
   sc = _run_screen(sim, args)

@@ -17,9 +17,9 @@ The parts:
 - `Simulator`: those three with the fragments, the tokenizer and the baseline, no methods
   beyond read-only views;
 - `predict(sim, orders_NxTxB, lr_NxT, eval_steps)`: the one path from orders to real-scale
-  ensemble members; RunLogs come in and go out only at the edges (`calibrate.io.simulated`).
+  ensemble members; RunLogs come in and go out only at the edges (`calibrate.fitting.runs`).
 
-Saving and loading live in `calibrate.io.saved`.
+Saving and loading live in `calibrate.fitting.saved`.
 
 Axis legend: N orders, S surrogate seeds, G gain quantiles, K ensemble members, C eval steps,
 M evaluated examples, F fragments, T steps, B batch.

@@ -41,10 +41,21 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from calibrate.fitting.baselines import SimfluenceLinear, fragment_shares
-from calibrate.fitting.calibration import (BaselineInfo, Calibration, EffectErrorFit, FitInfo,
-                                           FitSeconds, GainFit, KnobCandidate, LeaveOneRunOut,
-                                           Simulator, SimulatorConfig, anchored_map,
-                                           example_positions, is_probe)
+from calibrate.fitting.calibration import (
+  BaselineInfo,
+  Calibration,
+  EffectErrorFit,
+  FitInfo,
+  FitSeconds,
+  GainFit,
+  KnobCandidate,
+  LeaveOneRunOut,
+  Simulator,
+  SimulatorConfig,
+  anchored_map,
+  example_positions,
+  is_probe,
+)
 from calibrate.fitting.metrics import fragment_means
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
 from calibrate.io.simulated import plan_for

@@ -19,9 +19,9 @@ import numpy as np
 
 from calibrate.fitting import metrics
 from calibrate.fitting.baselines import fragment_shares
-from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
 from calibrate.fitting.calibration import Simulator, maps_at
-from calibrate.io.simulated import predict_runs
+from calibrate.fitting.runs import predict_runs
+from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
 from surrogate.errors import CalibrationError
 from surrogate.jsonl import json_safe
 from surrogate.orders import order_sha256

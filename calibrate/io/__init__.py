@@ -1,2 +1,3 @@
-"""Files in and out: RunLog v1 (`runlog`), recorders of real runs (`recorders`, `hf`), simulated
-RunLogs (`simulated`) and the saved simulator folder (`saved`)."""
+"""Files in and out: RunLog v1 (`runlog`), the recorders of real runs (`recorders`, `hf`),
+and the raw surrogate on the batches of given runs (`simulated`). Nothing here knows the
+calibrated simulator; its folder and its RunLog edge are `calibrate.fitting`'s."""

@@ -32,8 +32,17 @@ import numpy as np
 
 from surrogate.errors import RunLogError
 from surrogate.fragments import Fragments, Split
-from surrogate.jsonl import (atomic_write, decode_line, is_blank, json_line, json_type,
-                             parse_object, short, split_lines, valid_unicode)
+from surrogate.jsonl import (
+  atomic_write,
+  decode_line,
+  is_blank,
+  json_line,
+  json_type,
+  parse_object,
+  short,
+  split_lines,
+  valid_unicode,
+)
 
 __all__ = [
     "FORMAT",
