@@ -52,6 +52,11 @@ CALIBRATION = {"shuffles": ("shuffled-s0", "shuffled-s1", "shuffled-s2", "shuffl
                "mixed": ("shuffled-s0", "shuffled-s1", "blocked-p1", "subset-1")}
 
 
+def _key(seed: int):
+  import jax  # after XLA_FLAGS is set above
+  return jax.random.key(seed)
+
+
 def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[float, float]:
   """Interval coverage on `held` with each effect error in place of `sim`'s."""
   simulate_many, cache = calibration.simulate_many, {}
@@ -87,7 +92,7 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
                                       real_tokenizer=reference_tokenizer(task))
   sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer,
             config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior),
-            progress=False)
+            key=_key(0), progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
   report = validate(sim, held)

@@ -60,7 +60,7 @@ def main() -> None:
   t0 = time.perf_counter()
   model_cfg = None if args.length is None else ModelConfig(length=args.length)
   sim = fit(frags, [runs[n] for n in CALIBRATION], model_cfg=model_cfg,
-            config=FitConfig(), seed=args.seed, progress=False)
+            config=FitConfig(), key=jax.random.key(args.seed), progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
   result = search(sim, budget=args.budget, key=jax.random.key(args.seed), progress=True)

@@ -90,18 +90,18 @@ def main() -> None:
   runs = [read_runlog(path, frags) for path in paths]
 
   # 2. Calibrate, and save the simulator (a folder of plain data).
-  sim = fit(frags, runs)
+  k_fit, k_screen, k_search, k_next = jax.random.split(jax.random.key(0), 4)
+  sim = fit(frags, runs, key=k_fit)
   save(sim, os.path.join(args.out, "sim"))
   # 3. What happens to each fragment over many orders?
-  key = jax.random.key(0)
-  screened = screen(sim, n_orders=128, key=key, progress=True)
+  screened = screen(sim, n_orders=128, key=k_screen, progress=True)
   print(screened.table())
   # 4. The best order, exported for the next real run.
-  result = search(sim, budget=16, key=key, progress=True)
+  result = search(sim, budget=16, key=k_search, progress=True)
   print(result.table())
   result.save_order(sim, os.path.join(args.out, "best-order.jsonl"))
   # 5. Which real run would teach the simulator most?
-  nxt = next_run(sim, key=key, progress=True)
+  nxt = next_run(sim, key=k_next, progress=True)
   print(nxt.table())
   nxt.save_order(sim, os.path.join(args.out, "next-run.jsonl"))
   # 6. The report.

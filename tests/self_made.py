@@ -47,7 +47,7 @@ def make_world():
   files = [order_file(frags, rid, spec.generate(pools, key=jax.random.fold_in(k, n), steps=T,
                                                 batch_size=B))
            for n, (rid, spec) in enumerate(specs.items())]
-  # The same pre-trained seed 0 that `fit(seed=SEED)` builds, so the truth is in its ensemble.
+  # The same pre-trained seed 0 that `fit(key=jax.random.key(SEED))` builds, so the truth is in its ensemble.
   k_prep, k_pre = jax.random.split(jax.random.key(SEED))
   prep = prepare(frags, CFG, key=k_prep, eval_train=2, diag_probes=1)
   corpus = encode_texts(prep.tokenizer, NEUTRAL, CFG.length)
@@ -64,5 +64,5 @@ def make_world():
 
 def make_sim(world):
   frags, runs = world
-  return fit(frags, runs[:3], model_cfg=CFG, config=CONFIG, seed=SEED, neutral_texts=NEUTRAL,
-             progress=False)
+  return fit(frags, runs[:3], model_cfg=CFG, config=CONFIG, key=jax.random.key(SEED),
+             neutral_texts=NEUTRAL, progress=False)

@@ -84,7 +84,7 @@ def test_effect_error_prior_grows_as_the_fidelity_falls():
 def test_fit_wants_the_shape_a_given_tokenizer_was_trained_for(world, sim):
   frags, runs = world
   with pytest.raises(ValueError, match="model_cfg"):
-    fit(frags, runs[:3], tokenizer=sim.tokenizer)
+    fit(frags, runs[:3], tokenizer=sim.tokenizer, key=KEY)
 
 
 def test_predictions_on_held_out_orders_beat_the_mean(world, sim):
@@ -204,7 +204,7 @@ def test_partial_train_evals_fit_and_probe_only_runs_validate(world):
   cal = [_drop_ids(r, lambda i: split[i] != (frags.names[3], "train")) for r in runs[:3]]
   held = [_drop_ids(r, lambda i: split[i][1] == "probe") for r in runs[3:]]
   sim = fit(frags, cal, model_cfg=CFG, config=dataclasses.replace(CONFIG, lr_scales=(1.0,)),
-            seed=SEED, neutral_texts=NEUTRAL, progress=False)
+            key=jax.random.key(SEED), neutral_texts=NEUTRAL, progress=False)
   assert np.isfinite(sim.calibration.gain_F).all() and np.isfinite(sim.fit_info.fit_mse)
   report = validate(sim, held)
   assert np.isfinite(report.methods["simulator"]["trajectory_mse"])
@@ -222,7 +222,8 @@ def test_a_surrogate_diverging_at_every_scale_is_a_clear_fit_error(world):
   frags, runs = world
   config = dataclasses.replace(CONFIG, lr_scales=(3e4,), pretrain_steps=10)
   with pytest.raises(FitError, match=r"diverged at every candidate .*\[30000\.0\].*lr-scales 1"):
-    fit(frags, runs[:2], model_cfg=CFG, config=config, seed=SEED, neutral_texts=NEUTRAL,
+    fit(frags, runs[:2], model_cfg=CFG, config=config, key=jax.random.key(SEED),
+        neutral_texts=NEUTRAL,
         progress=False)
 
 
@@ -230,7 +231,8 @@ def test_fit_picks_the_context_and_its_rate_from_the_data(world):
   frags, runs = world
   cfg, _ = model_config_for(frags)
   config = dataclasses.replace(CONFIG, seeds=1, pretrain_steps=5, lr_scales=None)
-  sim = fit(frags, runs[:2], config=config, seed=SEED, neutral_texts=NEUTRAL, progress=False)
+  sim = fit(frags, runs[:2], config=config, key=jax.random.key(SEED), neutral_texts=NEUTRAL,
+            progress=False)
   assert sim.model_cfg == cfg and cfg.length in (32, 64)
   assert sim.fit_info.lr_scale == default_lr_scale(cfg.length)
   assert [default_lr_scale(n) for n in (16, 32, 64)] == [2.0, 2.0, 3.0]

@@ -3,6 +3,7 @@
 import glob
 import os
 
+import jax
 import pytest
 
 from calibrate.fitting.fit import FitConfig, fit
@@ -27,7 +28,7 @@ def test_fit_and_validate_on_real_runs_beat_the_order_agnostic_mean(lm):
   frags, runs = lm
   # A small, fast setting: two seeds, short pre-training (the default learning-rate scale).
   sim = fit(frags, [runs[k] for k in CALIBRATION],
-            config=FitConfig(seeds=2, pretrain_steps=300), progress=False)
+            config=FitConfig(seeds=2, pretrain_steps=300), key=jax.random.key(0), progress=False)
   assert sim.fit_info.gain.data_weight > 0.5  # the blocked run tells the gain
   report = validate(sim, [runs[k] for k in HELD_OUT])
   assert report.run_ids == HELD_OUT[:4]

@@ -67,7 +67,8 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
         f"fortunes); real runs: {cal[0].header.model}, {cal[0].num_steps} steps of "
         f"{cal[0].header.batch_size}")
   model_cfg = None if length is None else ModelConfig(length=length)
-  sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), seed=seed, progress=progress)
+  sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), key=jax.random.key(seed),
+            progress=progress)
   info = sim.fit_info
   gain, loo = info.gain, info.leave_one_run_out
   print(f"[1/4] calibrated on {', '.join(CALIBRATION)} in {info.seconds.total:.0f} s "

@@ -165,7 +165,7 @@ def cmd_fit(args) -> int:
                      lr_scales=(tuple(float(x) for x in args.lr_scales.split(","))
                                 if args.lr_scales else None))
   cfg, tokenizer = _model_cfg(args, frags)
-  sim = fit(frags, runs, model_cfg=cfg, config=config, seed=args.seed, tokenizer=tokenizer,
+  sim = fit(frags, runs, model_cfg=cfg, config=config, key=_key(args.seed), tokenizer=tokenizer,
             progress=not args.quiet)
   save(sim, args.out)
   info = sim.fit_info

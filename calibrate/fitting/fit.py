@@ -487,8 +487,9 @@ def effect_error_used(config: FitConfig, rho: float | None, gains: Gains,
 
 def fit(fragments: Fragments, runs: Sequence[RunLog], *,
         model_cfg: model_lib.ModelConfig | None = None,
-        config: FitConfig = FitConfig(), seed: int = 0, neutral_texts: Sequence[str] | None = None,
-        tokenizer: Tokenizer | None = None, progress: bool = True) -> Simulator:
+        key: jax.Array, config: FitConfig = FitConfig(),
+        neutral_texts: Sequence[str] | None = None, tokenizer: Tokenizer | None = None,
+        progress: bool = True) -> Simulator:
   """Calibrates the surrogate to real runs of `fragments`.
 
   The stages, each a function of its own: `check_runs`, `pretrain_stage`,
@@ -500,8 +501,9 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
     runs: the calibration runs (RunLogs with evals), of one optimizer setting and length.
     model_cfg: the surrogate's shape (default: `ModelConfig`'s, with the context length
       picked from the data by `surrogate.prepare.model_config_for`).
+    key: drives every random choice (initialisations, pre-training batches); the CLI's
+      `--seed S` is `jax.random.key(S)`.
     config: fit settings.
-    seed: drives every random choice (initialisations, pre-training batches).
     neutral_texts: pre-training text (default: paragraphs of Python's reference manual from
       `pydoc_data`, which ships with Python). It must not contain the fragments' examples.
     tokenizer: the surrogate's tokenizer for `model_cfg`, as `model_config_for` returns it
@@ -525,7 +527,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       raise ValueError("fit: pass `model_cfg` with `tokenizer` (the shape it was trained for)")
     model_cfg, tokenizer = model_config_for(fragments)
   pre = pretrain_stage(fragments, runs, model_cfg, tokenizer, config, neutral_texts,
-                       key=jax.random.key(seed))
+                       key=key)
   eval_ids = tuple(pre.prep.eval_ids())
   pos = example_positions(fragments, eval_ids)
   evals = EvalSet(eval_ids, fragments.fragment_of[pos], is_probe(fragments, pos))
