@@ -263,5 +263,7 @@ def test_predict_refuses_what_it_cannot_predict(world, sim):
     predict(sim, np.concatenate([order, order])[None], schedule(sim), [0])
   with pytest.raises(ValueError, match="not within"):
     predict(sim, order[None], schedule(sim), [0, sim.num_steps + 1])
+  with pytest.raises(ValueError, match=r"shape \[N >= 1, T >= 1"):
+    predict(sim, order[None, :0], schedule(sim), [0])
   with pytest.raises(ValueError, match=r"shape \[N >= 1"):
     predict(sim, order, schedule(sim), [0])

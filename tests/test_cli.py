@@ -234,3 +234,15 @@ def test_json_output_is_strict(data, tmp_path, capsys):
   from surrogate.jsonl import json_safe
   assert json_safe({"a": [1.0, float("nan")], "b": np.float32(np.inf), "c": np.arange(2)}) == {
       "a": [1.0, None], "b": None, "c": [0, 1]}
+
+
+def test_an_order_file_without_steps_is_named_not_a_crash(data, tmp_path, capsys):
+  order = tmp_path / "empty.jsonl"
+  assert main(["orders", "--data", str(data), "--kind", "shuffled", "--steps", "3",
+               "--batch-size", "2", "--out", str(order)]) == 0
+  order.write_text(order.read_text().splitlines()[0] + "\n")      # the header alone
+  capsys.readouterr()
+  assert main(["simulate", "--data", str(data), "--orders", str(order), "--out",
+               str(tmp_path / "out"), "--quiet", *TINY]) == 2
+  err = capsys.readouterr().err
+  assert f"{order}: the order has no steps" in err and "Traceback" not in err

@@ -91,9 +91,9 @@ def order_arrays(sim: Simulator, order,
     check_compatible(sim, [order])
     return order.header.run_id, order_from_runlog(order, sim.fragments), run_learning_rates(order)
   order_TxB = np.asarray(order)
-  if order_TxB.ndim != 2 or not 0 < order_TxB.shape[0] <= sim.num_steps:
-    raise ValueError(f"an order must be a [T, B] array with 0 < T <= {sim.num_steps}, got shape "
-                     f"{order_TxB.shape}")
+  if order_TxB.ndim != 2 or not 0 < order_TxB.shape[0] <= sim.num_steps or not order_TxB.shape[1]:
+    raise ValueError(f"an order must be a [T, B] array with 0 < T <= {sim.num_steps} and B > 0, "
+                     f"got shape {order_TxB.shape}")
   return run_id, order_TxB, optim.learning_rates(sim.opt_cfg, order_TxB.shape[0])
 
 

@@ -458,8 +458,8 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
   """
   cal, cfg = sim.calibration, sim.config
   orders = np.asarray(orders_NxTxB, np.int32)
-  if orders.ndim != 3 or orders.shape[0] == 0:
-    raise CalibrationError(f"orders must have shape [N >= 1, T, B], got {orders.shape}")
+  if orders.ndim != 3 or 0 in orders.shape:
+    raise CalibrationError(f"orders must have shape [N >= 1, T >= 1, B >= 1], got {orders.shape}")
   n, num_steps = orders.shape[0], orders.shape[1]
   if num_steps > cfg.num_steps:
     raise CalibrationError(f"orders of {num_steps} steps: the simulator was calibrated on "

@@ -26,7 +26,7 @@ from calibrate.io.runlog import (
   order_from_runlog,
   run_learning_rates,
 )
-from calibrate.io.simulated import wanted_eval_steps
+from calibrate.io.simulated import check_not_empty, wanted_eval_steps
 from surrogate import optim
 from surrogate.errors import CalibrationError
 
@@ -83,6 +83,7 @@ def predict_runs(sim: Simulator, runs: Sequence[RunLog], *, progress: bool = Fal
   """
   if not runs:
     raise CalibrationError("predict needs at least one run or order file")
+  check_not_empty(runs)
   check_compatible(sim, runs)
   steps = wanted_eval_steps(runs[0])
   for r in runs[1:]:

@@ -23,6 +23,7 @@ from calibrate.io.runlog import (
   run_learning_rates,
 )
 from surrogate import optim
+from surrogate.errors import CalibrationError
 from surrogate.prepare import Prepared
 from surrogate.simulate import SimPlan, simulate_many
 
@@ -35,6 +36,14 @@ def wanted_eval_steps(run: RunLog, default_every: int = DEFAULT_EVAL_EVERY) -> l
   if run.evals:
     return sorted(set(run.eval_steps))
   return default_eval_steps(t, default_every)
+
+
+def check_not_empty(runs: Sequence[RunLog]) -> None:
+  """Raises `CalibrationError`, naming the file, for a run or order file with no steps."""
+  for r in runs:
+    if r.num_steps == 0:
+      where = r.path or f"run {r.header.run_id!r}"
+      raise CalibrationError(f"{where}: the order has no steps; there is nothing to simulate")
 
 
 def default_eval_steps(num_steps: int, every: int = DEFAULT_EVAL_EVERY) -> list[int]:
@@ -77,6 +86,7 @@ def simulate_runs(prep: Prepared, params0, runs: Sequence[RunLog], *,
   Returns:
     One simulated RunLog per run, in the given order.
   """
+  check_not_empty(runs)
   knobs = optim.Knobs.identity() if knobs is None else knobs
   if np.ndim(knobs.lr_scale) or np.ndim(knobs.weight_decay_scale):
     raise ValueError("simulate_runs takes one set of knobs for all runs (scalar fields)")
