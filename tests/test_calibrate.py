@@ -1,6 +1,7 @@
 """Calibration: recovering known settings, saving, validating, and bad input."""
 
 import dataclasses
+import json
 import os
 import warnings
 
@@ -125,6 +126,15 @@ def test_save_load_round_trip_and_tampering(world, sim, tmp_path):
     load(tmp_path / "sim")
   with pytest.raises(SimulatorError, match="simulator.json is missing"):
     load(tmp_path / "nothing")
+  # A folder of another format says which, and who wrote it.
+  meta_path = tmp_path / "sim" / "simulator.json"
+  meta = json.loads(meta_path.read_text())
+  assert meta["written_by"].startswith("surrogate-sim ")
+  meta_path.write_text(json.dumps({**meta, "format": "surrogate-simulator/2",
+                                   "written_by": "surrogate-sim 9.0"}))
+  with pytest.raises(SimulatorError, match=r"simulator.json.*format 'surrogate-simulator/2' "
+                                           r"\(written by surrogate-sim 9.0\)"):
+    load(tmp_path / "sim")
 
 
 def test_bad_runs_are_clear_errors(world):

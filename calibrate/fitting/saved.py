@@ -55,6 +55,7 @@ def save(sim: Simulator, path: str | os.PathLike) -> None:
     atomic_write(os.path.join(path, name), data)
   meta = {
       "format": FORMAT,
+      "written_by": f"surrogate-sim {_version()}",
       "model": dataclasses.asdict(cfg.model_cfg),
       "optimizer": cfg.opt_cfg.to_dict(),
       "knobs": {"lr_scale": float(cal.knobs.lr_scale),
@@ -90,8 +91,14 @@ def load(path: str | os.PathLike) -> Simulator:
     raise SimulatorError(f"cannot be read ({e.strerror})", path=meta_path) from None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise SimulatorError(f"not valid JSON ({e})", path=meta_path) from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise SimulatorError(f"expected format {FORMAT!r}", path=meta_path, field="format")
+  if not isinstance(meta, dict):
+    raise SimulatorError(f"expected a JSON object of format {FORMAT!r}", path=meta_path)
+  if meta.get("format") != FORMAT:
+    by = meta.get("written_by")
+    raise SimulatorError(
+        f"format {meta.get('format')!r}" + (f" (written by {by})" if isinstance(by, str) else "")
+        + f"; surrogate-sim {_version()} reads {FORMAT!r}: save it again with this version",
+        path=meta_path, field="format")
   try:
     files = meta["files"]
     blobs = {}
@@ -133,6 +140,14 @@ def load(path: str | os.PathLike) -> Simulator:
     raise
   except (KeyError, TypeError, ValueError) as e:
     raise SimulatorError(f"inconsistent saved simulator ({e!r})", path=meta_path) from None
+
+
+def _version() -> str:
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return version("surrogate-sim")
+  except PackageNotFoundError:  # a checkout that is not installed
+    return "(not installed)"
 
 
 def _fragments_bytes(fragments: Fragments) -> bytes:
