@@ -134,6 +134,37 @@ _SHARE = textwrap.dedent("""
 """)
 
 
+_DISTRIBUTED = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import jax
+    jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                               process_id={index})
+    assert jax.process_count() == 2 and jax.process_index() == {index}
+    import test_store as t
+    t._run(t._inputs(), {folder!r})   # the share of the chunks comes from jax.distributed
+    jax.distributed.shutdown()
+""")
+
+
+def test_a_real_jax_distributed_launch_splits_the_orders(inputs, tmp_path):
+  # Two processes under jax.distributed.initialize with a local coordinator: each takes its
+  # share of the chunks from jax.process_index() / process_count(), and the folder's result
+  # equals one process's.
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  folder = str(tmp_path / "distributed")
+  children = [subprocess.Popen([sys.executable, "-c", _DISTRIBUTED.format(
+      tests=os.path.dirname(__file__), folder=folder, index=i, port=port)],
+      env={**os.environ, "XLA_FLAGS": ""}) for i in (0, 1)]
+  assert [c.wait(timeout=600) for c in children] == [0, 0]
+  chunks = sorted(f for f in os.listdir(folder) if f.startswith("chunk-"))
+  assert len(chunks) >= 2          # both processes' shares are there
+  _assert_same(load_results(folder, inputs[2]), _run(inputs, tmp_path / "alone"))
+
+
 def test_two_processes_share_the_chunks_of_one_folder(inputs, tmp_path):
   # Two processes (as two hosts under jax.distributed would be) simulate alternate chunks
   # into one folder; each returns the whole result, equal to one process doing it all.
