@@ -43,7 +43,8 @@ def split(run_ids, runs, plan: str) -> tuple[list[int], list[int]]:
 
 def scores(real_RxCxF, sur_SxRxCxF, cal, held, config: FitConfig) -> tuple[list[float], float]:
   """The five figures of the anchored-gain prediction of `held`, and the common gain."""
-  gain_F, _, info = fit_gains(real_RxCxF[cal], sur_SxRxCxF[:, cal], config)
+  gains = fit_gains(real_RxCxF[cal], sur_SxRxCxF[:, cal], config)
+  gain_F = gains.gain_F
   anchor = real_RxCxF[cal].mean(0)
   dev = sur_SxRxCxF[:, held].mean(0) - sur_SxRxCxF[:, cal].mean((0, 1))
   real = real_RxCxF[held]
@@ -51,7 +52,7 @@ def scores(real_RxCxF, sur_SxRxCxF, cal, held, config: FitConfig) -> tuple[list[
   s = _scores(anchor + gain_F * dev, real, base)
   figures = [s["trajectory_mse_ratio"], s["kendall_tau"], s["decision_accuracy"],
              s["order_decision_accuracy"], s["auroc_better_than_median"]]
-  return figures, info["common_gain"]
+  return figures, gains.common.common_gain
 
 
 def main() -> None:

@@ -159,7 +159,7 @@ def simulate_to_folder(folder: str | os.PathLike, params0, knobs: optim.Knobs, o
   index = jax.process_index() if processes.index is None else processes.index
   count = jax.process_count() if processes.count is None else processes.count
   if not 0 <= index < count:
-    raise ValueError(f"process_index {index} is not in [0, {count})")
+    raise ValueError(f"ProcessShare index {index} is not in [0, {count})")
   orders = np.asarray(orders_NxTxB, np.int32)
   n, steps = orders.shape[:2]
   lrs = np.broadcast_to(np.asarray(lr_NxT, np.float32), (n, steps))

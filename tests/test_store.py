@@ -174,5 +174,5 @@ def test_two_processes_share_the_chunks_of_one_folder(inputs, tmp_path):
       env={**os.environ, "XLA_FLAGS": ""}) for i in (1, 0)]
   assert [c.wait(timeout=600) for c in children] == [0, 0]
   _assert_same(load_results(folder, inputs[2]), _run(inputs, tmp_path / "alone"))
-  with pytest.raises(ValueError, match="process_index"):
+  with pytest.raises(ValueError, match="ProcessShare index 2"):
     _run(inputs, tmp_path / "bad", processes=ProcessShare(2, 2))

@@ -33,6 +33,7 @@ from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
 from calibrate.io.simulated import default_eval_steps
 from surrogate import optim
 from surrogate import orders as orders_lib
+from surrogate.errors import CalibrationError
 
 __all__ = ["OUTCOMES", "Comparison", "Outcome", "Thresholds", "WhatIf", "compare",
            "label_outcomes", "what_if"]
@@ -221,7 +222,8 @@ def compare(sim: Simulator, candidates: Mapping[str, object], *, level: float = 
   arrays = [order_arrays(sim, o, n)[1:] for n, o in candidates.items()]
   shapes = {o.shape for o, _ in arrays}
   if len(shapes) > 1:
-    raise ValueError(f"compare needs orders of one shape, got {sorted(shapes)}")
+    raise CalibrationError(f"compare needs orders of one shape (steps, batch), got "
+                           f"{sorted(shapes)}; compare them in separate calls")
   pred, _ = predict(sim, np.stack([o for o, _ in arrays]), np.stack([lr for _, lr in arrays]),
                     default_eval_steps(arrays[0][0].shape[0]), progress=progress)
   num_f = len(sim.fragments.names)

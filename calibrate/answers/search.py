@@ -31,12 +31,15 @@ from calibrate.fitting.runs import order_file
 from calibrate.io.runlog import write_runlog
 from surrogate import orders as orders_lib
 
-__all__ = ["Candidates", "NextRun", "SearchResult", "evaluate", "next_run", "search"]
+__all__ = ["Candidates", "NextRun", "SearchResult", "evaluate", "next_run", "objective_weights",
+           "search"]
 
 SEARCH_FAMILIES = ("blocked", "interleaved", "mixture", "curriculum", "subset")
 
 
-def _weights(sim: Simulator, objective: str | Mapping[str, float]) -> np.ndarray:
+def objective_weights(sim: Simulator, objective: str | Mapping[str, float]) -> np.ndarray:
+  """The objective as a weight per fragment, summing to 1; ValueError for unknown fragments
+  or weights that are negative, not finite, or all 0."""
   names = sim.fragments.names
   if isinstance(objective, str):
     if objective != "mean":
@@ -103,7 +106,7 @@ def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
   `diagnostics` and `chunk_size` only matter for speed: simulations with the same settings
   and chunk shape as an earlier call (such as a screen's) reuse its compilation.
   """
-  w_F = _weights(sim, objective)
+  w_F = objective_weights(sim, objective)
   names, specs, orders = [], [], []
   for i, (name, c) in enumerate(candidates.items()):
     names.append(name)

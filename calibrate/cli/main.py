@@ -103,6 +103,19 @@ def _parse_named(text: str | None, names: Sequence[str], what: str) -> list[floa
   return [values[n] for n in names]
 
 
+def _floats(text: str | None, what: str, *, positive: bool = False) -> tuple[float, ...] | None:
+  """'1,2.5,4' -> (1.0, 2.5, 4.0); None stays None."""
+  if text is None or text == "":
+    return None
+  try:
+    out = tuple(float(x) for x in text.split(","))
+  except ValueError:
+    raise UsageError(f"--{what}: {text!r} is not a comma-separated list of numbers") from None
+  if positive and not all(x > 0 and x < float("inf") for x in out):
+    raise UsageError(f"--{what}: every value must be a finite number > 0, got {text!r}")
+  return out
+
+
 def _parse_list(text: str | None, names: Sequence[str], what: str) -> list[int] | None:
   if text is None:
     return None
@@ -123,16 +136,19 @@ def cmd_orders(args) -> int:
   from surrogate.fragments import read_fragments
   frags = read_fragments(args.data)
   names = frags.names
-  spec = orders.OrderSpec(
-      kind=orders.OrderKind(args.kind),
-      sequence=_parse_list(args.sequence, names, "sequence"),
-      shares=[float(x) for x in args.shares.split(",")] if args.shares else None,
-      weights=_parse_named(args.weights, names, "weights"),
-      scores=_parse_named(args.scores, names, "scores"),
-      keep=_parse_list(args.keep, names, "keep"),
-      **({"ascending": not args.descending} if args.kind == "curriculum" else {}))
-  order = spec.generate(frags.train_pools(), key=jax.random.key(args.seed), steps=args.steps,
-                        batch_size=args.batch_size)
+  try:  # the spec checks its own values (positive weights, shares, steps): usage errors
+    spec = orders.OrderSpec(
+        kind=orders.OrderKind(args.kind),
+        sequence=_parse_list(args.sequence, names, "sequence"),
+        shares=_floats(args.shares, "shares"),
+        weights=_parse_named(args.weights, names, "weights"),
+        scores=_parse_named(args.scores, names, "scores"),
+        keep=_parse_list(args.keep, names, "keep"),
+        **({"ascending": not args.descending} if args.kind == "curriculum" else {}))
+    order = spec.generate(frags.train_pools(), key=jax.random.key(args.seed), steps=args.steps,
+                          batch_size=args.batch_size)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   optimizer = {"name": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
                "warmup_steps": args.warmup_steps, "schedule": args.schedule}
   header = {"run_id": args.run_id or f"{args.kind}-s{args.seed}", "model": "order",
@@ -162,8 +178,7 @@ def cmd_fit(args) -> int:
   frags = read_fragments(args.data)
   runs = _read_runs(args.runs, frags)
   config = FitConfig(seeds=args.seeds, pretrain_steps=args.pretrain_steps,
-                     lr_scales=(tuple(float(x) for x in args.lr_scales.split(","))
-                                if args.lr_scales else None))
+                     lr_scales=_floats(args.lr_scales, "lr-scales", positive=True))
   cfg, tokenizer = _model_cfg(args, frags)
   sim = fit(frags, runs, model_cfg=cfg, config=config, key=_key(args.seed), tokenizer=tokenizer,
             progress=not args.quiet)
@@ -334,8 +349,9 @@ def cmd_simulate(args) -> int:
   return 0
 
 
-def _objective(text: str | None):
-  """`mean`, or NAME=WEIGHT,... for target fragments."""
+def _objective(text: str | None, sim):
+  """`mean`, or NAME=WEIGHT,... for target fragments, checked against the simulator's."""
+  from calibrate.answers.search import objective_weights
   if text is None or text == "mean":
     return "mean"
   out = {}
@@ -344,7 +360,11 @@ def _objective(text: str | None):
     try:
       out[name.strip()] = float(w)
     except ValueError:
-      raise UsageError(f"--objective expects 'mean' or NAME=WEIGHT,...; got {item!r}")
+      raise UsageError(f"--objective expects 'mean' or NAME=WEIGHT,...; got {item!r}") from None
+  try:
+    objective_weights(sim, out)
+  except ValueError as e:
+    raise UsageError(f"--objective: {e}") from None
   return out
 
 
@@ -363,11 +383,17 @@ def _key(seed: int):
 
 
 def _run_screen(sim, args):
-  families = args.family.split(",") if args.family != "all" else "all"
   from calibrate.answers.screen import screen
+  from surrogate.orders import FAMILIES
+  families = args.family.split(",") if args.family != "all" else "all"
+  unknown = [] if families == "all" else [f for f in families if f not in FAMILIES]
+  if unknown:
+    raise UsageError(f"--family: unknown {unknown}; expected 'all' or some of {list(FAMILIES)}")
+  if args.orders < 2:
+    raise UsageError(f"--orders: a screen needs at least 2 simulated runs, got {args.orders}")
   return screen(sim, n_orders=args.orders, family=families, key=_key(args.seed),
-                    diagnostics=not args.no_diagnostics, folder=args.results,
-                    resume=args.resume, progress=not args.quiet)
+                diagnostics=not args.no_diagnostics, folder=args.results,
+                resume=args.resume, progress=not args.quiet)
 
 
 def cmd_screen(args) -> int:
@@ -390,7 +416,7 @@ def cmd_search(args) -> int:
   sim = load(args.sim)
   start = _named_orders(args.start, sim)
   from calibrate.answers.search import search
-  result = search(sim, objective=_objective(args.objective), budget=args.budget, start=start,
+  result = search(sim, objective=_objective(args.objective, sim), budget=args.budget, start=start,
                       key=_key(args.seed), progress=not args.quiet)
   if args.out:
     result.save_order(sim, args.out, run_id=args.run_id)
@@ -414,7 +440,7 @@ def cmd_next_run(args) -> int:
   sim = load(args.sim)
   cands = _named_orders(args.orders, sim)
   from calibrate.answers.search import next_run
-  nr = next_run(sim, cands, objective=_objective(args.objective), n_candidates=args.candidates,
+  nr = next_run(sim, cands, objective=_objective(args.objective, sim), n_candidates=args.candidates,
                     key=_key(args.seed), progress=not args.quiet)
   if args.out:
     nr.save_order(sim, args.out, run_id=args.run_id)

@@ -163,16 +163,24 @@ class FitInfo:
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> FitInfo:
-    """The inverse of `to_json`; raises KeyError or TypeError on another layout."""
+    """The inverse of `to_json`; raises KeyError or TypeError on another layout.
+
+    Folders of the same format saved before a field existed are read too (the format is
+    extended, never broken): no `calibration_orders_sha256` (validate then checks run ids
+    only), no `train_fidelity`, and `effect_error` a plain number (the value used).
+    """
     loo = d["leave_one_run_out"]
+    err = d["effect_error"]
+    err = (EffectErrorFit(float(err), None, float(err)) if isinstance(err, (int, float))
+           else EffectErrorFit(**err))
     return cls(
         calibration_runs=tuple(d["calibration_runs"]),
-        calibration_orders_sha256=tuple(d["calibration_orders_sha256"]),
+        calibration_orders_sha256=tuple(d.get("calibration_orders_sha256", ())),
         knob_candidates=tuple(KnobCandidate(**c) for c in d["knob_candidates"]),
         lr_scale=float(d["lr_scale"]), weight_decay_scale=float(d["weight_decay_scale"]),
         gain=GainFit(**d["gain"]), fit_mse=float(d["fit_mse"]),
         leave_one_run_out=None if loo is None else LeaveOneRunOut(**loo),
-        train_fidelity=d["train_fidelity"], effect_error=EffectErrorFit(**d["effect_error"]),
+        train_fidelity=d.get("train_fidelity"), effect_error=err,
         seconds=FitSeconds(**d["seconds"]), baselines=BaselineInfo(**d["baselines"]))
 
 
@@ -327,12 +335,12 @@ def fragment_means(sim: Simulator, losses_xM: np.ndarray, *, probe: bool = True)
                            probe_M if probe else ~probe_M, len(sim.fragments.names))
 
 
-def to_real(sim: Simulator, raw_NxCxM: np.ndarray, seed_N: np.ndarray) -> np.ndarray:
-  """The anchored gain map at the calibration steps: [N, G, C, M] for each gain quantile."""
-  cal = sim.calibration
-  frag_M = sim.fragments.fragment_of[example_positions(sim.fragments, sim.eval_ids)]
-  dev = np.asarray(raw_NxCxM, np.float64) - cal.sur_cal_SxCxM[np.asarray(seed_N)]
-  return anchored_map(cal.anchor_CxM, gains_GxF(cal, sim.config.gain_quantiles), frag_M, dev)
+def to_real(sim: Simulator, dev_NxCxM: np.ndarray, anchor_CxM: np.ndarray,
+            frag_M: np.ndarray) -> np.ndarray:
+  """The surrogate's deviations from its calibration mean on the real scale: the anchored
+  map with every gain quantile, [N, G, C, M]."""
+  return anchored_map(anchor_CxM, gains_GxF(sim.calibration, sim.config.gain_quantiles), frag_M,
+                      dev_NxCxM)
 
 
 def interp_steps(x: np.ndarray, from_steps: np.ndarray, to_steps: np.ndarray) -> np.ndarray:
@@ -470,6 +478,12 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
   if steps.max() > cal.steps_C[-1]:
     raise CalibrationError(f"step {int(steps.max())} is after the calibration runs' last eval "
                            f"({int(cal.steps_C[-1])}); the real trajectory is unknown there")
+  lrs = np.asarray(lr_NxT, np.float32)
+  if lrs.shape not in ((num_steps,), (n, num_steps)):
+    raise CalibrationError(f"learning rates of shape {lrs.shape} for {n} orders of {num_steps} "
+                           f"steps: give [T] or [N, T] (e.g. schedule(sim)[:{num_steps}])")
+  if seed_N is not None and np.shape(seed_N) != (n,):
+    raise CalibrationError(f"seed_N of shape {np.shape(seed_N)}: one seed per order ({n},)")
   eval_ids = tuple(cfg.eval_ids if eval_ids is None else eval_ids)
   n_s = sim.num_seeds
   if seed_N is None:
@@ -484,7 +498,6 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
   # any others of the same chunk shape share one compilation.
   knobs = optim.Knobs(np.full(len(sel), cal.knobs.lr_scale, np.float32),
                       np.full(len(sel), cal.knobs.weight_decay_scale, np.float32))
-  lrs = np.asarray(lr_NxT, np.float32)
   lrs = lrs if lrs.ndim == 1 else lrs[sel]
   run = dict(model_cfg=cfg.model_cfg, opt_cfg=cfg.opt_cfg, plan=plan, chunk_size=chunk_size,
              progress=progress, axes=PER_ORDER)
@@ -513,7 +526,7 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
       same = [c for c, j in enumerate(eval_ids) if j in known and not probe_M[c]
               and frag_M[c] == frag_M[m]]
       dev[..., m] = dev[..., same].mean(-1)
-  members = anchored_map(maps.anchor_CxM, gains_GxF(cal, cfg.gain_quantiles), frag_M, dev)
+  members = to_real(sim, dev, maps.anchor_CxM, frag_M)
   members = members.reshape(n, -1, *maps.anchor_CxM.shape)          # N K C M
   # The surrogate's effects are right in pattern, not in detail: an error in proportion to
   # each fragment's predicted effect (its probe mean's distance from the anchor).
