@@ -277,3 +277,13 @@ def test_predict_refuses_what_it_cannot_predict(world, sim):
     predict(sim, order[None, :0], schedule(sim), [0])
   with pytest.raises(ValueError, match=r"shape \[N >= 1"):
     predict(sim, order, schedule(sim), [0])
+
+
+def test_fit_info_reads_the_older_layouts_of_the_same_format(sim):
+  old = sim.fit_info.to_json()
+  for key in ("calibration_orders_sha256", "train_fidelity"):
+    del old[key]
+  old["effect_error"] = 0.25                             # a plain number, as first saved
+  info = FitInfo.from_json(old)
+  assert info.calibration_orders_sha256 == () and info.train_fidelity is None
+  assert info.effect_error.used == 0.25 and info.effect_error.leave_one_run_out is None
