@@ -12,7 +12,14 @@ The pipeline, one subpackage a stage:
 
 from __future__ import annotations
 
-from calibrate.answers.outcomes import Comparison, Outcome, Thresholds, WhatIf, compare, what_if
+from calibrate.answers.outcomes import (
+                                           Comparison,
+                                           Outcome,
+                                           Thresholds,
+                                           WhatIf,
+                                           compare,
+                                           what_if,
+)
 from calibrate.answers.screen import Screen, screen
 from calibrate.answers.search import NextRun, SearchResult, next_run, search
 from calibrate.fitting.calibration import (

@@ -135,6 +135,10 @@ def test_save_load_round_trip_and_tampering(world, sim, tmp_path):
   with pytest.raises(SimulatorError, match=r"simulator.json.*format 'surrogate-simulator/2' "
                                            r"\(written by surrogate-sim 9.0\)"):
     load(tmp_path / "sim")
+  # An edited setting is caught as an edited array is.
+  meta_path.write_text(json.dumps({**meta, "num_steps": meta["num_steps"] + 1}))
+  with pytest.raises(SimulatorError, match=r"simulator.json.*changed after saving"):
+    load(tmp_path / "sim")
 
 
 def test_bad_runs_are_clear_errors(world):

@@ -30,7 +30,7 @@ from calibrate.fitting.calibration import Simulator, predict
 from calibrate.fitting.metrics import fragment_means
 from calibrate.fitting.runs import check_compatible
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
-from calibrate.io.simulated import default_eval_steps
+from calibrate.io.simulated import check_not_empty, default_eval_steps
 from surrogate import optim
 from surrogate import orders as orders_lib
 from surrogate.errors import CalibrationError
@@ -89,6 +89,7 @@ def order_arrays(sim: Simulator, order,
   header's schedule) or as an int array [T, B] of example positions (the simulator's
   schedule)."""
   if isinstance(order, RunLog):
+    check_not_empty([order])
     check_compatible(sim, [order])
     return order.header.run_id, order_from_runlog(order, sim.fragments), run_learning_rates(order)
   order_TxB = np.asarray(order)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -31,6 +32,13 @@ from typing import Any
 
 class UsageError(Exception):
   """A command line that cannot be carried out as given (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, with its usage errors on one line (the usage itself is in --help)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _print_json(obj: Any) -> None:
@@ -50,21 +58,56 @@ def _use_all_cores() -> None:
                                + f" --xla_force_host_platform_device_count={n or 1}").strip()
 
 
+def _int_from(low: int, high: int = 2 ** 31 - 1):
+  """An argparse type: an integer in [low, high] (argparse names the flag in its error)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not low <= value <= high:
+      raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {value}")
+    return value
+  parse.__name__ = "integer"
+  return parse
+
+
+def _finite(low: float = 0.0, high: float = float("inf"), *, open_low: bool = False):
+  """An argparse type: a finite number in [low, high] ((low, high] with `open_low`)."""
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and (value > low if open_low else value >= low)
+            and value <= high):
+      side = "(" if open_low else "["
+      raise argparse.ArgumentTypeError(f"must be a finite number in {side}{low:g}, {high:g}], "
+                                       f"got {text}")
+    return value
+  parse.__name__ = "number"
+  return parse
+
+
+_SEED = _int_from(0)
+_STEPS = _int_from(1, 10_000_000)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("surrogate model")
-  g.add_argument("--width", type=int, default=32, help="residual width D (default 32)")
-  g.add_argument("--depth", type=int, default=2, help="transformer blocks (default 2)")
-  g.add_argument("--heads", type=int, default=2, help="attention heads (default 2)")
-  g.add_argument("--length", type=int, default=None,
+  g.add_argument("--width", type=_int_from(1, 4096), default=32, help="residual width D (default 32)")
+  g.add_argument("--depth", type=_int_from(1, 64), default=2, help="transformer blocks (default 2)")
+  g.add_argument("--heads", type=_int_from(1, 256), default=2, help="attention heads (default 2)")
+  g.add_argument("--length", type=_int_from(1, 4096), default=None,
                  help="context length in tokens (default: 32, or 64 when the median example "
                       "is longer than 32 tokens)")
-  g.add_argument("--vocab", type=int, default=None,
+  g.add_argument("--vocab", type=_int_from(3, 1_000_000), default=None,
                  help="size of the BPE trained on the fragments (default 512)")
   g.add_argument("--tokenizer", metavar="FILE",
                  help="the real model's tokenizer.json (Hugging Face `tokenizers`, BPE or "
                       "WordPiece): the surrogate then reads the fragments in the real model's "
                       "tokens, keeping only those that occur, instead of a BPE of its own")
-  g.add_argument("--seed", type=int, default=0, help="seed of the surrogate's initial weights")
+  g.add_argument("--seed", type=_SEED, default=0, help="seed of the surrogate's initial weights")
 
 
 def _model_cfg(args, frags):
@@ -148,7 +191,11 @@ def cmd_orders(args) -> int:
     order = spec.generate(frags.train_pools(), key=jax.random.key(args.seed), steps=args.steps,
                           batch_size=args.batch_size)
   except ValueError as e:
-    raise UsageError(str(e)) from None
+    # The spec names its field first ("shares must be ..."): name the flag that set it.
+    field = str(e).split(" ", 1)[0].replace("_", "-")
+    flag = f"--{field}" if field in {"sequence", "shares", "weights", "scores", "keep", "steps",
+                                      "batch-size", "ascending"} else "--kind"
+    raise UsageError(f"{flag}: {e}") from None
   optimizer = {"name": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
                "warmup_steps": args.warmup_steps, "schedule": args.schedule}
   header = {"run_id": args.run_id or f"{args.kind}-s{args.seed}", "model": "order",
@@ -493,7 +540,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="surrogate", description=__doc__,
+  p = _Parser(prog="surrogate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
   sub = p.add_subparsers(dest="command", required=True)
@@ -508,16 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
   o.add_argument("--scores", help="curriculum: NAME=SCORE,... (low first)")
   o.add_argument("--descending", action="store_true", help="curriculum: high scores first")
   o.add_argument("--keep", help="subset: fragment names to feed, comma-separated")
-  o.add_argument("--steps", type=int, required=True, help="optimizer steps in the order")
-  o.add_argument("--batch-size", type=int, required=True, help="examples per step")
+  o.add_argument("--steps", type=_STEPS, required=True, help="optimizer steps in the order")
+  o.add_argument("--batch-size", type=_int_from(1, 100_000), required=True, help="examples per step")
   o.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"],
                  help="the real run's optimizer, written in the header (default adamw)")
-  o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-  o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
-  o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+  o.add_argument("--lr", type=_finite(0.0, open_low=True), default=1e-3, help="peak learning rate (default 1e-3)")
+  o.add_argument("--weight-decay", type=_finite(), default=0.0, help="weight decay (default 0)")
+  o.add_argument("--warmup-steps", type=_int_from(0, 10_000_000), default=0, help="linear warmup steps (default 0)")
   o.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
                  help="learning-rate schedule after warmup (default constant)")
-  o.add_argument("--seed", type=int, default=0, help="seed of the order's randomness")
+  o.add_argument("--seed", type=_SEED, default=0, help="seed of the order's randomness")
   o.add_argument("--run-id", help="run id in the header (default KIND-sSEED)")
   o.add_argument("--out", required=True, help="order file to write")
   o.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -528,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
   f.add_argument("--data", required=True, help="fragments file the runs were recorded on")
   f.add_argument("--runs", nargs="+", required=True, help="calibration RunLogs (2-4 is typical)")
   f.add_argument("--out", required=True, help="folder for the simulator")
-  f.add_argument("--seeds", type=int, default=4, help="surrogate seeds in the ensemble (4)")
-  f.add_argument("--pretrain-steps", type=int, default=800,
+  f.add_argument("--seeds", type=_int_from(1, 1024), default=4, help="surrogate seeds in the ensemble (4)")
+  f.add_argument("--pretrain-steps", type=_int_from(0, 10_000_000), default=800,
                  help="pre-training steps on neutral text per seed (800)")
   f.add_argument("--lr-scales", default=None,
                  help="candidate learning-rate scales of the surrogate, comma-separated "
@@ -544,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
   v = sub.add_parser("validate", help="accuracy of a simulator on held-out real runs")
   v.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
   v.add_argument("--runs", nargs="+", required=True, help="held-out RunLogs (not calibration)")
-  v.add_argument("--level", type=float, default=0.8, help="interval level for coverage (0.8)")
+  v.add_argument("--level", type=_finite(0.0, 1.0, open_low=True), default=0.8, help="interval level for coverage (0.8)")
   v.add_argument("--json", action="store_true", help="print the figures as JSON")
   v.add_argument("--quiet", action="store_true", help="no progress bar")
   v.set_defaults(func=cmd_validate)
@@ -553,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
   w.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
   w.add_argument("--orders", nargs="+", required=True,
                  help="order files or runs; with several, they are also ranked")
-  w.add_argument("--level", type=float, default=0.8, help="interval level (0.8)")
-  w.add_argument("--seed", type=int, default=0,
+  w.add_argument("--level", type=_finite(0.0, 1.0, open_low=True), default=0.8, help="interval level (0.8)")
+  w.add_argument("--seed", type=_SEED, default=0,
                  help="draws the counterfactuals' replacement examples (default 0)")
   w.add_argument("--json", action="store_true", help="print JSON")
   w.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -565,11 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--data", help="fragments file (required without --sim; checked with it)")
   s.add_argument("--orders", nargs="+", required=True, help="order files or RunLogs")
   s.add_argument("--out", required=True, help="folder for the simulated RunLogs")
-  s.add_argument("--eval-every", type=int, default=20,
+  s.add_argument("--eval-every", type=_STEPS, default=20,
                  help="eval spacing for inputs without evals (default 20)")
-  s.add_argument("--eval-train", type=int, default=4,
+  s.add_argument("--eval-train", type=_int_from(0, 1_000_000), default=4,
                  help="train examples evaluated per fragment when the inputs name none")
-  s.add_argument("--chunk-size", type=int,
+  s.add_argument("--chunk-size", type=_int_from(1, 1_000_000),
                  help="orders per compiled call (default: 2 per CPU device, 64 per accelerator)")
   s.add_argument("--json", action="store_true", help="print what was written as JSON")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -577,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.set_defaults(func=cmd_simulate)
 
   def screen_args(p):
-    p.add_argument("--orders", type=int, default=256,
+    p.add_argument("--orders", type=_int_from(2, 100_000_000), default=256,
                    help="simulated runs, counterfactuals included (default 256)")
     p.add_argument("--family", default="all",
                    help="order families, comma-separated, or 'all' (default)")
@@ -585,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="stream the simulations' results into this folder")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed screen from --results (same inputs and --seed)")
-    p.add_argument("--seed", type=int, default=0, help="draws the orders")
+    p.add_argument("--seed", type=_SEED, default=0, help="draws the orders")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
   sc = sub.add_parser("screen", help="outcome probabilities, interference and failure points "
@@ -597,14 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   se = sub.add_parser("search", help="search feeding orders for the best predicted outcome")
   se.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
-  se.add_argument("--budget", type=int, default=32,
+  se.add_argument("--budget", type=_int_from(1, 1_000_000), default=32,
                   help="candidate orders to simulate, each from every seed (default 32)")
   se.add_argument("--objective", default="mean",
                   help="'mean' (all fragments' final probe loss) or NAME=WEIGHT,...")
   se.add_argument("--start", nargs="+", help="order files or runs to start from")
   se.add_argument("--out", help="write the best order here (an order file)")
   se.add_argument("--run-id", default="searched", help="run id of the written order")
-  se.add_argument("--seed", type=int, default=0,
+  se.add_argument("--seed", type=_SEED, default=0,
                   help="draws the start set, the variations and the orders (default 0)")
   se.add_argument("--json", action="store_true", help="print JSON")
   se.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -613,12 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
   nx = sub.add_parser("next-run", help="the real run that would teach the simulator most")
   nx.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
   nx.add_argument("--orders", nargs="+", help="candidate order files (default: random ones)")
-  nx.add_argument("--candidates", type=int, default=12,
+  nx.add_argument("--candidates", type=_int_from(1, 1_000_000), default=12,
                   help="random candidates when --orders is not given (default 12)")
   nx.add_argument("--objective", default="mean", help="as for `surrogate search`")
   nx.add_argument("--out", help="write the chosen order here (an order file)")
   nx.add_argument("--run-id", default="next-run", help="run id of the written order")
-  nx.add_argument("--seed", type=int, default=0,
+  nx.add_argument("--seed", type=_SEED, default=0,
                   help="draws the candidates and their orders (default 0)")
   nx.add_argument("--json", action="store_true", help="print JSON")
   nx.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -627,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
   rp = sub.add_parser("report", help="screen, search and write the HTML report")
   rp.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
   rp.add_argument("--runs", nargs="+", help="real runs to plot against their predictions")
-  rp.add_argument("--budget", type=int, default=16, help="search budget (default 16)")
+  rp.add_argument("--budget", type=_int_from(1, 1_000_000), default=16, help="search budget (default 16)")
   rp.add_argument("--out", required=True, help="folder for report.html and its PNGs")
   rp.add_argument("--json", action="store_true",
                   help="print the report's path, the screen and the best order as JSON")
@@ -636,15 +683,15 @@ def build_parser() -> argparse.ArgumentParser:
 
   d = sub.add_parser("demo", help="the main job on the bundled real runs: calibrate, screen, "
                                    "search, check against held-out runs, report")
-  d.add_argument("--orders", type=int, default=128,
+  d.add_argument("--orders", type=_int_from(2, 100_000_000), default=128,
                  help="simulated runs in the screen, counterfactuals included (default 128)")
-  d.add_argument("--budget", type=int, default=8,
+  d.add_argument("--budget", type=_int_from(1, 1_000_000), default=8,
                  help="candidate orders the search simulates, each from every seed (default 8)")
-  d.add_argument("--length", type=int, default=None,
+  d.add_argument("--length", type=_int_from(1, 4096), default=None,
                  help="the surrogate's tokens per example (default: fit's, 64 on this data; "
                       "32 is about twice as fast and ranks worse)")
   d.add_argument("--out", default="surrogate-demo", help="folder for the report and results")
-  d.add_argument("--seed", type=int, default=0,
+  d.add_argument("--seed", type=_SEED, default=0,
                  help="drives the surrogate seeds and every drawn order (default 0)")
   d.add_argument("--json", action="store_true",
                  help="print the summary (summary.json) as JSON instead of the narrative")

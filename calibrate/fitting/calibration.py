@@ -43,7 +43,13 @@ from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.errors import CalibrationError
 from surrogate.fragments import Fragments, Split
-from surrogate.simulate import PER_ORDER, SimPlan, Trajectory, build_sim_data, simulate_many
+from surrogate.simulate import (
+  PER_ORDER,
+  SimPlan,
+  Trajectory,
+  build_sim_data,
+  simulate_many,
+)
 from surrogate.tokenize import encode_examples
 
 # Fragments.split_of codes.

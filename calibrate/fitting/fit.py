@@ -57,7 +57,7 @@ from calibrate.fitting.calibration import (
   is_probe,
 )
 from calibrate.fitting.metrics import fragment_means
-from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
+from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates, where
 from calibrate.io.simulated import plan_for
 from surrogate import model as model_lib
 from surrogate import optim
@@ -148,34 +148,34 @@ def check_runs(fragments: Fragments, runs: Sequence[RunLog], *, min_steps: int =
     raise FitError("fit needs at least one real run with evals")
   first = runs[0]
   for r in runs:
-    where = f"run {r.header.run_id!r}" + (f" ({r.path})" if r.path else "")
+    at = where(r)
     if r.header.dataset_sha256.lower() != fragments.sha256:
-      raise FitError(f"{where} was recorded on another fragments file: its dataset_sha256 "
+      raise FitError(f"{at} was recorded on another fragments file: its dataset_sha256 "
                      f"{r.header.dataset_sha256[:12]}... is not {fragments.sha256[:12]}...")
     if r.is_order_file:
-      raise FitError(f"{where} has no evals: an order file cannot calibrate")
+      raise FitError(f"{at} has no evals: an order file cannot calibrate")
     if (optim.OptimizerConfig.from_dict(r.header.optimizer)
         != optim.OptimizerConfig.from_dict(first.header.optimizer)):
-      raise FitError(f"{where} uses optimizer {r.header.optimizer}, but "
+      raise FitError(f"{at} uses optimizer {r.header.optimizer}, but "
                      f"{first.header.run_id!r} uses {first.header.optimizer}: calibrate on runs "
                      "of one optimizer setting")
     if r.num_steps != first.num_steps or r.header.batch_size != first.header.batch_size:
-      raise FitError(f"{where} has {r.num_steps} steps of batch {r.header.batch_size}, but "
+      raise FitError(f"{at} has {r.num_steps} steps of batch {r.header.batch_size}, but "
                      f"{first.header.run_id!r} has {first.num_steps} of {first.header.batch_size}")
     if r.num_steps < min_steps:
-      raise FitError(f"{where} is too short to fit: {r.num_steps} steps (at least {min_steps})")
+      raise FitError(f"{at} is too short to fit: {r.num_steps} steps (at least {min_steps})")
     steps = r.eval_steps
     if len(set(steps)) < 2 or 0 not in steps:
-      raise FitError(f"{where} is too short to fit: it needs evals at step 0 and at least one "
+      raise FitError(f"{at} is too short to fit: it needs evals at step 0 and at least one "
                      f"later step, it has steps {sorted(set(steps))}")
     if sorted(set(steps)) != sorted(set(first.eval_steps)):
-      raise FitError(f"{where} is evaluated at steps {sorted(set(steps))}, "
+      raise FitError(f"{at} is evaluated at steps {sorted(set(steps))}, "
                      f"{first.header.run_id!r} at {sorted(set(first.eval_steps))}")
     probes = {fragments.examples[i].id for i in fragments.probe_indices()}
     for ev in r.evals:
       missing = probes - ev.losses.keys()
       if missing:
-        raise FitError(f"{where}: the eval at step {ev.step} lacks probe examples, e.g. "
+        raise FitError(f"{at}: the eval at step {ev.step} lacks probe examples, e.g. "
                        f"{sorted(missing)[:3]}; calibration needs every probe at every eval")
   if len(runs) == 1:
     warnings.warn("fitting on a single run: the order-effect gain stays at its prior and the "

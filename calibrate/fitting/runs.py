@@ -25,6 +25,7 @@ from calibrate.io.runlog import (
   StepRecord,
   order_from_runlog,
   run_learning_rates,
+  where,
 )
 from calibrate.io.simulated import check_not_empty, wanted_eval_steps
 from surrogate import optim
@@ -50,19 +51,19 @@ def check_compatible(sim: Simulator, runs: Sequence[RunLog]) -> None:
   """Raises `CalibrationError` for runs the simulator cannot predict; warns on other
   optimizer settings of the same family."""
   for r in runs:
-    rid = r.header.run_id
+    rid = where(r)
     if r.header.dataset_sha256.lower() != sim.fragments.sha256:
-      raise CalibrationError(f"run {rid!r} is of another fragments file (dataset_sha256 differs "
+      raise CalibrationError(f"{rid} is of another fragments file (dataset_sha256 differs "
                              "from the simulator's)")
     if r.num_steps > sim.num_steps:
-      raise CalibrationError(f"run {rid!r} has {r.num_steps} steps; the simulator was calibrated "
+      raise CalibrationError(f"{rid} has {r.num_steps} steps; the simulator was calibrated "
                              f"on {sim.num_steps}-step runs and cannot predict beyond them")
     name = r.header.optimizer.get("name")
     if name != sim.opt_cfg.name.value:
-      raise CalibrationError(f"run {rid!r} uses optimizer {name!r}; the simulator was calibrated "
+      raise CalibrationError(f"{rid} uses optimizer {name!r}; the simulator was calibrated "
                              f"on {sim.opt_cfg.name.value!r} runs")
     if optim.OptimizerConfig.from_dict(r.header.optimizer) != sim.opt_cfg:
-      warnings.warn(f"run {rid!r} has optimizer settings {r.header.optimizer}, the calibration "
+      warnings.warn(f"{rid} has optimizer settings {r.header.optimizer}, the calibration "
                     f"runs {sim.opt_cfg.to_dict()}: its learning rates are simulated as given, "
                     "the other settings as calibrated, and the prediction is an extrapolation",
                     UserWarning, stacklevel=3)
@@ -88,13 +89,14 @@ def predict_runs(sim: Simulator, runs: Sequence[RunLog], *, progress: bool = Fal
   steps = wanted_eval_steps(runs[0])
   for r in runs[1:]:
     if wanted_eval_steps(r) != steps:
-      raise CalibrationError(f"run {r.header.run_id!r} is evaluated at other steps than "
-                             f"{runs[0].header.run_id!r}; predict them in separate calls")
+      raise CalibrationError(f"{where(r)} is evaluated at other steps than "
+                             f"{where(runs[0])}; predict them in separate calls")
   orders = [order_from_runlog(r, sim.fragments) for r in runs]
-  shapes = {o.shape for o in orders}
-  if len(shapes) > 1:
-    raise CalibrationError(f"the runs differ in steps or batch size ({sorted(shapes)}); "
-                           "predict them in separate calls")
+  for r, o in zip(runs[1:], orders[1:]):
+    if o.shape != orders[0].shape:
+      raise CalibrationError(f"{where(r)} has {o.shape[0]} steps of {o.shape[1]}, "
+                             f"{where(runs[0])} {orders[0].shape[0]} of {orders[0].shape[1]}; "
+                             "predict them in separate calls")
   eval_ids = list(sim.eval_ids)
   seen = set(eval_ids)
   for r in runs:
@@ -107,7 +109,7 @@ def predict_runs(sim: Simulator, runs: Sequence[RunLog], *, progress: bool = Fal
     prediction, _ = predict(sim, np.stack(orders), np.stack([run_learning_rates(r) for r in runs]),
                             steps, eval_ids=eval_ids, progress=progress, chunk_size=chunk_size)
   except CalibrationError as e:
-    raise CalibrationError(f"run {runs[0].header.run_id!r}: {e}") from None
+    raise CalibrationError(f"{where(runs[0])}: {e}") from None
   return prediction
 
 

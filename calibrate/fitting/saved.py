@@ -1,6 +1,7 @@
 """The saved simulator: a folder of plain data, written and read here only.
 
-Files: `simulator.json` (settings, gains, how the fit went, every other file's sha256),
+Files: `simulator.json` (settings, gains, how the fit went, every other file's sha256 and its
+own),
 `arrays.npz` (loaded without pickle), `tokenizer.json` and a copy of the fragments file.
 Loading checks every file's sha256, so a truncated or edited folder fails clearly.
 """
@@ -20,7 +21,12 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from calibrate.fitting.baselines import SimfluenceLinear
-from calibrate.fitting.calibration import Calibration, FitInfo, Simulator, SimulatorConfig
+from calibrate.fitting.calibration import (
+  Calibration,
+  FitInfo,
+  Simulator,
+  SimulatorConfig,
+)
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.errors import DataError
@@ -68,6 +74,7 @@ def save(sim: Simulator, path: str | os.PathLike) -> None:
       "simfluence_ridge": sim.simfluence.ridge,
       "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
   }
+  meta["sha256"] = _self_sha256(meta)
   # simulator.json last: a folder without it (a save killed midway) is no simulator.
   atomic_write(os.path.join(path, "simulator.json"),
                (json.dumps(meta, indent=1) + "\n").encode())
@@ -89,8 +96,8 @@ def load(path: str | os.PathLike) -> Simulator:
                          path=meta_path) from None
   except OSError as e:
     raise SimulatorError(f"cannot be read ({e.strerror})", path=meta_path) from None
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise SimulatorError(f"not valid JSON ({e})", path=meta_path) from None
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise SimulatorError(f"not valid JSON ({type(e).__name__}: {e})", path=meta_path) from None
   if not isinstance(meta, dict):
     raise SimulatorError(f"expected a JSON object of format {FORMAT!r}", path=meta_path)
   if meta.get("format") != FORMAT:
@@ -99,6 +106,9 @@ def load(path: str | os.PathLike) -> Simulator:
         f"format {meta.get('format')!r}" + (f" (written by {by})" if isinstance(by, str) else "")
         + f"; surrogate-sim {_version()} reads {FORMAT!r}: save it again with this version",
         path=meta_path, field="format")
+  if "sha256" in meta and meta["sha256"] != _self_sha256(meta):  # absent before 2026-12-01
+    raise SimulatorError("it was changed after saving (its own sha256 no longer matches)",
+                         path=meta_path, field="sha256")
   try:
     files = meta["files"]
     blobs = {}
@@ -140,6 +150,13 @@ def load(path: str | os.PathLike) -> Simulator:
     raise
   except (KeyError, TypeError, ValueError) as e:
     raise SimulatorError(f"inconsistent saved simulator ({e!r})", path=meta_path) from None
+
+
+def _self_sha256(meta: dict) -> str:
+  """The sha256 of simulator.json's content without its own `sha256` field (canonical JSON),
+  so an edit of any setting is caught as an edit of the other files is."""
+  rest = {k: v for k, v in meta.items() if k != "sha256"}
+  return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _version() -> str:

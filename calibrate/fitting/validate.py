@@ -21,7 +21,7 @@ from calibrate.fitting import metrics
 from calibrate.fitting.baselines import fragment_shares
 from calibrate.fitting.calibration import Simulator, maps_at
 from calibrate.fitting.runs import predict_runs
-from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
+from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates, where
 from surrogate.errors import CalibrationError
 from surrogate.jsonl import json_safe
 from surrogate.orders import order_sha256
@@ -152,7 +152,7 @@ def _real(runs: Sequence[RunLog], steps: np.ndarray, ids: Sequence[str]) -> np.n
     try:
       out.append([[by_step[int(s)][i] for i in ids] for s in steps])
     except KeyError as e:
-      raise CalibrationError(f"run {r.header.run_id!r} lacks the loss of {e.args[0]!r} at an eval "
+      raise CalibrationError(f"{where(r)} lacks the loss of {e.args[0]!r} at an eval "
                              "step; validation needs every probe at every eval") from None
   return np.array(out, np.float64)
 
@@ -192,12 +192,12 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   cal_orders = set(sim.fit_info.calibration_orders_sha256)
   for r in runs:
     if r.is_order_file:
-      raise CalibrationError(f"run {r.header.run_id!r} has no evals: nothing to validate against")
+      raise CalibrationError(f"{where(r)} has no evals: nothing to validate against")
     if r.header.run_id in cal:
-      raise CalibrationError(f"run {r.header.run_id!r} was used to calibrate the simulator; "
+      raise CalibrationError(f"{where(r)} was used to calibrate the simulator; "
                              "validate on held-out runs only")
     if order_sha256(order_from_runlog(r, sim.fragments)) in cal_orders:
-      raise CalibrationError(f"run {r.header.run_id!r} feeds exactly the batches of a "
+      raise CalibrationError(f"{where(r)} feeds exactly the batches of a "
                              "calibration run; validate on held-out orders only")
   reps, pairs = group_reruns(runs)
   if len(reps) < 2:

@@ -786,6 +786,11 @@ def learning_rates_from_runlog(runlog: RunLog) -> np.ndarray | None:
   return np.array([s.lr for s in runlog.steps], np.float32)
 
 
+def where(run: RunLog) -> str:
+  """How messages name a run: its id, and its file when it was read from one."""
+  return f"run {run.header.run_id!r}" + (f" ({run.path})" if run.path else "")
+
+
 def run_learning_rates(runlog: RunLog) -> np.ndarray:
   """The run's learning rates: the logged ones, else its own header's schedule."""
   from surrogate import optim
