@@ -157,11 +157,11 @@ def check_runs(fragments: Fragments, runs: Sequence[RunLog], *, min_steps: int =
     if (optim.OptimizerConfig.from_dict(r.header.optimizer)
         != optim.OptimizerConfig.from_dict(first.header.optimizer)):
       raise FitError(f"{at} uses optimizer {r.header.optimizer}, but "
-                     f"{first.header.run_id!r} uses {first.header.optimizer}: calibrate on runs "
+                     f"{where(first)} uses {first.header.optimizer}: calibrate on runs "
                      "of one optimizer setting")
     if r.num_steps != first.num_steps or r.header.batch_size != first.header.batch_size:
       raise FitError(f"{at} has {r.num_steps} steps of batch {r.header.batch_size}, but "
-                     f"{first.header.run_id!r} has {first.num_steps} of {first.header.batch_size}")
+                     f"{where(first)} has {first.num_steps} of {first.header.batch_size}")
     if r.num_steps < min_steps:
       raise FitError(f"{at} is too short to fit: {r.num_steps} steps (at least {min_steps})")
     steps = r.eval_steps
@@ -170,7 +170,7 @@ def check_runs(fragments: Fragments, runs: Sequence[RunLog], *, min_steps: int =
                      f"later step, it has steps {sorted(set(steps))}")
     if sorted(set(steps)) != sorted(set(first.eval_steps)):
       raise FitError(f"{at} is evaluated at steps {sorted(set(steps))}, "
-                     f"{first.header.run_id!r} at {sorted(set(first.eval_steps))}")
+                     f"{where(first)} at {sorted(set(first.eval_steps))}")
     probes = {fragments.examples[i].id for i in fragments.probe_indices()}
     for ev in r.evals:
       missing = probes - ev.losses.keys()
