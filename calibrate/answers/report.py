@@ -22,7 +22,10 @@ from calibrate.answers.outcomes import OUTCOMES
 from calibrate.answers.screen import DIAGNOSTICS, Screen
 from calibrate.answers.search import SearchResult
 from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
-from calibrate.io.runlog import RunLog, order_from_runlog
+from calibrate.fitting.runs import check_compatible
+from calibrate.io.runlog import RunLog, order_from_runlog, where
+from calibrate.io.simulated import check_not_empty
+from surrogate.errors import CalibrationError
 from surrogate.jsonl import atomic_write
 
 __all__ = ["TrajectoryPlot", "trajectories_of", "write_report"]
@@ -57,6 +60,12 @@ def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.
   The interval is normal, from the members' spread and the calibration residual of each
   fragment mean. `chunk_size` only matters for speed (see `calibrate.answers.search.evaluate`).
   """
+  check_not_empty(runs)
+  check_compatible(sim, runs)
+  for r in runs:
+    if r.num_steps != sim.num_steps:
+      raise CalibrationError(f"{where(r)} has {r.num_steps} steps; the report plots runs as long "
+                             f"as the calibration runs ({sim.num_steps} steps)")
   orders = np.stack([order_from_runlog(r, sim.fragments) for r in runs])
   prediction, _ = predict(sim, orders, schedule(sim), sim.steps_C, chunk_size=chunk_size,
                           progress=progress)
