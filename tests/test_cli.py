@@ -232,6 +232,13 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
   assert not (tmp_path / "o.jsonl").exists()           # nothing written on bad input
+  order = tmp_path / "good.jsonl"
+  assert main(["orders", "--data", str(data), "--kind", "shuffled", "--steps", "3",
+               "--batch-size", "2", "--out", str(order)]) == 0
+  capsys.readouterr()
+  assert main(["simulate", "--data", str(data), "--orders", str(order), "--out",
+               str(tmp_path / "out"), "--heads", "3", "--width", "16"]) == 2
+  assert "heads=3 must divide width=16" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:                  # argparse's own usage errors
     main(["orders", "--data", str(data)])
   assert e.value.code == 2

@@ -115,7 +115,10 @@ def _model_cfg(args, frags):
   from surrogate.prepare import model_config_for
   shape = {"width": args.width, "depth": args.depth, "heads": args.heads}
   if args.tokenizer is None:
-    return model_config_for(frags, length=args.length, vocab_size=args.vocab or 512, **shape)
+    try:  # ModelConfig checks the shape (heads must divide the width, ...)
+      return model_config_for(frags, length=args.length, vocab_size=args.vocab or 512, **shape)
+    except ValueError as e:
+      raise UsageError(f"--width/--depth/--heads/--length/--vocab: {e}") from None
   if args.vocab is not None:
     raise UsageError("--vocab sizes the surrogate's own BPE; with --tokenizer the vocabulary "
                      "is the real tokenizer's tokens that occur")
