@@ -17,7 +17,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -29,7 +28,7 @@ def main() -> None:
   p.add_argument("--seed", type=int, default=0, help="Hypothesis's seed")
   args = p.parse_args()
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  from cli_fuzz import CASES, FLAG_VALUES, SIM_FILES, copy_world, edit, judge, materialize, run
+  from cli_fuzz import CASES, judge, materialize, trial
   from hypothesis import HealthCheck, Phase, given, seed, settings
   from hypothesis import strategies as st
   from self_made import make_sim, make_world
@@ -46,29 +45,15 @@ def main() -> None:
   @settings(max_examples=args.examples, deadline=None, database=None, phases=[Phase.generate],
             suppress_health_check=list(HealthCheck))
   @given(case=st.sampled_from(CASES), data=st.data())
-  def trial(case, data):
-    root = tempfile.mkdtemp()
-    try:
-      paths = copy_world(valid, os.path.join(root, "world"))
-      out = os.path.join(root, "out")
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if case.flag is not None:
-          outcome = run(case, paths, out, flag_value=data.draw(st.sampled_from(FLAG_VALUES)))
-        elif os.path.basename(case.target(paths)) in SIM_FILES and data.draw(st.booleans()):
-          outcome = run(case, paths, out, delete=True)
-        else:
-          with open(case.target(paths), "rb") as f:
-            outcome = run(case, paths, out, new_bytes=edit(f.read(), data.draw))
-      problems = judge(outcome)
-      counts[case.name]["trials"] += 1
-      counts[case.name]["undocumented" if problems else f"exit {outcome.code}"] += 1
-      if problems:
-        findings[case.name].append(problems[0])
-    finally:
-      shutil.rmtree(root)
+  def one(case, data):
+    outcome = trial(valid, case, data.draw)
+    problems = judge(outcome)
+    counts[case.name]["trials"] += 1
+    counts[case.name]["undocumented" if problems else f"exit {outcome.code}"] += 1
+    if problems:
+      findings[case.name].append(problems[0])
 
-  trial()
+  one()
   shutil.rmtree(base)
   print(f"{'case':<32}{'trials':>8}{'exit 0':>8}{'exit 2':>8}{'undocumented':>14}")
   total = collections.Counter()

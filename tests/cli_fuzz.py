@@ -101,7 +101,8 @@ CASES = (
                                       "--out", o], lambda p: p["frags"], flag="--lr"),
     Case("orders --shares", lambda p, o: ["orders", "--data", p["frags"], "--kind", "blocked",
                                           "--sequence", "try,import", "--steps", "4",
-                                          "--batch-size", "2", "--shares", "@", "--out", o], lambda p: p["frags"], flag="--shares"),
+                                          "--batch-size", "2", "--shares", "@", "--out", o],
+         lambda p: p["frags"], flag="--shares"),
     Case("search --objective", lambda p, o: ["search", "--sim", p["sim"], "--budget", "1",
                                              "--objective", "@", "--quiet"],
          lambda p: p["sim"], flag="--objective"),
@@ -237,6 +238,29 @@ def run(case: Case, paths: dict[str, str], out: str, *, new_bytes: bytes | None 
   else:
     names = (target,)
   return Outcome(case.name, code, err.getvalue(), error, left, changed, names)
+
+
+def trial(valid: dict[str, str], case: Case, draw) -> Outcome:
+  """One trial on a fresh copy of the world `valid`: the case's target edited (or, for a
+  simulator folder's file, sometimes deleted; for a flag, its value replaced) and run."""
+  import tempfile
+  import warnings
+
+  from hypothesis import strategies as st
+  root = tempfile.mkdtemp()
+  try:
+    paths = copy_world(valid, os.path.join(root, "world"))
+    out = os.path.join(root, "out")
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      if case.flag is not None:
+        return run(case, paths, out, flag_value=draw(st.sampled_from(FLAG_VALUES)))
+      if os.path.basename(case.target(paths)) in SIM_FILES and draw(st.booleans()):
+        return run(case, paths, out, delete=True)
+      with open(case.target(paths), "rb") as f:
+        return run(case, paths, out, new_bytes=edit(f.read(), draw))
+  finally:
+    shutil.rmtree(root)
 
 
 def judge(o: Outcome) -> list[str]:
