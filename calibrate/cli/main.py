@@ -545,7 +545,8 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="surrogate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+  from calibrate.fitting.saved import package_version
+  p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
   sub = p.add_subparsers(dest="command", required=True)
 
   o = sub.add_parser("orders", help="write an order file (a RunLog without evals)")
@@ -701,14 +702,6 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--quiet", action="store_true", help="no progress bars")
   d.set_defaults(func=cmd_demo)
   return p
-
-
-def _version() -> str:
-  from importlib.metadata import PackageNotFoundError, version
-  try:
-    return version("surrogate-sim")
-  except PackageNotFoundError:  # run from a checkout that is not installed
-    return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,7 +61,7 @@ def save(sim: Simulator, path: str | os.PathLike) -> None:
     atomic_write(os.path.join(path, name), data)
   meta = {
       "format": FORMAT,
-      "written_by": f"surrogate-sim {_version()}",
+      "written_by": f"surrogate-sim {package_version()}",
       "model": dataclasses.asdict(cfg.model_cfg),
       "optimizer": cfg.opt_cfg.to_dict(),
       "knobs": {"lr_scale": float(cal.knobs.lr_scale),
@@ -104,7 +104,7 @@ def load(path: str | os.PathLike) -> Simulator:
     by = meta.get("written_by")
     raise SimulatorError(
         f"format {meta.get('format')!r}" + (f" (written by {by})" if isinstance(by, str) else "")
-        + f"; surrogate-sim {_version()} reads {FORMAT!r}: save it again with this version",
+        + f"; surrogate-sim {package_version()} reads {FORMAT!r}: save it again with this version",
         path=meta_path, field="format")
   if "sha256" in meta and meta["sha256"] != _self_sha256(meta):  # absent before 2026-12-01
     raise SimulatorError("it was changed after saving (its own sha256 no longer matches)",
@@ -159,7 +159,8 @@ def _self_sha256(meta: dict) -> str:
   return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
-def _version() -> str:
+def package_version() -> str:
+  """The installed surrogate-sim's version (saved folders record it; `surrogate --version`)."""
   from importlib.metadata import PackageNotFoundError, version
   try:
     return version("surrogate-sim")
