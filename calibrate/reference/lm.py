@@ -3,6 +3,7 @@ documentation, fine-tuned on categories of the `fortunes` quotes under many feed
 
     python -m calibrate.reference.lm --out calibrate/reference/data/lm      # about 20 minutes
     python -m calibrate.reference.lm --set dev  # 12 other categories, the same base: lm-dev
+    python -m calibrate.reference.lm --counterfactual   # the counterfactual family (runs.py)
 
 Two sets: `test` (the default, `data/lm`) and `dev` (`data/lm-dev`): the same base model and
 run plan on twelve other `fortunes` categories, so that settings can be chosen on real runs
@@ -35,7 +36,7 @@ import time
 
 import numpy as np
 
-from calibrate.reference.runs import Task, run_all
+from calibrate.reference.runs import Task, run_all, run_counterfactuals
 
 FORTUNE_DIR = "/usr/share/games/fortunes"
 CATEGORIES = ("people", "definitions", "computers", "songs-poems", "politics", "science",
@@ -181,6 +182,9 @@ def main() -> None:
                  help="dev: other categories, the test set's base (made first if missing)")
   p.add_argument("--out", help="default: data/lm (test) or data/lm-dev (dev)")
   p.add_argument("--workers", type=int, default=2)
+  p.add_argument("--counterfactual", action="store_true",
+                 help="run the counterfactual family (a base shuffle and the same order without "
+                      "each fragment, two seeds) into counterfactual/ instead of the 24-order plan")
   args = p.parse_args()
   import torch
   torch.set_num_threads(1)
@@ -191,7 +195,8 @@ def main() -> None:
   base_out = out if args.set == "test" else test_out  # dev shares the test set's base
   make_base(base_out)
   print(f"base ready ({time.time() - t0:.0f} s)", flush=True)
-  run_all(task(out, os.path.join(base_out, "base")), workers=args.workers)
+  run = run_counterfactuals if args.counterfactual else run_all
+  run(task(out, os.path.join(base_out, "base")), workers=args.workers)
 
 
 if __name__ == "__main__":

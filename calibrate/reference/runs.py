@@ -1,7 +1,11 @@
 """The reference run set, shared by every task: which orders are run, and how one run goes.
 
 A task (`lm`, `cls`) names its base model, its fragments file and its optimizer; this
-module plans the 24 orders and fine-tunes the base on each, recording with `Recorder`.
+module plans the 24 orders and fine-tunes the base on each, recording with `Recorder`
+(`runs/`), and the counterfactual family (`counterfactual/`): one base shuffle that is not
+a calibration run and the same order without each fragment, all of it run again with a
+second training seed, so own contributions and interference are measured on real training
+beside their seed noise.
 """
 
 from __future__ import annotations
@@ -151,6 +155,57 @@ def run_order(task: Task, run_id: str, order, seed: int, path: str, **header) ->
   os.replace(tmp, path)
   print(f"{run_id}: {time.time() - t0:.1f} s", flush=True)
   return path
+
+
+CF_BASE, CF_ORDER_SEED = "cf-base", 100  # order seeds 0-3 are the calibration shuffles
+
+
+def counterfactual_plan(frags) -> list[tuple[str, np.ndarray, int, dict]]:
+  """(run_id, order [STEPS, BATCH], training seed, extra header) of the counterfactual
+  family: `cf-base` (a shuffle drawn with order seed 100), `cf-without-<fragment>` for every
+  fragment (`orders.without_fragment` of the base order, replacements drawn with key
+  100 + 1 + f), and each of them again with training seed 1 (`...-s1`: same batches)."""
+  import jax
+
+  from surrogate import orders
+  pools = frags.train_pools()
+  base = orders.OrderSpec(kind="shuffled").generate(
+      pools, key=jax.random.key(CF_ORDER_SEED), steps=STEPS, batch_size=BATCH)
+  family = [(CF_BASE, base, {"order_spec": {"kind": "shuffled"}, "order_seed": CF_ORDER_SEED})]
+  for f, name in enumerate(frags.names):
+    without = orders.without_fragment(base, pools, f, key=jax.random.key(CF_ORDER_SEED + 1 + f))
+    family.append((f"cf-without-{_slug(name)}", without,
+                   {"counterfactual_of": {"base": CF_BASE, "without": name}}))
+  plan = [(rid, order, 0, header) for rid, order, header in family]
+  for rid, order, header in family:
+    header = dict(header)
+    if "counterfactual_of" in header:
+      header["counterfactual_of"] = {**header["counterfactual_of"], "base": f"{CF_BASE}-s1"}
+    plan.append((f"{rid}-s1", order, 1, header))
+  return plan
+
+
+def _slug(name: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def _run_planned(task: Task, run_id: str, order: np.ndarray, seed: int, header: dict) -> str:
+  path = os.path.join(task.out, "counterfactual", f"{run_id}.jsonl")
+  if os.path.exists(path):
+    return path
+  return run_order(task, run_id, order, seed, path, **header)
+
+
+def run_counterfactuals(task: Task, workers: int = 2) -> None:
+  """Runs every run of `counterfactual_plan` not yet in `task.out/counterfactual`."""
+  from surrogate.fragments import read_fragments
+  frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))
+  plan = counterfactual_plan(frags)
+  os.makedirs(os.path.join(task.out, "counterfactual"), exist_ok=True)
+  t0 = time.time()
+  with ProcessPoolExecutor(workers) as pool:
+    list(pool.map(_run_planned, *zip(*[(task, *run) for run in plan])))
+  print(f"{len(plan)} runs in {task.out}/counterfactual ({time.time() - t0:.0f} s)")
 
 
 def run_all(task: Task, workers: int = 2) -> None:
