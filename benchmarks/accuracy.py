@@ -13,6 +13,7 @@ the wall time of each part; `--json PATH` also writes every figure.
   python benchmarks/accuracy.py --task lm --plan mixed --length 32 --lr-scales 2
   python benchmarks/accuracy.py --task lm-dev --effect-errors 0.25,0.5,1,2   # interval sweep
   python benchmarks/accuracy.py --task lm-dev --real-tokenizer   # the real model's tokens
+  python benchmarks/accuracy.py --task dev --teacher   # distilled from the real base (LM sets)
 
 Where the set has a counterfactual family (`counterfactual/`: a base shuffle and the same
 order without each fragment, two seeds; `python -m calibrate.reference.lm --counterfactual`),
@@ -84,7 +85,8 @@ def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[floa
 def run(task: str, seeds: int, plan: str, length: int | None = None,
         lr_scales: tuple[float, ...] | None = FitConfig.lr_scales,
         gain_prior: float = FitConfig.gain_prior,
-        effect_errors: tuple[float, ...] = (), real_tokenizer: bool = False) -> dict:
+        effect_errors: tuple[float, ...] = (), real_tokenizer: bool = False,
+        teacher: bool = False, distill_steps: int = FitConfig.distill_steps) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
@@ -93,11 +95,13 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
           and not r.header.run_id.startswith("shuffled-")]
   t0 = time.perf_counter()
   cfg, tokenizer = None if length is None else ModelConfig(length=length), None
-  if real_tokenizer:
+  the_teacher = _make_teacher(task, frags) if teacher else None
+  if real_tokenizer or teacher:
     cfg, tokenizer = model_config_for(frags, length=length,
                                       real_tokenizer=reference_tokenizer(task))
-  sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer,
-            config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior),
+  sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer, teacher=the_teacher,
+            config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior,
+                             distill_steps=distill_steps),
             key=_key(0), progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -106,7 +110,9 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   print(f"\n== {task}, plan {plan}: calibrated on {len(cal)} runs in {t_fit:.0f} s "
         f"(pre-training {sim.fit_info.seconds.pretrain:.0f} s), validated on {len(held)} "
         f"runs in {t_val:.0f} s; surrogate {sim.model_cfg.length} tokens per example, "
-        + ("the real tokenizer" if real_tokenizer else "its own BPE")
+        + ("the real tokenizer" if real_tokenizer or teacher else "its own BPE")
+        + (f", distilled {info_d.steps} steps (KL {info_d.kl_before:.3f} -> "
+           f"{info_d.kl_after:.3f})" if (info_d := sim.fit_info.distillation) else "")
         + f", vocabulary {sim.model_cfg.vocab_size}")
   info = sim.fit_info
   print(f"lr scale {info.lr_scale:g}; shape misfit "
@@ -130,6 +136,26 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   return {"fit_seconds": t_fit, "validate_seconds": t_val, "fit": info.to_json(),
           "validation": report.to_dict(), "coverage_by_effect_error": sweep,
           "counterfactual": None if family is None else family.to_dict()}
+
+
+def _make_teacher(task: str, frags):
+  """The set's real base model's next-token distributions (`surrogate teach`), in memory."""
+  import transformers
+
+  from calibrate.io.teacher import teach
+  from calibrate.reference import causal_base
+  from surrogate.datasets import python_docs_neutral
+  base = causal_base(task)
+  if base is None:
+    raise SystemExit(f"--teacher: the {task} set's real model is not a causal LM")
+  tok_file = os.path.join(base, "tokenizer.json")
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file)
+  model = transformers.AutoModelForCausalLM.from_pretrained(base)
+  t0 = time.perf_counter()
+  out = teach(model, tok, frags, tokenizer_file=tok_file, neutral_texts=python_docs_neutral()[:200],
+              k=32, length=128, progress=False)
+  print(f"teacher of {task}: {len(out.source_N)} texts in {time.perf_counter() - t0:.0f} s")
+  return out
 
 
 def _counterfactual_report(sim: Simulator, folder: str, frags):
@@ -165,13 +191,17 @@ def main() -> None:
   p.add_argument("--real-tokenizer", action="store_true",
                  help="the surrogate reads the real model's tokens (the sets' own tokenizer, "
                       "compacted) instead of a BPE of the fragments")
+  p.add_argument("--teacher", action="store_true",
+                 help="distil the surrogate from the set's real base model (its real "
+                      "tokenizer too; LM sets only)")
+  p.add_argument("--distill-steps", type=int, default=FitConfig.distill_steps)
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = {"both": ["lm", "cls"], "dev": list(DEVELOPMENT_SETS)}.get(args.task, [args.task])
   scales = tuple(float(x) for x in args.lr_scales.split(",") if x) or None
   sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
   out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior, sweep,
-                args.real_tokenizer) for t in tasks}
+                args.real_tokenizer, args.teacher, args.distill_steps) for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

@@ -2,7 +2,7 @@
 next-run, report, demo.
 
   surrogate orders --data F --kind blocked --sequence a,b,c --steps 200 --batch-size 16 --out o.jsonl
-  surrogate fit --data F --runs r1.jsonl r2.jsonl r3.jsonl --out sim/
+  surrogate fit --data F --runs r1.jsonl r2.jsonl r3.jsonl --out sim/ [--teacher teacher/]
   surrogate validate --sim sim/ --runs h1.jsonl h2.jsonl ... [--json]
   surrogate simulate --sim sim/ --orders o1.jsonl h1.jsonl --out DIR   (predicted, real scale)
   surrogate simulate --data F --orders o1.jsonl o2.jsonl --out DIR    (raw surrogate)
@@ -11,6 +11,7 @@ next-run, report, demo.
   surrogate search --sim sim/ [--budget 32] [--out best.jsonl] [--json]
   surrogate next-run --sim sim/ [--out next.jsonl] [--json]
   surrogate report --sim sim/ --out report/
+  surrogate teach --model DIR --data F --out teacher/   (the real base's distributions; torch)
   surrogate demo
 
 Run `surrogate COMMAND --help` for every option. Exit status: 0 done, 2 bad input (a usage
@@ -225,13 +226,15 @@ def cmd_fit(args) -> int:
   from calibrate.fitting.fit import FitConfig, fit
   from calibrate.fitting.saved import save
   from surrogate.fragments import read_fragments
+  teacher = _teacher(args)
   frags = read_fragments(args.data)
   runs = _read_runs(args.runs, frags)
   config = FitConfig(seeds=args.seeds, pretrain_steps=args.pretrain_steps,
-                     lr_scales=_floats(args.lr_scales, "lr-scales", positive=True))
+                     lr_scales=_floats(args.lr_scales, "lr-scales", positive=True),
+                     distill_steps=args.distill_steps)
   cfg, tokenizer = _model_cfg(args, frags)
   sim = fit(frags, runs, model_cfg=cfg, config=config, key=_key(args.seed), tokenizer=tokenizer,
-            progress=not args.quiet)
+            teacher=teacher, progress=not args.quiet)
   save(sim, args.out)
   info = sim.fit_info
   if args.json:
@@ -254,6 +257,10 @@ def cmd_fit(args) -> int:
     print("  the runs show little order effect (shuffled runs?), so the gain and the "
           "intervals rest on priors; one run of a structured order pins them (`surrogate "
           "next-run --sim " + args.out + "` suggests which)")
+  if info.distillation is not None:
+    d = info.distillation
+    print(f"  distilled from the teacher ({d.teacher_model}) for {d.steps} steps: KL to its "
+          f"next-token distributions {d.kl_before:.3f} -> {d.kl_after:.3f} nats")
   print(f"  fit MSE of fragment probe losses: {info.fit_mse:.5f}")
   if loo is not None:
     print(f"  leave-one-run-out MSE: {loo.mse:.5f} (order-agnostic mean: "
@@ -269,6 +276,65 @@ def cmd_fit(args) -> int:
                                      f", from the runs {err.leave_one_run_out:.3f}") + ")")
   print(f"wrote {args.out}")
   return 0
+
+
+def cmd_teach(args) -> int:
+  try:
+    import transformers
+
+    from calibrate.io.teacher import save_teacher, teach
+  except ImportError as e:
+    raise UsageError(f"surrogate teach runs the real model with torch: pip install "
+                     f"'surrogate-sim[torch]' ({e})") from None
+  from surrogate.fragments import read_fragments
+  frags = read_fragments(args.data)
+  tok_file = args.tokenizer or os.path.join(args.model, "tokenizer.json")
+  if not os.path.isfile(tok_file):
+    raise UsageError(f"{tok_file}: no tokenizer.json; name the real model's with --tokenizer")
+  if not os.path.isfile(os.path.join(args.model, "config.json")):
+    raise UsageError(f"{args.model}: not a Hugging Face model folder (no config.json)")
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file)
+  model = transformers.AutoModelForCausalLM.from_pretrained(args.model)
+  neutral: list[str] = []
+  if args.neutral:
+    from surrogate.datasets import python_docs_neutral
+    neutral = python_docs_neutral()[:args.neutral]
+  t0 = time.perf_counter()
+  teacher = teach(model, tokenizer, frags, tokenizer_file=tok_file, neutral_texts=neutral,
+                  k=args.k, length=args.length, batch_size=args.batch_size,
+                  progress=not args.quiet and not args.json)
+  save_teacher(teacher, args.out)
+  summary = {"wrote": args.out, "examples": teacher.num_examples, "neutral_texts": len(neutral),
+             "k": teacher.k, "length": teacher.length, "seconds": time.perf_counter() - t0}
+  if args.json:
+    _print_json(summary)
+  else:
+    print(f"wrote {args.out}: the top {teacher.k} next tokens of {args.model} at each of the "
+          f"first {teacher.length} positions of {teacher.num_examples} examples and "
+          f"{len(neutral)} neutral texts ({summary['seconds']:.0f} s)")
+  return 0
+
+
+def _teacher(args):
+  """The `--teacher` folder, read and checked against `--tokenizer`; with a teacher the
+  surrogate reads the teacher's own tokenizer (set in `args.tokenizer`)."""
+  if args.teacher is None:
+    return None
+  from calibrate.io.teacher import load_teacher, tokenizer_sha256
+  teacher = load_teacher(args.teacher)
+  own = os.path.join(args.teacher, "tokenizer.json")
+  if args.tokenizer is not None:
+    with open(args.tokenizer, encoding="utf-8") as f:
+      sha = tokenizer_sha256(f.read())
+    if sha != teacher.tokenizer_sha256:
+      raise UsageError(f"--tokenizer {args.tokenizer} (sha256 {sha[:12]}...) is not the "
+                       f"tokenizer --teacher {args.teacher} was made with (sha256 "
+                       f"{teacher.tokenizer_sha256[:12]}..., {own}); leave --tokenizer out")
+  if args.vocab is not None:
+    raise UsageError("--vocab sizes the surrogate's own BPE; with --teacher the surrogate "
+                     "reads the teacher's tokenizer")
+  args.tokenizer = own
+  return teacher
 
 
 def cmd_validate(args) -> int:
@@ -587,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: 2 with a 32-token context, 3 with 64, the rates that ranked "
                       "best on the development sets; e.g. 1,2,4 to choose by the loss "
                       "curves' shape)")
+  f.add_argument("--teacher", metavar="DIR",
+                 help="a teacher folder (`surrogate teach`): the surrogate reads the real "
+                      "tokenizer's tokens and is distilled towards the real base model's "
+                      "next-token distributions after pre-training")
+  f.add_argument("--distill-steps", type=_int_from(0, 10_000_000), default=800,
+                 help="distillation steps per seed with --teacher (800)")
   f.add_argument("--json", action="store_true", help="print how the fit went as JSON")
   f.add_argument("--quiet", action="store_true", help="no progress bar")
   _model_args(f)
@@ -684,6 +756,22 @@ def build_parser() -> argparse.ArgumentParser:
                   help="print the report's path, the screen and the best order as JSON")
   screen_args(rp)
   rp.set_defaults(func=cmd_report)
+
+  te = sub.add_parser("teach", help="the real base model's next-token distributions on the "
+                                    "fragments, for the surrogate to learn (needs [torch])")
+  te.add_argument("--model", required=True, help="the real base model's folder (Hugging Face)")
+  te.add_argument("--data", required=True, help="fragments file")
+  te.add_argument("--out", required=True, help="folder for the teacher file")
+  te.add_argument("--tokenizer", help="the model's tokenizer.json (default: MODEL/tokenizer.json)")
+  te.add_argument("--k", type=_int_from(1, 4096), default=32, help="next tokens kept per position (32)")
+  te.add_argument("--length", type=_int_from(2, 100_000), default=64,
+                  help="tokens read per example (64)")
+  te.add_argument("--neutral", type=_int_from(0, 1_000_000), default=0,
+                  help="also this many neutral texts (Python's manual) (0)")
+  te.add_argument("--batch-size", type=_int_from(1, 4096), default=8, help="texts per forward pass (8)")
+  te.add_argument("--json", action="store_true", help="print what was written as JSON")
+  te.add_argument("--quiet", action="store_true", help="no progress bar")
+  te.set_defaults(func=cmd_teach)
 
   d = sub.add_parser("demo", help="the main job on the bundled real runs: calibrate, screen, "
                                    "search, check against held-out runs, report")

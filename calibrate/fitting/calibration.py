@@ -149,6 +149,20 @@ class BaselineInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillInfo:
+  """How the surrogate was distilled from a teacher (`fit(teacher=...)`).
+
+  kl_before, kl_after: the mean KL divergence (nats per position) of the teacher's coarsened
+  next-token distributions from the first seed's, before and after distillation."""
+  teacher_model: str
+  dataset_sha256: str
+  tokenizer_sha256: str
+  steps: int
+  kl_before: float
+  kl_after: float
+
+
+@dataclasses.dataclass(frozen=True)
 class FitInfo:
   """How the fit went. Saved as JSON (`to_json`), in the layout `surrogate fit` prints."""
   calibration_runs: tuple[str, ...]
@@ -163,6 +177,7 @@ class FitInfo:
   effect_error: EffectErrorFit
   seconds: FitSeconds
   baselines: BaselineInfo
+  distillation: DistillInfo | None = None
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -173,7 +188,8 @@ class FitInfo:
 
     Folders of the same format saved before a field existed are read too (the format is
     extended, never broken): no `calibration_orders_sha256` (validate then checks run ids
-    only), no `train_fidelity`, and `effect_error` a plain number (the value used).
+    only), no `train_fidelity` or `distillation`, and `effect_error` a plain number (the
+    value used).
     """
     loo = d["leave_one_run_out"]
     err = d["effect_error"]
@@ -187,7 +203,9 @@ class FitInfo:
         gain=GainFit(**d["gain"]), fit_mse=float(d["fit_mse"]),
         leave_one_run_out=None if loo is None else LeaveOneRunOut(**loo),
         train_fidelity=d.get("train_fidelity"), effect_error=err,
-        seconds=FitSeconds(**d["seconds"]), baselines=BaselineInfo(**d["baselines"]))
+        seconds=FitSeconds(**d["seconds"]), baselines=BaselineInfo(**d["baselines"]),
+        distillation=None if d.get("distillation") is None
+        else DistillInfo(**d["distillation"]))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -44,6 +44,7 @@ from calibrate.fitting.baselines import SimfluenceLinear, fragment_shares
 from calibrate.fitting.calibration import (
   BaselineInfo,
   Calibration,
+  DistillInfo,
   EffectErrorFit,
   FitInfo,
   FitSeconds,
@@ -59,9 +60,11 @@ from calibrate.fitting.calibration import (
 from calibrate.fitting.metrics import fragment_means
 from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates, where
 from calibrate.io.simulated import plan_for
+from calibrate.io.teacher import Teacher, targets
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.datasets import python_docs_neutral
+from surrogate.distill import distill_ensemble, distill_kl
 from surrogate.errors import CalibrationError
 from surrogate.fragments import Fragments
 from surrogate.orders import order_sha256
@@ -104,6 +107,8 @@ class FitConfig:
       runs over both development sets (docs/experiments.md).
     fallback_effect_error: the prior without train evals; 0.5, by the same rule over a grid
       of fixed values (0, 0.25, 0.5, 1, 1.5, 2, 3).
+    distill_steps: with a teacher (`fit(teacher=...)`), steps of distillation per seed
+      after the pre-training on neutral text (`pretrain_steps`, which may be 0).
     min_steps: runs shorter than this cannot be fitted.
     chunk_size: orders per compiled simulation call (default: `simulate.default_chunk_size`).
   """
@@ -119,6 +124,7 @@ class FitConfig:
   effect_error: float | None = None
   misfit_to_error: float = 0.3
   fallback_effect_error: float = 0.5
+  distill_steps: int = 800
   min_steps: int = 10
   chunk_size: int | None = None
 
@@ -396,9 +402,11 @@ def simulate_knob_grid(params_S, cands: Sequence[tuple[float, float]], runs: Seq
 
 
 class Pretrained(NamedTuple):
-  """The pre-training stage: the surrogate seeds and the data prepared for them."""
+  """The pre-training stage: the surrogate seeds, the data prepared for them, and how the
+  distillation went (None without a teacher)."""
   params_S: model_lib.Params
   prep: Prepared
+  distillation: DistillInfo | None = None
 
 
 class KnobChoice(NamedTuple):
@@ -418,9 +426,10 @@ class EvalSet(NamedTuple):
 
 def pretrain_stage(fragments: Fragments, runs: Sequence[RunLog], model_cfg: model_lib.ModelConfig,
                    tokenizer: Tokenizer | None, config: FitConfig, neutral_texts, *,
-                   key: jax.Array) -> Pretrained:
-  """Prepares the data (every train example all runs evaluate is predicted too) and
-  pre-trains the surrogate seeds on neutral text."""
+                   key: jax.Array, teacher: Teacher | None = None) -> Pretrained:
+  """Prepares the data (every train example all runs evaluate is predicted too),
+  pre-trains the surrogate seeds on neutral text and, with a teacher, distils the real base
+  model's next-token distributions into them."""
   evaluated = {i for r in runs for ev in r.evals for i in ev.losses}
   common = [i for i in evaluated if all(i in ev.losses for r in runs for ev in r.evals)]
   pos = example_positions(fragments, common)
@@ -433,7 +442,16 @@ def pretrain_stage(fragments: Fragments, runs: Sequence[RunLog], model_cfg: mode
   check_vocab(corpus, model_cfg.vocab_size, "the pre-training text")
   params_S, _ = pretrain_ensemble(corpus, model_cfg=model_cfg, key=k_pre, seeds=config.seeds,
                                   steps=config.pretrain_steps)
-  return Pretrained(params_S, prep)
+  if teacher is None:
+    return Pretrained(params_S, prep)
+  goal = targets(teacher, prep.tokenizer, model_cfg.vocab_size, model_cfg.length)
+  first = lambda p: jax.tree.map(lambda a: a[0], p)  # noqa: E731
+  kl_before = distill_kl(first(params_S), goal, model_cfg)
+  params_S, _ = distill_ensemble(params_S, goal, cfg=model_cfg, key=jax.random.fold_in(k_pre, 1),
+                                 steps=config.distill_steps)
+  info = DistillInfo(teacher.model, teacher.dataset_sha256, teacher.tokenizer_sha256,
+                     config.distill_steps, kl_before, distill_kl(first(params_S), goal, model_cfg))
+  return Pretrained(params_S, prep, info)
 
 
 def choose_knobs(sur_KxSxRxCxM: np.ndarray, diverged_KxSxR: np.ndarray, real_RxCxM: np.ndarray,
@@ -486,7 +504,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
         model_cfg: model_lib.ModelConfig | None = None,
         key: jax.Array, config: FitConfig = FitConfig(),
         neutral_texts: Sequence[str] | None = None, tokenizer: Tokenizer | None = None,
-        progress: bool = True) -> Simulator:
+        teacher: Teacher | None = None, progress: bool = True) -> Simulator:
   """Calibrates the surrogate to real runs of `fragments`.
 
   The stages, each a function of its own: `check_runs`, `pretrain_stage`,
@@ -505,7 +523,12 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       `pydoc_data`, which ships with Python). It must not contain the fragments' examples.
     tokenizer: the surrogate's tokenizer for `model_cfg`, as `model_config_for` returns it
       with the shape: a BPE already trained on `fragments`, or the real model's tokenizer
-      compacted (`model_config_for(real_tokenizer=...)`); by default a BPE is trained here.
+      compacted (`model_config_for(real_tokenizer=...)`); by default a BPE is trained here,
+      or, with a teacher, the teacher's tokenizer is compacted.
+    teacher: the real base model's next-token distributions on these fragments
+      (`calibrate.io.teacher`, `surrogate teach`): the surrogate then reads the real
+      tokenizer's tokens and is distilled towards the teacher after pre-training
+      (`FitConfig.distill_steps`).
     progress: show progress bars.
 
   Returns:
@@ -513,18 +536,27 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
 
   Raises:
     FitError: the runs cannot be calibrated on (see `check_runs`).
+    CalibrationError: a teacher of another fragments file, or a tokenizer that is not the
+      teacher's.
     ValueError: a `tokenizer` without the `model_cfg` it was trained for.
   """
   t0 = time.perf_counter()
   check_runs(fragments, runs, min_steps=config.min_steps)
+  if teacher is not None:
+    teacher.check_matches(fragments, teacher.tokenizer_sha256, where="the teacher")
   first = runs[0]
   opt_cfg = optim.OptimizerConfig.from_dict(first.header.optimizer)
   if model_cfg is None:
     if tokenizer is not None:
       raise ValueError("fit: pass `model_cfg` with `tokenizer` (the shape it was trained for)")
-    model_cfg, tokenizer = model_config_for(fragments)
+    model_cfg, tokenizer = model_config_for(
+        fragments, real_tokenizer=None if teacher is None else teacher.tokenizer(),
+        neutral_texts=neutral_texts)
+  elif teacher is not None and tokenizer is None:
+    raise ValueError("fit: with a teacher and a `model_cfg`, pass the tokenizer it was sized "
+                     "with (`model_config_for(real_tokenizer=teacher.tokenizer())`)")
   pre = pretrain_stage(fragments, runs, model_cfg, tokenizer, config, neutral_texts,
-                       key=key)
+                       key=key, teacher=teacher)
   t_pre = time.perf_counter() - t0  # the BPE and the checks included, as before
   eval_ids = tuple(pre.prep.eval_ids())
   pos = example_positions(fragments, eval_ids)
@@ -567,7 +599,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       weight_decay_scale=chosen.weight_decay_scale, gain=gains.common, fit_mse=fit_mse,
       leave_one_run_out=res.loo, train_fidelity=rho, effect_error=effect_error,
       seconds=FitSeconds(t_pre, time.perf_counter() - t0),
-      baselines=BaselineInfo(simfluence.ridge, float(lrs.max())))
+      baselines=BaselineInfo(simfluence.ridge, float(lrs.max())),
+      distillation=pre.distillation)
   calibration = Calibration(
       params_S=pre.params_S,
       knobs=optim.Knobs(jnp.float32(chosen.lr_scale), jnp.float32(chosen.weight_decay_scale)),

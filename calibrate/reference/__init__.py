@@ -14,6 +14,18 @@ DEVELOPMENT_SETS = ("lm-dev", "cls", "multilingual", "whatis")
 SETS = (TEST_SET, *DEVELOPMENT_SETS)
 
 
+def causal_base(task: str) -> str | None:
+  """The folder of a set's real base model when it is a causal LM (a teacher can be made
+  from it: `surrogate teach`), else None (`cls` fine-tunes an encoder with a fresh head)."""
+  if task in ("lm", "lm-dev", "whatis"):
+    return os.path.join(DATA, "lm", "base")
+  if task == "multilingual":
+    return os.path.join(DATA, "multilingual", "base")
+  if task == "cls":
+    return None
+  raise ValueError(f"unknown reference set {task!r}; use one of {', '.join(SETS)}")
+
+
 def real_tokenizer(task: str) -> Tokenizer:
   """The real model's own tokenizer for a reference set (one of `SETS`).
 
