@@ -13,6 +13,7 @@ from calibrate.answers.outcomes import OUTCOMES, Outcome, Thresholds, label_outc
 from calibrate.answers.report import trajectories_of, write_report
 from calibrate.answers.screen import screen
 from calibrate.answers.search import evaluate, next_run, search
+from calibrate.fitting.validate import validate
 from calibrate.io.runlog import order_from_runlog, read_runlog
 from surrogate import orders
 
@@ -120,9 +121,11 @@ def test_report_is_a_self_contained_page_that_renders(world, sim, screened, tmp_
   for p in plots:
     assert (p.lo_CxF <= p.pred_CxF + 1e-9).all() and (p.pred_CxF <= p.hi_CxF + 1e-9).all()
     np.testing.assert_allclose(p.real_CxF[0], plots[0].real_CxF[0])   # one start state
-  html_path = write_report(tmp_path, sim, screen=screened, search=result, trajectories=plots)
+  html_path = write_report(tmp_path, sim, screen=screened, search=result, trajectories=plots,
+                           validation=validate(sim, runs[3:]))
   page = open(html_path, encoding="utf-8").read()
   assert page.count("data:image/png;base64,") == 5
+  assert "Validated on 3 held-out real runs" in page
   import matplotlib.image as mpimg
   for name in ("trajectories", "outcomes", "interference", "diagnostics", "ranking"):
     img = mpimg.imread(tmp_path / f"{name}.png")

@@ -86,3 +86,34 @@ def test_order_matters_more_than_the_seed(runs):
   order_gap = np.mean([np.abs(finals["blocked-p0"] - finals[k]).mean()
                        for k in ("blocked-p1", "interleaved", "subset-1", "mixture-skewed")])
   assert order_gap > 2 * seed_gap, (order_gap, seed_gap)
+
+
+CF_TASKS = [t for t in ("lm", "cls", "lm-dev")
+            if len(glob.glob(os.path.join(ROOT, t, "counterfactual", "*.jsonl"))) >= 8]
+
+
+def test_the_counterfactual_families_are_committed():
+  assert set(CF_TASKS) == {"lm", "lm-dev", "cls"}, \
+      "calibrate/reference/data/*/counterfactual must hold the committed families"
+
+
+@pytest.mark.parametrize("task", CF_TASKS)
+def test_own_contributions_stand_out_of_seed_noise(task):
+  """Feeding a fragment lowers its own final probe loss by more than two seeds of the
+  same runs differ, for most fragments: the family can judge own contributions."""
+  from calibrate.fitting.verdicts import families
+  data = os.path.join(ROOT, task)
+  frags = read_fragments(os.path.join(data, "fragments.jsonl"))
+  logs = [read_runlog(p, frags)
+          for p in sorted(glob.glob(os.path.join(data, "counterfactual", "*.jsonl")))]
+  by_seed = {}
+  for fam in families(logs, frags):
+    base = _probe_CxF(frags, logs[fam.base])[-1]
+    by_seed[logs[fam.base].header.seed] = {
+        f: _probe_CxF(frags, logs[i])[-1][f] - base[f] for f, i in fam.without.items()}
+    # Only that fragment's slots changed: the run without it never feeds it.
+    assert set(fam.without) == set(range(len(frags.names)))
+  own0, own1 = (np.array([by_seed[s][f] for f in sorted(by_seed[s])]) for s in (0, 1))
+  noise_sd = np.sqrt(np.mean((own0 - own1) ** 2) / 2)   # of one seed's own contribution
+  mean = (own0 + own1) / 2
+  assert np.mean(mean > 3 * noise_sd / np.sqrt(2)) >= 2 / 3, (mean, noise_sd)

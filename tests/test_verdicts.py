@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from self_made import order_file
 
+from calibrate.answers.report import write_report
 from calibrate.fitting import verdicts
 from calibrate.fitting.runs import predict_runs, predicted_runlogs
 from calibrate.fitting.validate import validate
@@ -75,7 +76,8 @@ def _as_real(sim, files, seed=0, suffix=""):
   return out
 
 
-def test_a_family_predicted_by_the_simulator_itself_is_scored_perfectly(world, sim, family):
+def test_a_family_predicted_by_the_simulator_itself_is_scored_perfectly(world, sim, family,
+                                                                       tmp_path):
   real = _as_real(sim, family) + _as_real(sim, family, seed=1, suffix="-s1")
   report = validate(sim, real)
   (fam,) = report.verdicts
@@ -87,6 +89,8 @@ def test_a_family_predicted_by_the_simulator_itself_is_scored_perfectly(world, s
   # Two identical "seeds" agree exactly.
   assert seed["own_probe_spearman"] == pytest.approx(1.0) and seed["label_accuracy"] == 1.0
   assert "counterfactual family" in report.format_table()
+  page = open(write_report(tmp_path, sim, validation=report), encoding="utf-8").read()
+  assert "Verdicts on the real counterfactual family of cf-base" in page
   # Swap which run is "without" which fragment: the own contributions no longer follow.
   swapped = [real[0]] + [dataclasses.replace(r, evals=real[1 + (i + 1) % 4].evals)
                          for i, r in enumerate(real[1:5])]

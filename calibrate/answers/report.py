@@ -23,6 +23,7 @@ from calibrate.answers.screen import DIAGNOSTICS, Screen
 from calibrate.answers.search import SearchResult
 from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
 from calibrate.fitting.runs import check_compatible
+from calibrate.fitting.validate import ValidationReport
 from calibrate.io.runlog import RunLog, order_from_runlog, where
 from calibrate.io.simulated import check_not_empty
 from surrogate.errors import CalibrationError
@@ -203,11 +204,35 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _validation_section(report: ValidationReport) -> str:
+  sim = report.methods["simulator"]
+  rows = [[k.replace("_", " "), _num(v)] for k, v in {**sim, **report.ceiling}.items()]
+  out = (f"<h2>Validated on {len(report.run_ids)} held-out real runs</h2>"
+         + _table(["figure (DESIGN.md's metrics)", "simulator"], rows))
+  for fam in report.verdicts:
+    figs, seed = fam["simulator"], fam["seed_to_seed"]
+    names = [k for k in figs if k != "fragments"]
+    out += (f"<h3>Verdicts on the real counterfactual family of {html.escape(fam['base'])}"
+            f" ({len(fam['fragments'])} fragments left out one at a time)</h3>"
+            + _table(["figure", "simulator", "two real seeds"],
+                     [[k.replace("_", " "), _num(figs[k]), _num(seed.get(k, float("nan")))]
+                      for k in names]))
+  return out
+
+
+def _num(v: float) -> str:
+  return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
 def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | None = None,
                  search: SearchResult | None = None,
-                 trajectories: Sequence[TrajectoryPlot] = (), title: str = "Pre-screening report",
-                 notes: Sequence[str] = ()) -> str:
-  """Writes `report.html` and its PNGs into the folder `path`; returns the HTML's path."""
+                 trajectories: Sequence[TrajectoryPlot] = (),
+                 validation: ValidationReport | None = None,
+                 title: str = "Pre-screening report", notes: Sequence[str] = ()) -> str:
+  """Writes `report.html` and its PNGs into the folder `path`; returns the HTML's path.
+
+  `validation` (from `calibrate.fitting.validate.validate` on held-out real runs) adds its
+  figures, and the verdicts of any counterfactual family among the runs."""
   os.makedirs(path, exist_ok=True)
   sections, images = [], {}
 
@@ -239,6 +264,8 @@ def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | No
       rows.append([p.run_id, "held out" if p.held_out else "calibration", f"{err:.4g}",
                    f"{cover:.0%}"])
     sections.append(_table(["run", "role", "MSE (probe, per fragment)", "inside interval"], rows))
+  if validation is not None:
+    sections.append(_validation_section(validation))
   if screen is not None:
     pct = lambda x, fmt=".0%": "-" if not np.isfinite(x) else format(x, fmt)
     rows = [[name, *(pct(p) for p in screen.outcome_FxO[f]),

@@ -583,13 +583,27 @@ def cmd_report(args) -> int:
   from calibrate.answers.search import search
   result = search(sim, budget=args.budget, key=_key(args.seed), progress=not args.quiet)
   plots = trajectories_of(sim, runs, progress=not args.quiet) if runs else []
-  path = write_report(args.out, sim, screen=sc, search=result, trajectories=plots)
+  path = write_report(args.out, sim, screen=sc, search=result, trajectories=plots,
+                      validation=_held_out_validation(sim, runs, quiet=args.quiet))
   if args.json:
     _print_json({"wrote": path, "screen": sc.to_json(), "best_order": (
         result.best_spec.to_dict() if result.best_spec is not None else None)})
   else:
     print(f"wrote {path}")
   return 0
+
+
+def _held_out_validation(sim, runs, *, quiet: bool):
+  """`validate` on the runs that did not calibrate `sim`, when they hold two orders."""
+  from calibrate.fitting.validate import group_reruns, validate
+  from calibrate.io.runlog import order_from_runlog
+  from surrogate.orders import order_sha256
+  cal = set(sim.fit_info.calibration_orders_sha256)
+  held = [r for r in runs if r.evals and r.header.run_id not in sim.fit_info.calibration_runs
+          and order_sha256(order_from_runlog(r, sim.fragments)) not in cal]
+  if len(group_reruns(held)[0]) < 2:
+    return None
+  return validate(sim, held, progress=not quiet)
 
 
 def cmd_demo(args) -> int:
@@ -749,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   rp = sub.add_parser("report", help="screen, search and write the HTML report")
   rp.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
-  rp.add_argument("--runs", nargs="+", help="real runs to plot against their predictions")
+  rp.add_argument("--runs", nargs="+", help="real runs to plot against their predictions; "
+                  "those that did not calibrate are validated too (with the verdicts of a "
+                  "counterfactual family among them)")
   rp.add_argument("--budget", type=_int_from(1, 1_000_000), default=16, help="search budget (default 16)")
   rp.add_argument("--out", required=True, help="folder for report.html and its PNGs")
   rp.add_argument("--json", action="store_true",
