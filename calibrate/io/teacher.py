@@ -102,13 +102,17 @@ def teach(model, tokenizer, fragments: Fragments, *, tokenizer_file: str | os.Pa
     fragments: the fragments file the teacher is for.
     tokenizer_file: the tokenizer.json the ids are in (recorded by its sha256).
     k: next tokens kept per position.
-    length: tokens read per text (the surrogate's context).
+    length: tokens read per text (the surrogate's context); at most the model's positions.
     batch_size, chunk: texts per forward pass, and positions per logits block.
   """
   import torch
   from tqdm.auto import tqdm
   if k < 1 or length < 2:
     raise ValueError(f"teach needs k >= 1 and length >= 2, got k={k}, length={length}")
+  cfg = getattr(model, "config", None)
+  most = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+  if most:  # never past the positions the real model has
+    length = min(length, int(most))
   texts = example_texts(fragments) + list(neutral_texts)
   source = np.concatenate([np.arange(len(fragments.examples)),
                            -1 - np.arange(len(neutral_texts))]).astype(np.int32)
