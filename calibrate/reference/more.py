@@ -4,7 +4,8 @@
     python -m calibrate.reference.more --set whatis         # about 10 minutes here
 
 - `multilingual` (`data/multilingual`): its own base — GPT-2 (2 layers, width 128, 4 heads,
-  128 positions) with a byte-level BPE of 4,096 tokens, both trained on English man pages of
+  128 positions; 750 steps of 32 x 128 tokens, the `lm` base's token count) with a byte-level
+  BPE of 4,096 tokens, both trained on English man pages of
   sections 2-8 (not section 1, the `lm` base's text) and Python's reference manual — fine-tuned
   on man pages in 12 other languages (Debian's translated pages in /usr/share/man/<lang>),
   one fragment a language: long examples (chunks of about 600 characters, up to 128 tokens),
@@ -82,7 +83,7 @@ def _base_corpus(max_bytes: int = 3_000_000) -> list[str]:
   return texts + [re.sub(r"\s+", " ", t).strip() for _, t in sorted(topics.items())]
 
 
-def make_multilingual_base(out: str, *, steps: int = 1500, seed: int = 0) -> None:
+def make_multilingual_base(out: str, *, steps: int = 750, seed: int = 0) -> None:
   import torch
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
