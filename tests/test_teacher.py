@@ -17,19 +17,24 @@ transformers = pytest.importorskip("transformers")
 K, LENGTH = 5, 12  # distinct from the vocabulary (300), the texts and the width
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  frags = python_docs(("try", "import", "async"), max_train=4, max_probe=2)
-  raw = train_tokenizer(frags.texts_for_tokenizer(), 300)
-  path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-  raw.save(str(path))
+def tiny_real_model(texts, vocab_size, folder, seed):
+  """A tiny real GPT-2 (random weights) and its tokenizer, saved as `folder/tokenizer.json`."""
+  path = folder / "tokenizer.json"
+  train_tokenizer(texts, vocab_size).save(str(path))
   tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<bos>",
                                              pad_token="<pad>")
-  torch.manual_seed(0)
+  torch.manual_seed(seed)
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
       vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=1,
       eos_token_id=1))
-  return frags, tok, path, model
+  return tok, path, model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  frags = python_docs(("try", "import", "async"), max_train=4, max_probe=2)
+  return (frags, *tiny_real_model(frags.texts_for_tokenizer(), 300,
+                                  tmp_path_factory.mktemp("tok"), 0))
 
 
 def test_teacher_keeps_the_models_own_top_k(setup):
@@ -132,15 +137,7 @@ def test_fit_with_a_teacher_end_to_end(world, tmp_path):
   from calibrate.fitting.runs import predict_runs
   from surrogate.prepare import model_config_for
   frags, runs = world
-  raw = train_tokenizer(frags.texts_for_tokenizer() + NEUTRAL, 320)
-  path = tmp_path / "tokenizer.json"
-  raw.save(str(path))
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<bos>",
-                                             pad_token="<pad>")
-  torch.manual_seed(1)
-  real = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=1,
-      eos_token_id=1))
+  tok, path, real = tiny_real_model(frags.texts_for_tokenizer() + NEUTRAL, 320, tmp_path, 1)
   t = teach(real, tok, frags, tokenizer_file=path, neutral_texts=NEUTRAL[:20], k=K,
             length=LENGTH, progress=False)
   save_teacher(t, tmp_path / "teacher")

@@ -88,24 +88,32 @@ def _chunks(tokenizer, texts: list[str], length: int) -> np.ndarray:
 
 
 def make_base(out: str, *, steps: int = 1500, seed: int = 0) -> None:
+  """The `lm` sets' base (`out/base`): see the module docstring, steps 1-2."""
+  train_base(os.path.join(out, "base"), corpus_texts(), vocab_size=2048, length=LENGTH,
+             steps=steps, seed=seed)
+
+
+def train_base(base: str, texts: list[str], *, vocab_size: int, length: int, steps: int,
+               seed: int = 0) -> None:
+  """A byte-level BPE of `vocab_size` and a GPT-2 (2 layers, width 128, 4 heads, `length`
+  positions) pre-trained `steps` steps of 32 random chunks of `texts`, saved in `base`
+  (skipped when it is there)."""
   import torch
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  base = os.path.join(out, "base")
   if os.path.exists(os.path.join(base, "model.safetensors")):
     return
   os.makedirs(base, exist_ok=True)
-  texts = corpus_texts()
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=2048, special_tokens=["<|endoftext|>"], show_progress=False,
+      vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.save(os.path.join(base, "tokenizer.json"))
-  data = torch.from_numpy(_chunks(tok, texts, LENGTH))
+  data = torch.from_numpy(_chunks(tok, texts, length))
   torch.manual_seed(seed)
-  cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=LENGTH,
+  cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=length,
                                 n_embd=128, n_layer=2, n_head=4,
                                 bos_token_id=0, eos_token_id=0)
   model = transformers.GPT2LMHeadModel(cfg)

@@ -27,14 +27,13 @@ import argparse
 import functools
 import glob
 import gzip
-import json
 import os
 import re
 import time
 
 import numpy as np
 
-from calibrate.reference.lm import OPTIMIZER, load_base
+from calibrate.reference.lm import OPTIMIZER, load_base, train_base
 from calibrate.reference.runs import Task, run_all
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -84,47 +83,8 @@ def _base_corpus(max_bytes: int = 3_000_000) -> list[str]:
 
 
 def make_multilingual_base(out: str, *, steps: int = 750, seed: int = 0) -> None:
-  import torch
-  import transformers
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  base = os.path.join(out, "base")
-  if os.path.exists(os.path.join(base, "model.safetensors")):
-    return
-  os.makedirs(base, exist_ok=True)
-  texts = _base_corpus()
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.save(os.path.join(base, "tokenizer.json"))
-  eos = tok.token_to_id("<|endoftext|>")
-  ids = [i for enc in tok.encode_batch(texts) for i in enc.ids + [eos]]
-  n = len(ids) // LONG
-  data = torch.from_numpy(np.asarray(ids[: n * LONG], np.int64).reshape(n, LONG))
-  torch.manual_seed(seed)
-  cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=LONG, n_embd=128,
-                                n_layer=2, n_head=4, bos_token_id=eos, eos_token_id=eos)
-  model = transformers.GPT2LMHeadModel(cfg)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-  sched = transformers.get_cosine_schedule_with_warmup(opt, 100, steps)
-  gen = torch.Generator().manual_seed(seed)
-  t0 = time.time()
-  for step in range(steps):
-    batch = data[torch.randint(len(data), (32,), generator=gen)]
-    loss = model(input_ids=batch, labels=batch).loss
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    if step % 250 == 0 or step == steps - 1:
-      print(f"pretrain step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
-  model.save_pretrained(base)
-  with open(os.path.join(base, "corpus.json"), "w") as f:
-    json.dump({"texts": len(texts), "chars": sum(map(len, texts)), "chunks": int(n),
-               "steps": steps, "batch": 32, "final_loss": loss.item()}, f, indent=1)
+  train_base(os.path.join(out, "base"), _base_corpus(), vocab_size=4096, length=LONG,
+             steps=steps, seed=seed)
 
 
 def make_multilingual_fragments(out: str) -> str:
