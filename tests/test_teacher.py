@@ -120,7 +120,8 @@ def test_distillation_lowers_the_kl_to_the_teacher(setup):
   cfg, compact = model_config_for(frags, real_tokenizer=t.tokenizer(), length=LENGTH,
                                   neutral_texts=[], width=16, depth=1, heads=2, mlp_ratio=2)
   goal = targets(t, compact, cfg.vocab_size, LENGTH)
-  params_S = jax.vmap(lambda k: model_lib.init_params(k, cfg))(jax.random.split(jax.random.key(0), 2))
+  keys = jax.random.split(jax.random.key(0), 2)
+  params_S = jax.vmap(lambda k: model_lib.init_params(k, cfg))(keys)
   first = lambda p: jax.tree.map(lambda a: a[0], p)  # noqa: E731
   before = distill_kl(first(params_S), goal, cfg)
   after_S, loss_SxT = distill_ensemble(params_S, goal, cfg=cfg, key=jax.random.key(1), steps=80)

@@ -57,9 +57,9 @@ def family(world, sim):
   files = [order_file(frags, "cf-base", base)]
   for f, name in enumerate(frags.names):
     w = orders.without_fragment(base, pools, f, key=jax.random.key(60 + f))
-    files.append(dataclasses.replace(order_file(frags, f"cf-without-{f}", w), header=dataclasses.replace(
-        files[0].header, run_id=f"cf-without-{f}",
-        extra={"counterfactual_of": {"base": "cf-base", "without": name}})))
+    header = dataclasses.replace(files[0].header, run_id=f"cf-without-{f}", extra={
+        "counterfactual_of": {"base": "cf-base", "without": name}})
+    files.append(dataclasses.replace(order_file(frags, f"cf-without-{f}", w), header=header))
   return files
 
 

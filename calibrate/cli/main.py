@@ -779,12 +779,14 @@ def build_parser() -> argparse.ArgumentParser:
   te.add_argument("--data", required=True, help="fragments file")
   te.add_argument("--out", required=True, help="folder for the teacher file")
   te.add_argument("--tokenizer", help="the model's tokenizer.json (default: MODEL/tokenizer.json)")
-  te.add_argument("--k", type=_int_from(1, 4096), default=32, help="next tokens kept per position (32)")
+  te.add_argument("--k", type=_int_from(1, 4096), default=32,
+                  help="next tokens kept per position (32)")
   te.add_argument("--length", type=_int_from(2, 100_000), default=64,
                   help="tokens read per example (64)")
   te.add_argument("--neutral", type=_int_from(0, 1_000_000), default=0,
                   help="also this many neutral texts (Python's manual) (0)")
-  te.add_argument("--batch-size", type=_int_from(1, 4096), default=8, help="texts per forward pass (8)")
+  te.add_argument("--batch-size", type=_int_from(1, 4096), default=8,
+                  help="texts per forward pass (8)")
   te.add_argument("--json", action="store_true", help="print what was written as JSON")
   te.add_argument("--quiet", action="store_true", help="no progress bar")
   te.set_defaults(func=cmd_teach)

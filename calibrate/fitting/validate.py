@@ -208,7 +208,8 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   all_probe = np.ones(len(probe_ids), bool)
 
   def real_probe(rs):
-    return metrics.fragment_means(verdicts.real_losses(rs, steps, probe_ids), frag_M[probe_M], all_probe, num_f)
+    return metrics.fragment_means(verdicts.real_losses(rs, steps, probe_ids), frag_M[probe_M],
+                                  all_probe, num_f)
 
   real_f = real_probe(held)
 

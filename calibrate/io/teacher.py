@@ -71,9 +71,10 @@ class Teacher:
     """Raises `CalibrationError` naming both sides when this teacher was made for another
     fragments file or another tokenizer."""
     if self.dataset_sha256 != fragments.sha256:
+      given = fragments.path or "the one given"
       raise CalibrationError(f"{where} was made for the fragments file with sha256 "
-                             f"{self.dataset_sha256[:12]}..., not {fragments.path or 'the one given'}"
-                             f" (sha256 {fragments.sha256[:12]}...); run `surrogate teach` on it")
+                             f"{self.dataset_sha256[:12]}..., not {given} (sha256 "
+                             f"{fragments.sha256[:12]}...); run `surrogate teach` on it")
     if self.tokenizer_sha256 != tokenizer_sha256:
       raise CalibrationError(f"{where} was made with the tokenizer of sha256 "
                              f"{self.tokenizer_sha256[:12]}..., not the one given (sha256 "
@@ -126,7 +127,8 @@ def teach(model, tokenizer, fragments: Fragments, *, tokenizer_file: str | os.Pa
   head = model.get_output_embeddings()
   with torch.no_grad():
     for s in tqdm(range(0, n, batch_size), desc="teacher", disable=not progress, unit="batch"):
-      enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:length] for t in texts[s:s + batch_size]]
+      enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:length]
+             for t in texts[s:s + batch_size]]
       width = max(1, max(len(e) for e in enc))
       batch = torch.zeros((len(enc), width), dtype=torch.long)
       mask = torch.zeros_like(batch)
