@@ -68,12 +68,16 @@ def test_blocked_orders_forget_early_blocks(runs):
 
 
 def test_left_out_fragments_gain_less_than_fed_ones(runs):
+  """Against a shuffle of every fragment: fragments differ in how much any fine-tune moves
+  them (on `multilingual` a left-out language may still gain most), so each is compared with
+  itself."""
   frags, logs = runs
+  shuffle = _probe_CxF(frags, logs["shuffled-s0"])
   for name in ("subset-0", "subset-1", "subset-2"):
     log = logs[name]
     keep = set(log.header.extra["order_spec"]["keep"])
     probe = _probe_CxF(frags, log)
-    gain = probe[0] - probe[-1]
+    gain = (probe[0] - probe[-1]) - (shuffle[0] - shuffle[-1])
     fed = [f for f in range(len(frags.names)) if f in keep]
     left = [f for f in range(len(frags.names)) if f not in keep]
     assert gain[left].mean() < gain[fed].mean(), (name, gain)
