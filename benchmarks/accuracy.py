@@ -84,7 +84,7 @@ def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[floa
 
 def run(task: str, seeds: int, plan: str, length: int | None = None,
         lr_scales: tuple[float, ...] | None = FitConfig.lr_scales,
-        gain_prior: float = FitConfig.gain_prior,
+        gain_prior: float | None = None,
         effect_errors: tuple[float, ...] = (), real_tokenizer: bool = False,
         teacher: bool = False, distill_steps: int = FitConfig.distill_steps) -> dict:
   folder = os.path.join(DATA, task)
@@ -100,8 +100,9 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
     cfg, tokenizer = model_config_for(frags, length=length,
                                       real_tokenizer=reference_tokenizer(task))
   sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer, teacher=the_teacher,
-            config=FitConfig(seeds=seeds, lr_scales=lr_scales, gain_prior=gain_prior,
-                             distill_steps=distill_steps),
+            config=FitConfig(seeds=seeds, lr_scales=lr_scales, distill_steps=distill_steps,
+                             **({} if gain_prior is None else
+                                {"gain_prior": gain_prior, "teacher_gain_prior": gain_prior})),
             key=_key(0), progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -184,8 +185,9 @@ def main() -> None:
   p.add_argument("--lr-scales", default="",
                  help="candidate learning-rate scales for fit (one: no choice; default: "
                       "fit's, by the context length)")
-  p.add_argument("--gain-prior", type=float, default=FitConfig.gain_prior,
-                 help="prior mean of the common gain (see calibrate.fitting.fit.FitConfig)")
+  p.add_argument("--gain-prior", type=float, default=None,
+                 help="prior mean of the common gain, with or without --teacher (default: "
+                      "calibrate.fitting.fit.FitConfig's)")
   p.add_argument("--effect-errors", default="",
                  help="comma-separated effect errors: coverage of the same fit with each")
   p.add_argument("--real-tokenizer", action="store_true",
