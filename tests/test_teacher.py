@@ -65,12 +65,12 @@ def test_teacher_round_trip_and_clear_errors(setup, tmp_path):
   back = load_teacher(tmp_path / "teacher")
   for a in ("ids_NxL", "top_ids_NxLxK", "top_logp_NxLxK", "rest_logp_NxL", "source_N"):
     np.testing.assert_array_equal(getattr(back, a), getattr(t, a))
-  back.check_matches(frags, t.tokenizer_sha256, where="teacher")
+  back.check_matches(frags, where="teacher", tokenizer_sha256=t.tokenizer_sha256)
   other = python_docs(("try", "naming"), max_train=4, max_probe=2)
   with pytest.raises(CalibrationError, match=r"fragments file with sha256 .*not .*sha256"):
-    back.check_matches(other, t.tokenizer_sha256, where="teacher")
+    back.check_matches(other, where="teacher")
   with pytest.raises(CalibrationError, match=r"tokenizer of sha256 .*not the one given"):
-    back.check_matches(frags, "0" * 64, where="teacher")
+    back.check_matches(frags, where="teacher", tokenizer_sha256="0" * 64)
   meta = tmp_path / "teacher" / "teacher.json"
   m = json.loads(meta.read_text())
   meta.write_text(json.dumps({**m, "k": "five"}))

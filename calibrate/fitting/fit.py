@@ -548,7 +548,7 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   t0 = time.perf_counter()
   check_runs(fragments, runs, min_steps=config.min_steps)
   if teacher is not None:
-    teacher.check_matches(fragments, teacher.tokenizer_sha256, where="the teacher")
+    teacher.check_matches(fragments, where="the teacher")  # its tokenizer: in `targets`
     config = dataclasses.replace(config, gain_prior=config.teacher_gain_prior)
   first = runs[0]
   opt_cfg = optim.OptimizerConfig.from_dict(first.header.optimizer)

@@ -67,15 +67,16 @@ class Teacher:
     from tokenizers import Tokenizer
     return Tokenizer.from_str(self.tokenizer_json)
 
-  def check_matches(self, fragments: Fragments, tokenizer_sha256: str, *, where: str) -> None:
+  def check_matches(self, fragments: Fragments, *, where: str,
+                    tokenizer_sha256: str | None = None) -> None:
     """Raises `CalibrationError` naming both sides when this teacher was made for another
-    fragments file or another tokenizer."""
+    fragments file or (when `tokenizer_sha256` is given) another tokenizer."""
     if self.dataset_sha256 != fragments.sha256:
       given = fragments.path or "the one given"
       raise CalibrationError(f"{where} was made for the fragments file with sha256 "
                              f"{self.dataset_sha256[:12]}..., not {given} (sha256 "
                              f"{fragments.sha256[:12]}...); run `surrogate teach` on it")
-    if self.tokenizer_sha256 != tokenizer_sha256:
+    if tokenizer_sha256 is not None and self.tokenizer_sha256 != tokenizer_sha256:
       raise CalibrationError(f"{where} was made with the tokenizer of sha256 "
                              f"{self.tokenizer_sha256[:12]}..., not the one given (sha256 "
                              f"{tokenizer_sha256[:12]}...); use the real model's own tokenizer")
