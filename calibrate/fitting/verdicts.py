@@ -278,12 +278,17 @@ def score_families(sim: Simulator, runs: Sequence[RunLog], found: Sequence[Famil
     left = list(fam.without)
     if len(left) < MIN_FRAGMENTS or any(i not in row_of for i in idx):
       continue
-    real = verdicts_of(*_fragment_losses(real_losses([runs[i] for i in idx], steps, ids),
-                                         frag_M, probe_M, num_f), left, thresholds)
+    # Train examples count where every run of the family logged them (probes must be there).
+    keep = np.array([probe_M[m] or all(ids[m] in ev.losses for i in idx for ev in runs[i].evals)
+                     for m in range(len(ids))])
+    kept = [x for x, k in zip(ids, keep) if k]
+    real = verdicts_of(*_fragment_losses(real_losses([runs[i] for i in idx], steps, kept),
+                                         frag_M[keep], probe_M[keep], num_f), left, thresholds)
     # Each member's verdicts, then their mean: the ensemble's own contributions.
-    members = pred.members_NxKxCxM[[row_of[i] for i in idx]]            # R K C M
-    per_member = [verdicts_of(*_fragment_losses(members[:, k], frag_M, probe_M, num_f), left,
-                              thresholds) for k in range(members.shape[1])]
+    members = pred.members_NxKxCxM[[row_of[i] for i in idx]][..., keep]   # R K C M
+    per_member = [verdicts_of(*_fragment_losses(members[:, k], frag_M[keep], probe_M[keep],
+                                                num_f), left, thresholds)
+                  for k in range(members.shape[1])]
     with np.errstate(invalid="ignore"):
       share = np.stack([np.mean([v.labels == o for v in per_member], 0)
                         for o in range(len(OUTCOMES))], -1)
@@ -305,9 +310,12 @@ def score_families(sim: Simulator, runs: Sequence[RunLog], found: Sequence[Famil
     if twin is not None:
       twins.add(twin.base)
       t_idx = [twin.base, *twin.without.values()]
-      again = verdicts_of(*_fragment_losses(real_losses([runs[i] for i in t_idx], steps, ids),
-                                            frag_M, probe_M, num_f), list(twin.without),
-                          thresholds)
+      t_keep = keep & np.array([probe_M[m] or all(ids[m] in ev.losses for i in t_idx
+                                                  for ev in runs[i].evals)
+                                for m in range(len(ids))])
+      again = verdicts_of(*_fragment_losses(
+          real_losses([runs[i] for i in t_idx], steps, [x for x, k in zip(ids, t_keep) if k]),
+          frag_M[t_keep], probe_M[t_keep], num_f), list(twin.without), thresholds)
       seed = agreement(again, real)
     names = frags.names
     out.append({
