@@ -64,13 +64,15 @@ def distill_kl(params: model_lib.Params, targets: Targets, cfg: model_lib.ModelC
   distribution from the surrogate's, over all of `targets`."""
   ce_sum = ent_sum = 0.0
   n_sum = 0.0
-  fn = jax.jit(_cross_entropy_and_entropy, static_argnames=("cfg",))
   for s in range(0, len(targets.tokens_NxL1), batch_size):
     part = [jnp.asarray(a[s:s + batch_size]) for a in targets]
-    ce, ent = fn(params, *part, cfg=cfg)
+    ce, ent = _measure(params, *part, cfg=cfg)
     n = float(part[-1].sum())
     ce_sum, ent_sum, n_sum = ce_sum + float(ce) * n, ent_sum + float(ent) * n, n_sum + n
   return (ce_sum - ent_sum) / max(n_sum, 1.0)
+
+
+_measure = jax.jit(_cross_entropy_and_entropy, static_argnames=("cfg",))  # compiled once
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt_cfg", "steps", "batch_size"))
@@ -110,9 +112,9 @@ def distill_ensemble(params_S: model_lib.Params, targets: Targets, *,
   params_S, loss_SxT = jax.vmap(
       lambda p, k: _distill(p, arrays, k, cfg=cfg, opt_cfg=opt_cfg, steps=steps,
                             batch_size=batch_size))(params_S, jax.random.split(key, n_seeds))
-  finite = np.isfinite(np.asarray(loss_SxT)).all(1) & np.array(
-      jax.vmap(lambda p: jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))(
-          params_S))
+  finite = np.isfinite(np.asarray(loss_SxT)).all(1)
+  for leaf in jax.tree.leaves(params_S):
+    finite &= np.isfinite(np.asarray(leaf)).reshape(n_seeds, -1).all(1)
   if not finite.all():
     raise FloatingPointError(f"distillation diverged for seeds {np.flatnonzero(~finite).tolist()}")
   return params_S, loss_SxT

@@ -92,9 +92,9 @@ class FitConfig:
       The sd is 0.5 since the intervals' model error comes from the runs (below); it was
       1.0, which made the intervals of LM-like sets too wide (docs/experiments.md).
     teacher_gain_prior: the gain prior in its place when a teacher distils the surrogate:
-      1.23, the mean of the gains structured runs gave with the teacher on the causal
-      development sets (lm-dev 1.17, whatis 1.29); the distilled surrogate's order effects
-      are nearer the real ones' size.
+      1.23, the mean of the gains structured runs gave with the teacher on two of the three
+      causal development sets (lm-dev 1.17, whatis 1.29; multilingual's is not measured yet);
+      the distilled surrogate's order effects are nearer the real ones' size.
     fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
     effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
       treated as noise when fitting gains.
