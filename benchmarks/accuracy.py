@@ -84,7 +84,7 @@ def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[floa
 
 def run(task: str, seeds: int, plan: str, length: int | None = None,
         lr_scales: tuple[float, ...] | None = FitConfig.lr_scales,
-        gain_prior: float | None = None,
+        gain_prior: float | None = None, gain_prior_sd: float | None = None,
         effect_errors: tuple[float, ...] = (), real_tokenizer: bool = False,
         teacher: bool = False, distill_steps: int = FitConfig.distill_steps) -> dict:
   folder = os.path.join(DATA, task)
@@ -102,7 +102,10 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
   sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer, teacher=the_teacher,
             config=FitConfig(seeds=seeds, lr_scales=lr_scales, distill_steps=distill_steps,
                              **({} if gain_prior is None else
-                                {"gain_prior": gain_prior, "teacher_gain_prior": gain_prior})),
+                                {"gain_prior": gain_prior, "teacher_gain_prior": gain_prior}),
+                             **({} if gain_prior_sd is None else
+                                {"gain_prior_sd": gain_prior_sd,
+                                 "teacher_gain_prior_sd": gain_prior_sd})),
             key=_key(0), progress=False)
   t_fit = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -141,6 +144,7 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
 
 def _make_teacher(task: str, frags):
   """The set's real base model's next-token distributions (`surrogate teach`), in memory."""
+  import torch
   import transformers
 
   from calibrate.io.teacher import teach
@@ -151,7 +155,7 @@ def _make_teacher(task: str, frags):
     raise SystemExit(f"--teacher: the {task} set's real model is not a causal LM")
   tok_file = os.path.join(base, "tokenizer.json")
   tok = transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file)
-  model = transformers.AutoModelForCausalLM.from_pretrained(base)
+  model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
   t0 = time.perf_counter()
   out = teach(model, tok, frags, tokenizer_file=tok_file, neutral_texts=python_docs_neutral()[:200],
               k=32, length=128, progress=False)
@@ -188,6 +192,8 @@ def main() -> None:
   p.add_argument("--gain-prior", type=float, default=None,
                  help="prior mean of the common gain, with or without --teacher (default: "
                       "calibrate.fitting.fit.FitConfig's)")
+  p.add_argument("--gain-prior-sd", type=float, default=None,
+                 help="sd of that prior, with or without --teacher (default: FitConfig's)")
   p.add_argument("--effect-errors", default="",
                  help="comma-separated effect errors: coverage of the same fit with each")
   p.add_argument("--real-tokenizer", action="store_true",
@@ -202,8 +208,9 @@ def main() -> None:
   tasks = {"both": ["lm", "cls"], "dev": list(DEVELOPMENT_SETS)}.get(args.task, [args.task])
   scales = tuple(float(x) for x in args.lr_scales.split(",") if x) or None
   sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
-  out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior, sweep,
-                args.real_tokenizer, args.teacher, args.distill_steps) for t in tasks}
+  out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior,
+                args.gain_prior_sd, sweep, args.real_tokenizer, args.teacher, args.distill_steps)
+         for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from calibrate.io.runlog import read_runlog
+from calibrate.reference import SETS
 from surrogate.fragments import read_fragments
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
-TASKS = [t for t in ("lm", "cls", "lm-dev", "whatis", "multilingual")
-         if len(glob.glob(os.path.join(ROOT, t, "runs", "*.jsonl"))) >= 24]
+TASKS = [t for t in SETS if len(glob.glob(os.path.join(ROOT, t, "runs", "*.jsonl"))) >= 24]
 
 
 @pytest.fixture(scope="module", params=TASKS)

