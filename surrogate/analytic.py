@@ -1,0 +1,183 @@
+"""The analytic tier: a fragment-level recurrence fitted on the transformer's own simulations.
+
+The transformer surrogate costs seconds an order on a laptop; this model costs microseconds.
+It follows, for every fragment j, two numbers through training: the mean loss of its probes
+and the mean loss of its evaluated train examples (`x_2xF`: row 0 probes, row 1 train). At
+step t the batch is described by three things only:
+
+- `share_TxF`: the share of the batch's slots that hold fragment i's examples;
+- `seen_TxF`: how much of fragment j's *evaluated* train examples the batch holds (the sum of
+  their averaging weights; 1 when all of them are fed at once), so repetition and subsets
+  of the very examples that are scored can be told from fresh ones;
+- `lr_T`: the learning rate as a share of its peak.
+
+and every loss moves by
+
+    dx_rj = -lr_t * ( (share_t @ A_r)_j * (x_rj - floor_rj)      fed fragments pull j down,
+                      - (share_t @ R_r)_j * max(x0_rj - x_rj, 0)  and undo what j has gained
+                      + [r = train] D_j * seen_tj * (x_rj - floor_rj) )   memorising
+
+`A` (transfer, any sign) and `R` (forgetting, >= 0) are per (fed i, evaluated j) pair, so
+blocks, curricula, mixtures, subsets and repetition are all expressed; the pull saturates
+at a floor below the starting loss, and what is forgotten is at most what was learned. With F
+fragments it has 4 F^2 + 3 F coefficients (612 for 12), fitted with optax on simulations of
+random orders of every family (`fit`); `rollout_many` is one `vmap` over orders.
+
+Axis legend: T steps, C checkpoints, F fragments, N orders, S surrogate seeds, E examples,
+M evaluated examples, B batch slots; the 2 is (probe, train).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = ["Features", "FitResult", "Params", "features", "fit", "init_params", "rollout",
+           "rollout_many"]
+
+
+class Features(NamedTuple):
+  """What the recurrence sees of an order (a leading N axis for many)."""
+  share_TxF: jax.Array
+  seen_TxF: jax.Array
+  lr_T: jax.Array
+
+
+class Params(NamedTuple):
+  """Unconstrained coefficients (`rollout` maps them to their ranges); a leading S axis for
+  one model per surrogate seed.
+
+  transfer_2xFxF: A, the pull of fed fragment i on evaluated fragment j, per row.
+  forget_2xFxF: R before softplus: how much of j's gain feeding i undoes.
+  floor_2xF: the floor as a share of the starting loss, before a sigmoid.
+  memorize_F: D before softplus: the extra pull on an evaluated train example that is fed.
+  """
+  transfer_2xFxF: jax.Array
+  forget_2xFxF: jax.Array
+  floor_2xF: jax.Array
+  memorize_F: jax.Array
+
+
+def init_params(num_f: int) -> Params:
+  """A start where each fragment learns from itself and a little from the others."""
+  eye = np.eye(num_f, dtype=np.float32)
+  transfer = np.stack([eye + 0.1 * (1 - eye)] * 2)
+  return Params(jnp.asarray(transfer), jnp.full((2, num_f, num_f), -4.0, jnp.float32),
+                jnp.zeros((2, num_f), jnp.float32), jnp.full((num_f,), -2.0, jnp.float32))
+
+
+def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np.ndarray,
+             lr_T: np.ndarray) -> Features:
+  """The recurrence's inputs for concrete orders (numpy; any leading axes on the order).
+
+  Args:
+    order_TxB: example positions, -1 for an empty slot ([..., T, B]).
+    fragment_E: every example's fragment.
+    train_weight_FxE: fragment j's averaging weight of example e among its evaluated train
+      examples (0 for every other example; rows sum to 1 or are 0).
+    lr_T: the learning rate at each step ([..., T]); it is divided by its peak.
+  """
+  order = np.asarray(order_TxB)
+  num_f = train_weight_FxE.shape[0]
+  valid = order >= 0
+  safe = np.where(valid, order, 0)
+  onehot = (fragment_E[safe][..., None] == np.arange(num_f)) & valid[..., None]
+  filled = np.maximum(valid.sum(-1, keepdims=True), 1)
+  share = onehot.sum(-2) / filled
+  seen = (train_weight_FxE.T[safe] * valid[..., None]).sum(-2)
+  lr = np.asarray(lr_T, np.float64)
+  lr = lr / np.maximum(lr.max(-1, keepdims=True), 1e-30)
+  return Features(jnp.asarray(share, jnp.float32), jnp.asarray(seen, jnp.float32),
+                  jnp.asarray(lr, jnp.float32))
+
+
+def _coefficients(params: Params, x0_2xF: jax.Array, steps: int):
+  num_f = x0_2xF.shape[-1]
+  scale = num_f / steps  # a fragment fed a 1/F share all along moves O(1) with O(1) coefficients
+  return (params.transfer_2xFxF * scale, jax.nn.softplus(params.forget_2xFxF) * scale,
+          x0_2xF * jax.nn.sigmoid(params.floor_2xF), jax.nn.softplus(params.memorize_F) * scale)
+
+
+def rollout(params: Params, x0_2xF: jax.Array, feats: Features,
+            checkpoints_C: jax.Array) -> jax.Array:
+  """The losses after each checkpoint's step (0 = before training): [C, 2, F]."""
+  steps = feats.lr_T.shape[-1]
+  transfer, forget, floor, memorize = _coefficients(params, x0_2xF, steps)
+
+  def step(x_2xF, inp):
+    share_F, seen_F, lr = inp
+    pull = jnp.einsum("i,rij->rj", share_F, transfer)
+    undo = jnp.einsum("i,rij->rj", share_F, forget)
+    dx = pull * (x_2xF - floor) - undo * jnp.maximum(x0_2xF - x_2xF, 0.0)
+    dx = dx.at[1].add(memorize * seen_F * (x_2xF[1] - floor[1]))
+    x_2xF = x_2xF - lr * dx
+    return x_2xF, x_2xF
+
+  _, xs_Tx2xF = jax.lax.scan(step, x0_2xF, feats)
+  return jnp.concatenate([x0_2xF[None], xs_Tx2xF])[checkpoints_C]
+
+
+rollout_many = jax.vmap(rollout, in_axes=(None, None, 0, None))
+"""`rollout` over orders: features with a leading N axis -> [N, C, 2, F]."""
+
+
+class FitResult(NamedTuple):
+  """`fit`'s answer: the coefficients and the fit's mean squared error (over the finite
+  targets), each with a leading S axis when fitted per seed."""
+  params: Params
+  mse: jax.Array
+
+
+def _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF):
+  pred = rollout_many(params, x0_2xF, feats, checkpoints_C)
+  ok = jnp.isfinite(target_NxCx2xF)
+  err = jnp.where(ok, pred - jnp.where(ok, target_NxCx2xF, 0.0), 0.0)
+  return jnp.sum(err * err) / jnp.maximum(ok.sum(), 1)
+
+
+def _fit_one(x0_2xF, feats, checkpoints_C, target_NxCx2xF, *, steps: int, learning_rate: float,
+             l2: float):
+  num_f = x0_2xF.shape[-1]
+  start = init_params(num_f)
+  opt = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05))
+
+  def objective(p):
+    shrink = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(start)))
+    return _mse(p, x0_2xF, feats, checkpoints_C, target_NxCx2xF) + l2 * shrink / num_f ** 2
+
+  def update(carry, _):
+    p, state = carry
+    grad = jax.grad(objective)(p)
+    upd, state = opt.update(grad, state, p)
+    return (optax.apply_updates(p, upd), state), None
+
+  (params, _), _ = jax.lax.scan(update, (start, opt.init(start)), None, length=steps)
+  return FitResult(params, _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF))
+
+
+def fit(x0_Sx2xF: jax.Array, feats: Features, checkpoints_C: np.ndarray,
+        target_SxNxCx2xF: jax.Array, *, steps: int = 1500, learning_rate: float = 0.05,
+        l2: float = 1e-4) -> FitResult:
+  """Fits one recurrence per surrogate seed to that seed's simulations of N orders.
+
+  Args:
+    x0_Sx2xF: each seed's losses before training (the recurrence starts there).
+    feats: the N orders' features (`features`).
+    checkpoints_C: the steps the targets are taken after (0 = before training).
+    target_SxNxCx2xF: each seed's fragment means at the checkpoints; NaN where a fragment
+      has no example of that kind (ignored), or where a simulated run diverged.
+    steps, learning_rate: Adam's steps (full batch) and peak rate (cosine decay).
+    l2: pull of the coefficients towards the start, per coefficient: a fragment that the
+      orders never vary keeps sensible coefficients instead of arbitrary ones.
+
+  Returns:
+    `FitResult` with a leading S axis.
+  """
+  one = jax.jit(lambda x0, tgt: _fit_one(x0, feats, jnp.asarray(checkpoints_C), tgt, steps=steps,
+                                         learning_rate=learning_rate, l2=l2))
+  return jax.vmap(one)(jnp.asarray(x0_Sx2xF, jnp.float32),
+                       jnp.asarray(target_SxNxCx2xF, jnp.float32))

@@ -1,0 +1,107 @@
+"""The analytic tier's recurrence: what it sees of an order, how it moves, and that fitting
+recovers a recurrence from its own rollouts well enough to rank held-out orders."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from surrogate import analytic, orders
+
+F, T, B = 3, 40, 4
+POOLS = [np.arange(0, 6), np.arange(6, 10), np.arange(10, 15)]
+FRAGMENT_E = np.repeat(np.arange(F), [6, 4, 5])
+# Each fragment's first two train examples are evaluated, with equal weights.
+TRAIN_W_FxE = np.zeros((F, 15))
+for f, pool in enumerate(POOLS):
+  TRAIN_W_FxE[f, pool[:2]] = 0.5
+CHECKPOINTS = np.arange(0, T + 1, 10)
+X0 = jnp.asarray([[3.0, 2.5, 4.0], [2.9, 2.4, 3.8]])
+
+
+def _orders(n, key):
+  out = []
+  for i, k in enumerate(jax.random.split(key, n)):
+    family = orders.FAMILIES[i % len(orders.FAMILIES)]
+    k1, k2 = jax.random.split(k)
+    spec = orders.random_spec(family, F, key=k1)
+    out.append(spec.generate(POOLS, key=k2, steps=T, batch_size=B))
+  return np.stack(out)
+
+
+def _feats(order_NxTxB):
+  lr = np.minimum(1.0, (np.arange(T) + 1) / 5) * np.ones((len(order_NxTxB), 1))
+  return analytic.features(order_NxTxB, FRAGMENT_E, TRAIN_W_FxE, lr)
+
+
+def test_features_describe_the_batch():
+  order = np.array([[0, 1, 6, -1], [10, 10, 11, 12]] + [[2, 3, 4, 5]] * (T - 2))
+  feats = analytic.features(order, FRAGMENT_E, TRAIN_W_FxE, np.linspace(1.0, 0.0, T))
+  np.testing.assert_allclose(feats.share_TxF[0], [2 / 3, 1 / 3, 0])  # the empty slot is skipped
+  np.testing.assert_allclose(feats.share_TxF[1], [0, 0, 1])
+  np.testing.assert_allclose(feats.share_TxF.sum(-1), 1.0, rtol=1e-6)
+  # Evaluated: 0 and 1 (fragment 0), 6 and 7 (1), 10 and 11 (2; 10 is fed twice).
+  np.testing.assert_allclose(feats.seen_TxF[0], [1.0, 0.5, 0.0])
+  np.testing.assert_allclose(feats.seen_TxF[1], [0.0, 0.0, 1.5])
+  assert feats.lr_T[0] == 1.0
+
+
+def test_rollout_starts_at_x0_and_an_unfed_isolated_fragment_stays():
+  p = analytic.init_params(F)
+  # No transfer and no forgetting between fragments: fragment 1, never fed, cannot move.
+  p = p._replace(transfer_2xFxF=p.transfer_2xFxF * jnp.eye(F)[None])
+  order = np.stack([orders.subset(POOLS, [0, 2], key=jax.random.key(0), steps=T, batch_size=B)])
+  x = analytic.rollout_many(p, X0, _feats(order), CHECKPOINTS)[0]
+  assert x.shape == (len(CHECKPOINTS), 2, F)
+  np.testing.assert_allclose(x[0], X0)
+  np.testing.assert_allclose(x[:, :, 1], np.broadcast_to(X0[:, 1], (len(CHECKPOINTS), 2)),
+                             rtol=1e-6)
+  assert np.all(np.diff(np.asarray(x[:, :, 0]), axis=0) < 0)  # a fed fragment learns
+  assert np.all(x[-1] > 0)
+
+
+def test_forgetting_undoes_at_most_what_was_learned():
+  p = analytic.init_params(F)
+  p = p._replace(forget_2xFxF=jnp.full((2, F, F), 3.0))  # strong forgetting everywhere
+  order = np.stack([orders.blocked(POOLS, [0, 1, 2], key=jax.random.key(1), steps=T,
+                                   batch_size=B)])
+  x = np.asarray(analytic.rollout_many(p, X0, _feats(order), CHECKPOINTS)[0])
+  assert np.all(x <= np.asarray(X0)[None] + 1e-5)
+
+
+def test_fit_recovers_its_own_rollouts_on_held_out_orders():
+  key = jax.random.key(3)
+  k_truth, k_fit, k_held = jax.random.split(key, 3)
+  a, b, c = jax.random.split(k_truth, 3)
+  start = analytic.init_params(F)
+  truth = start._replace(
+      transfer_2xFxF=start.transfer_2xFxF + 0.3 * jax.random.normal(a, (2, F, F)),
+      forget_2xFxF=-1.0 + jax.random.normal(b, (2, F, F)),
+      floor_2xF=0.5 * jax.random.normal(c, (2, F)))
+  fit_orders, held_orders = _orders(24, k_fit), _orders(16, k_held)
+  target = analytic.rollout_many(truth, X0, _feats(fit_orders), CHECKPOINTS)
+  got = analytic.fit(X0[None], _feats(fit_orders), CHECKPOINTS, target[None], steps=800)
+  assert got.mse.shape == (1,)
+  params = jax.tree.map(lambda a: a[0], got.params)
+  want = np.asarray(analytic.rollout_many(truth, X0, _feats(held_orders), CHECKPOINTS))[:, -1]
+  pred = np.asarray(analytic.rollout_many(params, X0, _feats(held_orders), CHECKPOINTS))[:, -1]
+  spread = want.std(0)  # how much the held-out orders differ, per fragment and row
+  assert np.sqrt(np.mean((pred - want) ** 2)) < 0.2 * spread.mean()
+  for f in range(F):  # the held-out orders' ranking per fragment (final probe loss)
+    r = np.corrcoef(np.argsort(np.argsort(pred[:, 0, f])), np.argsort(np.argsort(want[:, 0, f])))
+    assert r[0, 1] > 0.8
+
+
+def test_fit_ignores_missing_targets():
+  fit_orders = _orders(8, jax.random.key(5))
+  target = np.array(analytic.rollout_many(analytic.init_params(F), X0, _feats(fit_orders),
+                                          CHECKPOINTS))
+  target[:, :, 1, 2] = np.nan  # fragment 2 has no evaluated train example
+  got = analytic.fit(X0[None], _feats(fit_orders), CHECKPOINTS, target[None], steps=50)
+  assert np.isfinite(got.mse).all() and float(got.mse[0]) < 1e-3
+
+
+@pytest.mark.parametrize("bad", [np.zeros((T, B)) - 1])
+def test_features_of_an_empty_order_are_zero_shares(bad):
+  feats = analytic.features(bad.astype(int), FRAGMENT_E, TRAIN_W_FxE, np.ones(T))
+  assert float(feats.share_TxF.sum()) == 0.0
