@@ -11,17 +11,22 @@ step t the batch is described by three things only:
   of the very examples that are scored can be told from fresh ones;
 - `lr_T`: the learning rate as a share of its peak.
 
-and every loss moves by
+and every loss, a slow part x plus a fast part z, moves by
 
-    dx_rj = -lr_t * ( (share_t @ A_r)_j * (x_rj - floor_rj)      fed fragments pull j down,
-                      - (share_t @ R_r)_j * max(x0_rj - x_rj, 0)  and undo what j has gained
-                      + [r = train] D_j * seen_tj * (x_rj - floor_rj) )   memorising
+    dx_rj = -lr_t * ( (share_t @ A_r)_j * m_rj(t) * (x_rj - floor_rj)   fed fragments pull j
+                      - (share_t @ R_r)_j * max(x0_rj - x_rj, 0)   and undo what j has gained
+                      + [r = train] D_j * seen_tj * (x_rj - floor_rj) )          memorising
+    dz_rj = -lr_t * K_rj * z_rj          the fast drop of the first steps, whatever is fed
+    m_rj(t) = exp(V_rj * (1 - sum_i share_ti^2))   mixed batches teach more than pure ones
 
 `A` (transfer, any sign) and `R` (forgetting, >= 0) are per (fed i, evaluated j) pair, so
 blocks, curricula, mixtures, subsets and repetition are all expressed; the pull saturates
-at a floor below the starting loss, and what is forgotten is at most what was learned. With F
-fragments it has 4 F^2 + 3 F coefficients (612 for 12), fitted with optax on simulations of
-random orders of every family (`fit`); `rollout_many` is one `vmap` over orders.
+at a floor below the starting loss, and what is forgotten is at most what was learned. The
+fast part (at most 15 % of the starting loss) and the batch-diversity factor were the two
+terms that most lowered the error on fresh orders in docs/experiments.md ("The analytic
+tier"). With F fragments it has 4 F^2 + 7 F coefficients (660 for 12), fitted with optax on
+simulations of random orders of every family (`fit`); `rollout_many` is one `vmap` over
+orders.
 
 Axis legend: T steps, C checkpoints, F fragments, N orders, S surrogate seeds, E examples,
 M evaluated examples, B batch slots; the 2 is (probe, train).
@@ -55,19 +60,26 @@ class Params(NamedTuple):
   forget_2xFxF: R before softplus: how much of j's gain feeding i undoes.
   floor_2xF: the floor as a share of the starting loss, before a sigmoid.
   memorize_F: D before softplus: the extra pull on an evaluated train example that is fed.
+  fast_2xF: the fast part's share of the starting loss (x 0.15), before a sigmoid.
+  fast_rate_2xF: K before softplus: how fast the fast part goes.
+  diversity_2xF: V: how much more a batch of many fragments pulls than one of a single one.
   """
   transfer_2xFxF: jax.Array
   forget_2xFxF: jax.Array
   floor_2xF: jax.Array
   memorize_F: jax.Array
+  fast_2xF: jax.Array
+  fast_rate_2xF: jax.Array
+  diversity_2xF: jax.Array
 
 
 def init_params(num_f: int) -> Params:
   """A start where each fragment learns from itself and a little from the others."""
   eye = np.eye(num_f, dtype=np.float32)
   transfer = np.stack([eye + 0.1 * (1 - eye)] * 2)
-  return Params(jnp.asarray(transfer), jnp.full((2, num_f, num_f), -4.0, jnp.float32),
-                jnp.zeros((2, num_f), jnp.float32), jnp.full((num_f,), -2.0, jnp.float32))
+  zeros = jnp.zeros((2, num_f), jnp.float32)
+  return Params(jnp.asarray(transfer), jnp.full((2, num_f, num_f), -4.0, jnp.float32), zeros,
+                jnp.full((num_f,), -2.0, jnp.float32), zeros - 1.0, zeros, zeros)
 
 
 def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np.ndarray,
@@ -85,40 +97,51 @@ def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np
   num_f = train_weight_FxE.shape[0]
   valid = order >= 0
   safe = np.where(valid, order, 0)
-  onehot = (fragment_E[safe][..., None] == np.arange(num_f)) & valid[..., None]
-  filled = np.maximum(valid.sum(-1, keepdims=True), 1)
-  share = onehot.sum(-2) / filled
-  seen = (train_weight_FxE.T[safe] * valid[..., None]).sum(-2)
+  frag = fragment_E[safe]
+  # One bincount over (order, step, fragment) cells: no [..., T, B, F] one-hot.
+  cell = (np.arange(order[..., 0].size).reshape(order.shape[:-1])[..., None] * num_f + frag)
+  size = order[..., 0].size * num_f
+  count = np.bincount(cell[valid], minlength=size).reshape(order.shape[:-1] + (num_f,))
+  own_weight = train_weight_FxE[frag, safe]  # an example counts only for its own fragment
+  seen = np.bincount(cell[valid], weights=own_weight[valid], minlength=size).reshape(count.shape)
+  share = count / np.maximum(valid.sum(-1, keepdims=True), 1)
   lr = np.asarray(lr_T, np.float64)
   lr = lr / np.maximum(lr.max(-1, keepdims=True), 1e-30)
   return Features(jnp.asarray(share, jnp.float32), jnp.asarray(seen, jnp.float32),
                   jnp.asarray(lr, jnp.float32))
 
 
-def _coefficients(params: Params, x0_2xF: jax.Array, steps: int):
-  num_f = x0_2xF.shape[-1]
-  scale = num_f / steps  # a fragment fed a 1/F share all along moves O(1) with O(1) coefficients
-  return (params.transfer_2xFxF * scale, jax.nn.softplus(params.forget_2xFxF) * scale,
-          x0_2xF * jax.nn.sigmoid(params.floor_2xF), jax.nn.softplus(params.memorize_F) * scale)
-
-
 def rollout(params: Params, x0_2xF: jax.Array, feats: Features,
             checkpoints_C: jax.Array) -> jax.Array:
   """The losses after each checkpoint's step (0 = before training): [C, 2, F]."""
-  steps = feats.lr_T.shape[-1]
-  transfer, forget, floor, memorize = _coefficients(params, x0_2xF, steps)
+  num_f, steps = x0_2xF.shape[-1], feats.lr_T.shape[-1]
+  scale = num_f / steps  # a fragment fed a 1/F share all along moves O(1) with O(1) coefficients
+  transfer = params.transfer_2xFxF * scale
+  forget = jax.nn.softplus(params.forget_2xFxF) * scale
+  memorize = jax.nn.softplus(params.memorize_F) * scale
+  fast_rate = jax.nn.softplus(params.fast_rate_2xF) * scale
+  floor = x0_2xF * jax.nn.sigmoid(params.floor_2xF)
+  z0_2xF = 0.15 * x0_2xF * jax.nn.sigmoid(params.fast_2xF)
+  slow0_2xF = x0_2xF - z0_2xF
 
-  def step(x_2xF, inp):
-    share_F, seen_F, lr = inp
-    pull = jnp.einsum("i,rij->rj", share_F, transfer)
+  def step(carry, inp):
+    x_2xF, z_2xF, out_Cx2xF = carry
+    share_F, seen_F, lr, t = inp
+    mixed = jnp.exp(params.diversity_2xF * (1.0 - jnp.sum(share_F * share_F)))
+    pull = jnp.einsum("i,rij->rj", share_F, transfer) * mixed
     undo = jnp.einsum("i,rij->rj", share_F, forget)
-    dx = pull * (x_2xF - floor) - undo * jnp.maximum(x0_2xF - x_2xF, 0.0)
+    dx = pull * (x_2xF - floor) - undo * jnp.maximum(slow0_2xF - x_2xF, 0.0)
     dx = dx.at[1].add(memorize * seen_F * (x_2xF[1] - floor[1]))
     x_2xF = x_2xF - lr * dx
-    return x_2xF, x_2xF
+    z_2xF = z_2xF - lr * fast_rate * z_2xF
+    # Only the checkpoints are kept: a [T, 2, F] history per order would dominate the cost.
+    hit_C = (checkpoints_C == t + 1)[:, None, None]
+    return (x_2xF, z_2xF, jnp.where(hit_C, (x_2xF + z_2xF)[None], out_Cx2xF)), None
 
-  _, xs_Tx2xF = jax.lax.scan(step, x0_2xF, feats)
-  return jnp.concatenate([x0_2xF[None], xs_Tx2xF])[checkpoints_C]
+  start_Cx2xF = jnp.broadcast_to(x0_2xF, (checkpoints_C.shape[0], *x0_2xF.shape))
+  (_, _, out_Cx2xF), _ = jax.lax.scan(
+      step, (slow0_2xF, z0_2xF, start_Cx2xF), (*feats, jnp.arange(steps)))
+  return out_Cx2xF
 
 
 rollout_many = jax.vmap(rollout, in_axes=(None, None, 0, None))
@@ -160,7 +183,7 @@ def _fit_one(x0_2xF, feats, checkpoints_C, target_NxCx2xF, *, steps: int, learni
 
 
 def fit(x0_Sx2xF: jax.Array, feats: Features, checkpoints_C: np.ndarray,
-        target_SxNxCx2xF: jax.Array, *, steps: int = 1500, learning_rate: float = 0.05,
+        target_SxNxCx2xF: jax.Array, *, steps: int = 2000, learning_rate: float = 0.05,
         l2: float = 1e-4) -> FitResult:
   """Fits one recurrence per surrogate seed to that seed's simulations of N orders.
 

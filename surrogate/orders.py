@@ -36,6 +36,7 @@ __all__ = [
     "interleaved",
     "mixture",
     "mutate",
+    "random_orders",
     "random_spec",
     "repeated",
     "shuffled",
@@ -781,6 +782,23 @@ def random_spec(family: str | OrderKind, num_fragments: int, *, key: jax.Array) 
   if kind is OrderKind.CURRICULUM:
     return OrderSpec(kind, scores=[float(x) for x in jax.random.uniform(k2, (num_fragments,))])
   return OrderSpec(kind, keep=sorted(perm[: max(1, (2 * num_fragments) // 3)]))
+
+
+def random_orders(pools: Sequence[np.ndarray], n: int, *, key: jax.Array, steps: int,
+                  batch_size: int, families: Sequence[str] = FAMILIES,
+                  ) -> tuple[list[OrderSpec], np.ndarray]:
+  """`n` random orders, the families taking turns (`random_spec`, then `generate`).
+
+  Returns:
+    (specs, orders_NxTxB).
+  """
+  specs, out = [], []
+  for i, k in enumerate(jax.random.split(key, n)):
+    ks, kg = jax.random.split(k)
+    spec = random_spec(families[i % len(families)], len(pools), key=ks)
+    specs.append(spec)
+    out.append(spec.generate(pools, key=kg, steps=steps, batch_size=batch_size))
+  return specs, np.stack(out) if out else np.zeros((0, steps, batch_size), np.int32)
 
 
 def mutate(spec: OrderSpec, num_fragments: int, *, key: jax.Array) -> OrderSpec:

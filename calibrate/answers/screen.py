@@ -59,14 +59,8 @@ def draw_orders(sim: Simulator, n: int, *, family: str | Sequence[str] = "all",
     if f not in orders_lib.FAMILIES:
       raise ValueError(f"unknown order family {f!r}; expected 'all' or some of "
                        f"{list(orders_lib.FAMILIES)}")
-  num_f, pools = len(sim.fragments.names), sim.fragments.train_pools()
-  specs, out = [], []
-  for i, k in enumerate(jax.random.split(key, n)):
-    ks, kg = jax.random.split(k)
-    spec = orders_lib.random_spec(families[i % len(families)], num_f, key=ks)
-    specs.append(spec)
-    out.append(spec.generate(pools, key=kg, steps=sim.num_steps, batch_size=sim.batch_size))
-  return specs, np.stack(out) if out else np.zeros((0, sim.num_steps, sim.batch_size), np.int32)
+  return orders_lib.random_orders(sim.fragments.train_pools(), n, key=key, steps=sim.num_steps,
+                                  batch_size=sim.batch_size, families=families)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

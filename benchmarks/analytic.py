@@ -1,0 +1,178 @@
+"""The analytic tier against the transformer tier (issue 19's figures, so far).
+
+Calibrates the transformer surrogate on a reference set's four shuffled runs, simulates
+random orders of every family with each of its seeds (the fit orders, then fresh orders no
+fit sees), fits the analytic tier on the first k orders of each family for several k, and
+prints its agreement with the transformer on the fresh orders beside two transformer seeds'
+agreement with each other (the trust check's figures, `calibrate.fitting.analytic`). Then it
+times both tiers side by side in this one process: the transformer on a few orders, the
+analytic tier on many, and prints orders per minute and the ratio (medians of `--repeats`).
+
+  python benchmarks/analytic.py --task lm-dev            # about 25 minutes here, mostly the
+                                                         # transformer's 352 simulations
+  python benchmarks/analytic.py --task lm-dev --cache /tmp/analytic-lm-dev   # reuse them
+
+`--cache DIR` keeps the calibrated simulator and the transformer's simulations, so a second
+run (another k, another fit setting) costs seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import os
+import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={len(os.sched_getaffinity(0))}").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from calibrate.fitting import analytic as tier_lib  # noqa: E402
+from calibrate.fitting.calibration import predict, schedule  # noqa: E402
+from calibrate.fitting.fit import FitConfig, fit  # noqa: E402
+from calibrate.fitting.saved import load, save  # noqa: E402
+from calibrate.io.runlog import order_from_runlog, read_runlog  # noqa: E402
+from surrogate import analytic  # noqa: E402
+from surrogate import orders as orders_lib  # noqa: E402
+from surrogate.fragments import read_fragments  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data")
+FIT_KEY, FRESH_KEY = 11, 12  # the fit orders' and the fresh orders' keys: never the same
+
+
+def _simulator(task: str, cache: str | None):
+  folder = os.path.join(DATA, task)
+  frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
+  runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs",
+                                                                       "shuffled-s*.jsonl")))]
+  path = None if cache is None else os.path.join(cache, "sim")
+  if path is not None and os.path.exists(os.path.join(path, "simulator.json")):
+    sim = load(path)
+  else:
+    sim = fit(frags, runs, config=FitConfig(), key=jax.random.key(0), progress=False)
+    if path is not None:
+      save(sim, path)
+  return sim, [order_from_runlog(r, frags) for r in runs]
+
+
+def _targets(sim, every, cache: str | None) -> np.ndarray:
+  path = None if cache is None else os.path.join(cache, "targets.npz")
+  if path is not None and os.path.exists(path):
+    with np.load(path) as z:
+      if np.array_equal(z["orders"], every):
+        return z["target"]
+  t0 = time.perf_counter()
+  target = tier_lib._transformer_SxNxCx2xF(sim, every, progress=True, chunk_size=None)
+  print(f"transformer: {len(every)} orders x {sim.num_seeds} seeds in "
+        f"{time.perf_counter() - t0:.0f} s")
+  if path is not None:
+    np.savez(path, target=target, orders=every)
+  return target
+
+
+def _agreement(ana_SxNxF, sur_SxNxF):
+  s_n = sur_SxNxF.shape[0]
+  mine = [tier_lib._agreement(ana_SxNxF[s], sur_SxNxF[s]) for s in range(s_n)]
+  seeds = [tier_lib._agreement(sur_SxNxF[a], sur_SxNxF[b])
+           for a, b in itertools.combinations(range(s_n), 2)]
+  mean = lambda xs, i: float(np.nanmean(np.stack([x[i] for x in xs])))  # noqa: E731
+  return [mean(mine, i) for i in range(3)], [mean(seeds, i) for i in range(3)]
+
+
+def fidelity(sim, cal, fit_orders, fresh, target, per_family: list[int], steps: int) -> None:
+  n_fam, n_cal, n_fit = len(orders_lib.FAMILIES), len(cal), len(fit_orders)
+  sur = target[:, n_cal + n_fit:]
+  print(f"\nfidelity on {len(fresh)} fresh orders (final probe loss; analytic seed s against "
+        "transformer seed s | two transformer seeds):")
+  print(f"{'fit orders':>11} {'fit s':>6} {'MSE fit':>8} {'MSE fresh':>9} "
+        f"{'Spearman':>15} {'decisions':>15} {'order decisions':>17}")
+  for k in per_family:
+    use = np.r_[np.arange(n_cal), n_cal + np.arange(min(k * n_fam, n_fit))]
+    every = np.concatenate([np.stack(cal), fit_orders])
+    feats = tier_lib.tier_features(sim, every[use])
+    t0 = time.perf_counter()
+    x0 = np.nan_to_num(np.nanmean(target[:, :, 0], 1))
+    res = analytic.fit(x0, feats, sim.steps_C, target[:, use], steps=steps)
+    secs = time.perf_counter() - t0
+    tier = tier_lib.AnalyticTier(res.params, x0, np.zeros(0), len(use), np.asarray(res.mse))
+    ana = np.moveaxis(tier_lib.tier_losses(tier, tier_lib.tier_features(sim, fresh),
+                                           sim.steps_C), 1, 0)
+    mse = float(np.nanmean((ana - sur) ** 2))
+    (rho, dec, order), (s_rho, s_dec, s_order) = _agreement(ana[:, :, -1, 0], sur[:, :, -1, 0])
+    print(f"{len(use):>11} {secs:>6.1f} {float(np.mean(res.mse)):>8.4f} {mse:>9.4f} "
+          f"{rho:>7.3f} | {s_rho:.3f} {dec:>7.3f} | {s_dec:.3f} {order:>9.3f} | {s_order:.3f}")
+  print(f"trusted only at >= {tier_lib.TRUST_RATIO} x the seeds' decisions")
+  return tier
+
+
+def throughput(sim, tier, fresh, *, transformer_orders: int, analytic_orders: int,
+               repeats: int) -> None:
+  """Orders per minute of each tier, side by side (median of `repeats`, compiled first)."""
+  lr = schedule(sim)
+  few = fresh[:transformer_orders]
+  seeds = np.arange(len(few)) % sim.num_seeds
+  predict(sim, few, lr, sim.steps_C, seed_N=seeds)  # compiles
+  t_sur = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    predict(sim, few, lr, sim.steps_C, seed_N=seeds)
+    t_sur.append((time.perf_counter() - t0) / len(few))
+  reps = -(-analytic_orders // len(fresh))
+  feats = tier_lib.tier_features(sim, fresh)
+  feats = analytic.Features(*(np.tile(np.asarray(a), (reps,) + (1,) * (a.ndim - 1))[
+      :analytic_orders] for a in feats))
+  seed_n = np.arange(analytic_orders) % sim.num_seeds
+  tier_lib.tier_losses(tier, feats, sim.steps_C, seed_N=seed_n)  # compiles
+  t_ana = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    tier_lib.tier_losses(tier, feats, sim.steps_C, seed_N=seed_n)
+    t_ana.append((time.perf_counter() - t0) / analytic_orders)
+  t0 = time.perf_counter()
+  tier_lib.tier_features(sim, fresh)
+  t_feat = (time.perf_counter() - t0) / len(fresh)
+  s, a = float(np.median(t_sur)), float(np.median(t_ana))
+  print(f"\nthroughput ({sim.num_steps} steps, {len(sim.fragments.names)} fragments, one seed an "
+        f"order, median of {repeats}):")
+  print(f"  transformer: {s * 1e3:.0f} ms an order ({60 / s:,.0f} orders a minute; "
+        f"{transformer_orders} orders a call)")
+  print(f"  analytic:    {a * 1e6:.1f} us an order ({60 / a:,.0f} orders a minute; "
+        f"{analytic_orders} orders a call); ratio {s / a:,.0f}x")
+  print(f"  the analytic tier's features from concrete orders: {t_feat * 1e6:.0f} us an order "
+        "(numpy; not in the figure above)")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--task", default="lm-dev")
+  p.add_argument("--per-family", default="2,4,6",
+                 help="fit orders of each family, comma-separated (the largest is simulated)")
+  p.add_argument("--fresh", type=int, default=48, help="fresh orders for the fidelity figures")
+  p.add_argument("--fit-steps", type=int, default=2000)
+  p.add_argument("--cache", help="folder keeping the simulator and the transformer's runs")
+  p.add_argument("--transformer-orders", type=int, default=8)
+  p.add_argument("--analytic-orders", type=int, default=65536)
+  p.add_argument("--repeats", type=int, default=3)
+  args = p.parse_args()
+  per_family = [int(x) for x in args.per_family.split(",")]
+  if args.cache:
+    os.makedirs(args.cache, exist_ok=True)
+  t0 = time.perf_counter()
+  sim, cal = _simulator(args.task, args.cache)
+  print(f"{args.task}: simulator ready in {time.perf_counter() - t0:.0f} s "
+        f"({sim.num_seeds} seeds, {sim.model_cfg.length} tokens)")
+  n_fam = len(orders_lib.FAMILIES)
+  _, fit_orders = tier_lib._draw(sim, max(per_family) * n_fam, jax.random.key(FIT_KEY))
+  _, fresh = tier_lib._draw(sim, args.fresh, jax.random.key(FRESH_KEY))
+  target = _targets(sim, np.concatenate([np.stack(cal), fit_orders, fresh]), args.cache)
+  tier = fidelity(sim, cal, fit_orders, fresh, target, per_family, args.fit_steps)
+  throughput(sim, tier, fresh, transformer_orders=args.transformer_orders,
+             analytic_orders=args.analytic_orders, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,243 @@
+"""The analytic tier of a calibrated simulator: `surrogate.analytic`'s fragment-level recurrence
+fitted on the transformer surrogate's own simulations, and the check that says whether it may
+answer in the transformer's place.
+
+`fit_tier` draws random orders of every family, simulates them with every transformer seed,
+and fits one recurrence per seed to that seed's fragment means (probe and evaluated train
+losses at the calibration steps), the calibration orders among them. `check_fidelity`
+compares the two tiers on fresh orders that no fit used, seed by seed, beside the agreement
+of two transformer seeds with each other: the analytic tier is trusted only where its
+agreement with the transformer is at least `TRUST_RATIO` x the transformer's with itself.
+
+The tier answers in the transformer's scale; `calibration.predict` maps its deviations from
+the calibration orders to the real scale exactly as it maps the transformer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calibrate.fitting import metrics
+from calibrate.fitting.calibration import (Simulator, example_positions, is_probe, predict,
+                                           schedule)
+from surrogate import analytic
+from surrogate import orders as orders_lib
+
+__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "check_fidelity", "fit_tier",
+           "tier_features", "tier_losses"]
+
+TRUST_RATIO = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+  """The analytic tier against the transformer on fresh orders.
+
+  Attributes:
+    orders: how many fresh orders (of every family) were simulated by both tiers.
+    families: the families they were drawn from, in turn.
+    spearman_F: per fragment, the rank correlation across orders of the final probe loss,
+      analytic seed s against transformer seed s, averaged over seeds.
+    decisions_F: per fragment, the share of order pairs both put in the same order.
+    order_decisions: the same for the orders' mean probe loss over fragments.
+    seed_spearman_F, seed_decisions_F, seed_order_decisions: the same figures between two
+      transformer seeds (every pair of seeds, averaged): the transformer's own agreement.
+    trusted: whether the mean of `decisions_F` and `order_decisions` are each at least
+      `TRUST_RATIO` x the seeds' figure.
+    reason: why it is or is not trusted, in words.
+  """
+  orders: int
+  families: tuple[str, ...]
+  spearman_F: np.ndarray
+  decisions_F: np.ndarray
+  order_decisions: float
+  seed_spearman_F: np.ndarray
+  seed_decisions_F: np.ndarray
+  seed_order_decisions: float
+  trusted: bool
+  reason: str
+
+  def to_json(self) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else
+                list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_json(cls, d: dict) -> Fidelity:
+    arrays = {k: np.asarray(d[k], np.float64) for k in
+              ("spearman_F", "decisions_F", "seed_spearman_F", "seed_decisions_F")}
+    return cls(orders=int(d["orders"]), families=tuple(d["families"]),
+               order_decisions=float(d["order_decisions"]),
+               seed_order_decisions=float(d["seed_order_decisions"]),
+               trusted=bool(d["trusted"]), reason=str(d["reason"]), **arrays)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AnalyticTier:
+  """A fitted analytic tier.
+
+  Attributes:
+    params: the recurrence's coefficients, one set per transformer seed (leading axis S).
+    x0_Sx2xF: each seed's fragment means before training (row 0 probes, row 1 evaluated
+      train examples).
+    cal_SxCx2xF: the tier's own mean over the calibration orders at the calibration steps:
+      predictions are deviations from it, as the transformer's are from its own.
+    fit_orders: how many orders (calibration orders included) it was fitted on.
+    fit_mse_S: each seed's fit error (nats^2, over fragments, rows and checkpoints).
+    fidelity: the check on fresh orders, or None before it is made.
+    seconds: wall time of the fit (the transformer's simulations included).
+  """
+  params: analytic.Params
+  x0_Sx2xF: np.ndarray
+  cal_SxCx2xF: np.ndarray
+  fit_orders: int
+  fit_mse_S: np.ndarray
+  fidelity: Fidelity | None = None
+  seconds: float = 0.0
+
+  @property
+  def trusted(self) -> bool:
+    return self.fidelity is not None and self.fidelity.trusted
+
+
+def _train_weight_FxE(sim: Simulator) -> np.ndarray:
+  """Each fragment's equal weights over its evaluated train examples."""
+  frags = sim.fragments
+  pos = example_positions(frags, sim.eval_ids)
+  train = pos[~is_probe(frags, pos)]
+  w = np.zeros((len(frags.names), len(frags.examples)))
+  w[frags.fragment_of[train], train] = 1.0
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.nan_to_num(w / w.sum(1, keepdims=True))
+
+
+def tier_features(sim: Simulator, orders_NxTxB: np.ndarray,
+                  lr_NxT: np.ndarray | None = None) -> analytic.Features:
+  """The recurrence's inputs for orders of `sim`'s data (default rates: `schedule(sim)`)."""
+  orders = np.asarray(orders_NxTxB)
+  lr = schedule(sim)[: orders.shape[1]] if lr_NxT is None else np.asarray(lr_NxT)
+  lr = np.broadcast_to(lr, orders.shape[:2])
+  return analytic.features(orders, sim.fragments.fragment_of, _train_weight_FxE(sim), lr)
+
+
+def _fragment_rows(sim: Simulator, raw_xM: np.ndarray) -> np.ndarray:
+  """[..., M] losses in `sim.eval_ids` columns -> [..., 2, F] (probe, train) means."""
+  frags = sim.fragments
+  pos = example_positions(frags, sim.eval_ids)
+  probe_M, frag_M = is_probe(frags, pos), frags.fragment_of[pos]
+  num_f = len(frags.names)
+  return np.stack([metrics.fragment_means(raw_xM, frag_M, probe_M, num_f),
+                   metrics.fragment_means(raw_xM, frag_M, ~probe_M, num_f)], -2)
+
+
+def _transformer_SxNxCx2xF(sim: Simulator, orders_NxTxB: np.ndarray, *, progress: bool,
+                           chunk_size: int | None) -> np.ndarray:
+  pred, _ = predict(sim, orders_NxTxB, schedule(sim), sim.steps_C, progress=progress,
+                    chunk_size=chunk_size)
+  raw = pred.raw_NxSxCxM.astype(np.float64)                          # N S C M
+  diverged = pred.diverged_NxS >= 0
+  raw[diverged] = np.nan
+  return np.moveaxis(_fragment_rows(sim, raw), 1, 0)                 # S N C 2 F
+
+
+def tier_losses(tier: AnalyticTier, feats: analytic.Features, steps_C: np.ndarray,
+                seed_N: np.ndarray | None = None) -> np.ndarray:
+  """The tier's fragment means at `steps_C`: [N, S, C, 2, F] (every seed), or [N, C, 2, F]
+  with one seed per order (`seed_N`)."""
+  steps = jnp.asarray(steps_C)
+  if seed_N is None:
+    return np.moveaxis(np.asarray(_every_seed(tier.params, tier.x0_Sx2xF, feats, steps)), 0, 1)
+  seed_N = np.asarray(seed_N) % len(tier.x0_Sx2xF)
+  out = np.empty((len(seed_N), len(steps), 2, tier.x0_Sx2xF.shape[-1]), np.float32)
+  for s in np.unique(seed_N):  # one seed's orders share its coefficients: matrix products
+    sel = np.nonzero(seed_N == s)[0]
+    out[sel] = _one_seed(jax.tree.map(lambda a: a[s], tier.params), tier.x0_Sx2xF[s],
+                         analytic.Features(*(np.asarray(a)[sel] for a in feats)), steps)
+  return out
+
+
+_every_seed = jax.jit(jax.vmap(analytic.rollout_many, in_axes=(0, 0, None, None)))  # S N C 2 F
+_one_seed = jax.jit(analytic.rollout_many)                                          # N C 2 F
+
+
+def _draw(sim: Simulator, n: int, key: jax.Array):
+  return orders_lib.random_orders(sim.fragments.train_pools(), n, key=key, steps=sim.num_steps,
+                                  batch_size=sim.batch_size)
+
+
+def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: jax.Array,
+             orders_per_family: int = 8, steps: int = 1500, progress: bool = False,
+             chunk_size: int | None = None) -> AnalyticTier:
+  """Fits the analytic tier on the transformer's simulations of random orders.
+
+  Args:
+    sim: the calibrated simulator.
+    calibration_orders: the calibration runs' orders ([T, B] each); they are fitted too,
+      and their mean is the tier's reference point.
+    key: draws the random orders.
+    orders_per_family: random orders of each of `surrogate.orders.FAMILIES`.
+    steps: optimizer steps of the fit.
+    progress, chunk_size: passed to the transformer's simulation.
+  """
+  t0 = time.perf_counter()
+  n_fam = len(orders_lib.FAMILIES)
+  _, drawn = _draw(sim, orders_per_family * n_fam, key)
+  cal = np.stack([np.asarray(o, np.int32) for o in calibration_orders])
+  every = np.concatenate([cal, drawn])
+  target = _transformer_SxNxCx2xF(sim, every, progress=progress, chunk_size=chunk_size)
+  x0 = np.nanmean(target[:, :, 0], 1)                                # S 2 F
+  feats = tier_features(sim, every)
+  res = analytic.fit(np.nan_to_num(x0), feats, sim.steps_C, target, steps=steps)
+  tier = AnalyticTier(res.params, np.nan_to_num(x0), np.zeros((0,)), len(every),
+                      np.asarray(res.mse), None, 0.0)
+  cal_losses = tier_losses(tier, tier_features(sim, cal), sim.steps_C)  # R S C 2 F
+  return dataclasses.replace(tier, cal_SxCx2xF=cal_losses.mean(0),
+                             seconds=time.perf_counter() - t0)
+
+
+def _agreement(a_NxF: np.ndarray, b_NxF: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+  """(Spearman per fragment, decision agreement per fragment, order decision agreement)."""
+  num_f = a_NxF.shape[1]
+  rho = np.array([metrics.spearman(a_NxF[:, f], b_NxF[:, f]) for f in range(num_f)])
+  dec = np.array([metrics.decision_accuracy(a_NxF[:, [f]], b_NxF[:, [f]])
+                  for f in range(num_f)])
+  order = metrics.decision_accuracy(np.nanmean(a_NxF, 1, keepdims=True),
+                                    np.nanmean(b_NxF, 1, keepdims=True))
+  return rho, dec, order
+
+
+def check_fidelity(sim: Simulator, tier: AnalyticTier, *, key: jax.Array, orders: int = 64,
+                   progress: bool = False, chunk_size: int | None = None) -> AnalyticTier:
+  """Checks the tier on `orders` fresh orders of every family; returns it with `fidelity`.
+
+  `key` must not be the key the tier was fitted with (the orders would be the fit's).
+  """
+  if sim.num_seeds < 2:
+    raise ValueError("the fidelity check compares transformer seeds: fit with seeds >= 2")
+  _, fresh = _draw(sim, orders, key)
+  sur = _transformer_SxNxCx2xF(sim, fresh, progress=progress, chunk_size=chunk_size)
+  ana = np.moveaxis(tier_losses(tier, tier_features(sim, fresh), sim.steps_C), 1, 0)
+  final = lambda x: x[:, :, -1, 0]                                   # noqa: E731  S N F
+  s_n = sim.num_seeds
+  mine = [_agreement(final(ana)[s], final(sur)[s]) for s in range(s_n)]
+  seeds = [_agreement(final(sur)[a], final(sur)[b])
+           for a, b in itertools.combinations(range(s_n), 2)]
+  mean = lambda xs, i: np.nanmean(np.stack([x[i] for x in xs]), 0)  # noqa: E731
+  dec, seed_dec = mean(mine, 1), mean(seeds, 1)
+  order, seed_order = float(mean(mine, 2)), float(mean(seeds, 2))
+  ok_f = np.nanmean(dec) >= TRUST_RATIO * np.nanmean(seed_dec)
+  ok_o = order >= TRUST_RATIO * seed_order
+  reason = (f"per-fragment decisions {np.nanmean(dec):.3f} vs the transformer seeds' "
+            f"{np.nanmean(seed_dec):.3f} (needs x{TRUST_RATIO}), order decisions {order:.3f} "
+            f"vs {seed_order:.3f}, on {orders} fresh orders")
+  fid = Fidelity(orders, tuple(orders_lib.FAMILIES), mean(mine, 0), dec, order, mean(seeds, 0),
+                 seed_dec, seed_order, bool(ok_f and ok_o),
+                 ("trusted: " if ok_f and ok_o else "not trusted: ") + reason)
+  return dataclasses.replace(tier, fidelity=fid)
