@@ -14,7 +14,7 @@ step t the batch is described by three things only:
 and every loss, a slow part x plus a fast part z, moves by
 
     dx_rj = -lr_t * ( (share_t @ A_r)_j * m_rj(t) * (x_rj - floor_rj)   fed fragments pull j
-                      - (share_t @ R_r)_j * max(x0_rj - x_rj, 0)   and undo what j has gained
+                      - (share_t @ R_r)_j * max(x0_rj - z0_rj - x_rj, 0)   and undo j's gain
                       + [r = train] D_j * seen_tj * (x_rj - floor_rj) )          memorising
     dz_rj = -lr_t * K_rj * z_rj          the fast drop of the first steps, whatever is fed
     m_rj(t) = exp(V_rj * (1 - sum_i share_ti^2))   mixed batches teach more than pure ones
@@ -24,7 +24,7 @@ blocks, curricula, mixtures, subsets and repetition are all expressed; the pull 
 at a floor below the starting loss, and what is forgotten is at most what was learned. The
 fast part (at most 15 % of the starting loss) and the batch-diversity factor were the two
 terms that most lowered the error on fresh orders in docs/experiments.md ("The analytic
-tier"). With F fragments it has 4 F^2 + 7 F coefficients (660 for 12), fitted with optax on
+tier"). With F fragments it has 4 F^2 + 9 F coefficients (684 for 12), fitted with optax on
 simulations of random orders of every family (`fit`); `rollout_many` is one `vmap` over
 orders.
 
@@ -113,7 +113,8 @@ def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np
 
 def rollout(params: Params, x0_2xF: jax.Array, feats: Features,
             checkpoints_C: jax.Array) -> jax.Array:
-  """The losses after each checkpoint's step (0 = before training): [C, 2, F]."""
+  """The losses after each checkpoint's step (0 = before training; steps within 0..T):
+  [C, 2, F]."""
   num_f, steps = x0_2xF.shape[-1], feats.lr_T.shape[-1]
   scale = num_f / steps  # a fragment fed a 1/F share all along moves O(1) with O(1) coefficients
   transfer = params.transfer_2xFxF * scale
