@@ -97,6 +97,7 @@ class FitConfig:
       distilled surrogate's order effects are nearer the real ones' size.
     teacher_gain_prior_sd: its sd, 0.36: the same share of the mean as 0.5 of 1.6, since
       with shuffled runs only the prior's spread sets most of the intervals' width.
+    teacher_fragment_gain_sd: `fragment_gain_sd` with a teacher, scaled the same way (0.36).
     fragment_gain_sd: how far a fragment's gain may stray from the common gain, a priori.
     effect_noise: order effects (nats, mean over a run's checkpoints) below this size are
       treated as noise when fitting gains.
@@ -126,6 +127,7 @@ class FitConfig:
   gain_prior: float = 1.6
   teacher_gain_prior: float = 1.15
   teacher_gain_prior_sd: float = 0.36
+  teacher_fragment_gain_sd: float = 0.36
   gain_prior_sd: float = 0.5
   fragment_gain_sd: float = 0.5
   effect_noise: float = 0.05
@@ -553,7 +555,8 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
   if teacher is not None:
     teacher.check_matches(fragments, where="the teacher")  # its tokenizer: in `targets`
     config = dataclasses.replace(config, gain_prior=config.teacher_gain_prior,
-                                 gain_prior_sd=config.teacher_gain_prior_sd)
+                                 gain_prior_sd=config.teacher_gain_prior_sd,
+                                 fragment_gain_sd=config.teacher_fragment_gain_sd)
   first = runs[0]
   opt_cfg = optim.OptimizerConfig.from_dict(first.header.optimizer)
   if model_cfg is None:
