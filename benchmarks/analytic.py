@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import itertools
 import os
 import time
 
@@ -66,7 +65,7 @@ def _targets(sim, every, cache: str | None) -> np.ndarray:
       if np.array_equal(z["orders"], every):
         return z["target"]
   t0 = time.perf_counter()
-  target = tier_lib._transformer_SxNxCx2xF(sim, every, progress=True, chunk_size=None)
+  target = tier_lib.transformer_losses(sim, every, progress=True)
   print(f"transformer: {len(every)} orders x {sim.num_seeds} seeds in "
         f"{time.perf_counter() - t0:.0f} s")
   if path is not None:
@@ -74,37 +73,28 @@ def _targets(sim, every, cache: str | None) -> np.ndarray:
   return target
 
 
-def _agreement(ana_SxNxF, sur_SxNxF):
-  s_n = sur_SxNxF.shape[0]
-  mine = [tier_lib._agreement(ana_SxNxF[s], sur_SxNxF[s]) for s in range(s_n)]
-  seeds = [tier_lib._agreement(sur_SxNxF[a], sur_SxNxF[b])
-           for a, b in itertools.combinations(range(s_n), 2)]
-  mean = lambda xs, i: float(np.nanmean(np.stack([x[i] for x in xs])))  # noqa: E731
-  return [mean(mine, i) for i in range(3)], [mean(seeds, i) for i in range(3)]
-
-
-def fidelity(sim, cal, fit_orders, fresh, target, per_family: list[int], steps: int) -> None:
-  n_fam, n_cal, n_fit = len(orders_lib.FAMILIES), len(cal), len(fit_orders)
-  sur = target[:, n_cal + n_fit:]
+def fidelity(sim, every, n_cal: int, n_fit: int, target, per_family: list[int],
+             steps: int) -> tier_lib.AnalyticTier:
+  """Prints the fidelity table; `every` holds the calibration, fit and fresh orders in that
+  order. Returns the tier fitted on the most orders."""
+  n_fam = len(orders_lib.FAMILIES)
+  fresh, sur = every[n_cal + n_fit:], target[:, n_cal + n_fit:]
   print(f"\nfidelity on {len(fresh)} fresh orders (final probe loss; analytic seed s against "
         "transformer seed s | two transformer seeds):")
   print(f"{'fit orders':>11} {'fit s':>6} {'MSE fit':>8} {'MSE fresh':>9} "
         f"{'Spearman':>15} {'decisions':>15} {'order decisions':>17}")
+  fresh_feats = tier_lib.tier_features(sim, fresh)
   for k in per_family:
     use = np.r_[np.arange(n_cal), n_cal + np.arange(min(k * n_fam, n_fit))]
-    every = np.concatenate([np.stack(cal), fit_orders])
-    feats = tier_lib.tier_features(sim, every[use])
-    t0 = time.perf_counter()
-    x0 = np.nan_to_num(np.nanmean(target[:, :, 0], 1))
-    res = analytic.fit(x0, feats, sim.steps_C, target[:, use], steps=steps)
-    secs = time.perf_counter() - t0
-    tier = tier_lib.AnalyticTier(res.params, x0, np.zeros(0), len(use), np.asarray(res.mse))
-    ana = np.moveaxis(tier_lib.tier_losses(tier, tier_lib.tier_features(sim, fresh),
-                                           sim.steps_C), 1, 0)
+    tier = tier_lib.fit_on(sim, every[use], target[:, use], calibration=n_cal, steps=steps)
+    ana = np.moveaxis(tier_lib.tier_losses(tier, fresh_feats, sim.steps_C), 1, 0)
     mse = float(np.nanmean((ana - sur) ** 2))
-    (rho, dec, order), (s_rho, s_dec, s_order) = _agreement(ana[:, :, -1, 0], sur[:, :, -1, 0])
-    print(f"{len(use):>11} {secs:>6.1f} {float(np.mean(res.mse)):>8.4f} {mse:>9.4f} "
-          f"{rho:>7.3f} | {s_rho:.3f} {dec:>7.3f} | {s_dec:.3f} {order:>9.3f} | {s_order:.3f}")
+    got = tier_lib.agreement(ana[:, :, -1, 0], sur[:, :, -1, 0])
+    print(f"{len(use):>11} {tier.seconds:>6.1f} {float(np.mean(tier.fit_mse_S)):>8.4f} "
+          f"{mse:>9.4f} {np.nanmean(got['spearman_F']):>7.3f} | "
+          f"{np.nanmean(got['seed_spearman_F']):.3f} {np.nanmean(got['decisions_F']):>7.3f} | "
+          f"{np.nanmean(got['seed_decisions_F']):.3f} {got['order_decisions']:>9.3f} | "
+          f"{got['seed_order_decisions']:.3f}")
   print(f"trusted only at >= {tier_lib.TRUST_RATIO} x the seeds' decisions")
   return tier
 
@@ -166,10 +156,11 @@ def main() -> None:
   print(f"{args.task}: simulator ready in {time.perf_counter() - t0:.0f} s "
         f"({sim.num_seeds} seeds, {sim.model_cfg.length} tokens)")
   n_fam = len(orders_lib.FAMILIES)
-  _, fit_orders = tier_lib._draw(sim, max(per_family) * n_fam, jax.random.key(FIT_KEY))
-  _, fresh = tier_lib._draw(sim, args.fresh, jax.random.key(FRESH_KEY))
-  target = _targets(sim, np.concatenate([np.stack(cal), fit_orders, fresh]), args.cache)
-  tier = fidelity(sim, cal, fit_orders, fresh, target, per_family, args.fit_steps)
+  fit_orders = tier_lib.draw(sim, max(per_family) * n_fam, key=jax.random.key(FIT_KEY))
+  fresh = tier_lib.draw(sim, args.fresh, key=jax.random.key(FRESH_KEY))
+  every = np.concatenate([np.stack(cal), fit_orders, fresh])
+  target = _targets(sim, every, args.cache)
+  tier = fidelity(sim, every, len(cal), len(fit_orders), target, per_family, args.fit_steps)
   throughput(sim, tier, fresh, transformer_orders=args.transformer_orders,
              analytic_orders=args.analytic_orders, repeats=args.repeats)
 

@@ -30,8 +30,8 @@ from calibrate.fitting.calibration import (Simulator, example_positions, is_prob
 from surrogate import analytic
 from surrogate import orders as orders_lib
 
-__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "check_fidelity", "fit_tier",
-           "tier_features", "tier_losses"]
+__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "agreement", "check_fidelity", "draw",
+           "fit_on", "fit_tier", "tier_features", "tier_losses", "transformer_losses"]
 
 TRUST_RATIO = 0.95
 
@@ -137,8 +137,10 @@ def _fragment_rows(sim: Simulator, raw_xM: np.ndarray) -> np.ndarray:
                    metrics.fragment_means(raw_xM, frag_M, ~probe_M, num_f)], -2)
 
 
-def _transformer_SxNxCx2xF(sim: Simulator, orders_NxTxB: np.ndarray, *, progress: bool,
-                           chunk_size: int | None) -> np.ndarray:
+def transformer_losses(sim: Simulator, orders_NxTxB: np.ndarray, *, progress: bool = False,
+                       chunk_size: int | None = None) -> np.ndarray:
+  """The transformer's fragment means of orders with every seed, in its own scale:
+  [S, N, C, 2, F] at `sim.steps_C` (NaN where a seed's run diverged)."""
   pred, _ = predict(sim, orders_NxTxB, schedule(sim), sim.steps_C, progress=progress,
                     chunk_size=chunk_size)
   raw = pred.raw_NxSxCxM.astype(np.float64)                          # N S C M
@@ -167,13 +169,28 @@ _every_seed = jax.jit(jax.vmap(analytic.rollout_many, in_axes=(0, 0, None, None)
 _one_seed = jax.jit(analytic.rollout_many)                                          # N C 2 F
 
 
-def _draw(sim: Simulator, n: int, key: jax.Array):
+def draw(sim: Simulator, n: int, *, key: jax.Array) -> np.ndarray:
+  """`n` random orders of `sim`'s shape, every family in turn: [N, T, B]."""
   return orders_lib.random_orders(sim.fragments.train_pools(), n, key=key, steps=sim.num_steps,
-                                  batch_size=sim.batch_size)
+                                  batch_size=sim.batch_size)[1]
+
+
+def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarray, *,
+           calibration: int, steps: int = 2000) -> AnalyticTier:
+  """Fits the tier on the transformer's simulations of orders whose first `calibration`
+  are the calibration runs' (their mean is the tier's reference point)."""
+  t0 = time.perf_counter()
+  x0 = np.nan_to_num(np.nanmean(target_SxNxCx2xF[:, :, 0], 1))      # S 2 F
+  feats = tier_features(sim, orders_NxTxB)
+  res = analytic.fit(x0, feats, sim.steps_C, target_SxNxCx2xF, steps=steps)
+  tier = AnalyticTier(res.params, x0, np.zeros((0,)), len(orders_NxTxB), np.asarray(res.mse))
+  cal = analytic.Features(*(np.asarray(a)[:calibration] for a in feats))
+  return dataclasses.replace(tier, cal_SxCx2xF=tier_losses(tier, cal, sim.steps_C).mean(0),
+                             seconds=time.perf_counter() - t0)
 
 
 def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: jax.Array,
-             orders_per_family: int = 8, steps: int = 1500, progress: bool = False,
+             orders_per_family: int = 8, steps: int = 2000, progress: bool = False,
              chunk_size: int | None = None) -> AnalyticTier:
   """Fits the analytic tier on the transformer's simulations of random orders.
 
@@ -187,19 +204,12 @@ def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: j
     progress, chunk_size: passed to the transformer's simulation.
   """
   t0 = time.perf_counter()
-  n_fam = len(orders_lib.FAMILIES)
-  _, drawn = _draw(sim, orders_per_family * n_fam, key)
+  drawn = draw(sim, orders_per_family * len(orders_lib.FAMILIES), key=key)
   cal = np.stack([np.asarray(o, np.int32) for o in calibration_orders])
   every = np.concatenate([cal, drawn])
-  target = _transformer_SxNxCx2xF(sim, every, progress=progress, chunk_size=chunk_size)
-  x0 = np.nanmean(target[:, :, 0], 1)                                # S 2 F
-  feats = tier_features(sim, every)
-  res = analytic.fit(np.nan_to_num(x0), feats, sim.steps_C, target, steps=steps)
-  tier = AnalyticTier(res.params, np.nan_to_num(x0), np.zeros((0,)), len(every),
-                      np.asarray(res.mse), None, 0.0)
-  cal_losses = tier_losses(tier, tier_features(sim, cal), sim.steps_C)  # R S C 2 F
-  return dataclasses.replace(tier, cal_SxCx2xF=cal_losses.mean(0),
-                             seconds=time.perf_counter() - t0)
+  target = transformer_losses(sim, every, progress=progress, chunk_size=chunk_size)
+  tier = fit_on(sim, every, target, calibration=len(cal), steps=steps)
+  return dataclasses.replace(tier, seconds=time.perf_counter() - t0)
 
 
 def _agreement(a_NxF: np.ndarray, b_NxF: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -213,6 +223,23 @@ def _agreement(a_NxF: np.ndarray, b_NxF: np.ndarray) -> tuple[np.ndarray, np.nda
   return rho, dec, order
 
 
+def agreement(ana_SxNxF: np.ndarray, sur_SxNxF: np.ndarray) -> dict[str, np.ndarray | float]:
+  """The fidelity figures of final losses [S, N, F]: analytic seed s against transformer
+  seed s, and every pair of transformer seeds, each averaged over seeds (or pairs).
+
+  Returns:
+    spearman_F, decisions_F, order_decisions, and the seeds' seed_spearman_F,
+    seed_decisions_F, seed_order_decisions (`Fidelity`'s fields).
+  """
+  mine = [_agreement(ana_SxNxF[s], sur_SxNxF[s]) for s in range(len(sur_SxNxF))]
+  seeds = [_agreement(sur_SxNxF[a], sur_SxNxF[b])
+           for a, b in itertools.combinations(range(len(sur_SxNxF)), 2)]
+  mean = lambda xs, i: np.nanmean(np.stack([x[i] for x in xs]), 0)  # noqa: E731
+  return {"spearman_F": mean(mine, 0), "decisions_F": mean(mine, 1),
+          "order_decisions": float(mean(mine, 2)), "seed_spearman_F": mean(seeds, 0),
+          "seed_decisions_F": mean(seeds, 1), "seed_order_decisions": float(mean(seeds, 2))}
+
+
 def check_fidelity(sim: Simulator, tier: AnalyticTier, *, key: jax.Array, orders: int = 64,
                    progress: bool = False, chunk_size: int | None = None) -> AnalyticTier:
   """Checks the tier on `orders` fresh orders of every family; returns it with `fidelity`.
@@ -221,23 +248,16 @@ def check_fidelity(sim: Simulator, tier: AnalyticTier, *, key: jax.Array, orders
   """
   if sim.num_seeds < 2:
     raise ValueError("the fidelity check compares transformer seeds: fit with seeds >= 2")
-  _, fresh = _draw(sim, orders, key)
-  sur = _transformer_SxNxCx2xF(sim, fresh, progress=progress, chunk_size=chunk_size)
+  fresh = draw(sim, orders, key=key)
+  sur = transformer_losses(sim, fresh, progress=progress, chunk_size=chunk_size)
   ana = np.moveaxis(tier_losses(tier, tier_features(sim, fresh), sim.steps_C), 1, 0)
-  final = lambda x: x[:, :, -1, 0]                                   # noqa: E731  S N F
-  s_n = sim.num_seeds
-  mine = [_agreement(final(ana)[s], final(sur)[s]) for s in range(s_n)]
-  seeds = [_agreement(final(sur)[a], final(sur)[b])
-           for a, b in itertools.combinations(range(s_n), 2)]
-  mean = lambda xs, i: np.nanmean(np.stack([x[i] for x in xs]), 0)  # noqa: E731
-  dec, seed_dec = mean(mine, 1), mean(seeds, 1)
-  order, seed_order = float(mean(mine, 2)), float(mean(seeds, 2))
-  ok_f = np.nanmean(dec) >= TRUST_RATIO * np.nanmean(seed_dec)
-  ok_o = order >= TRUST_RATIO * seed_order
-  reason = (f"per-fragment decisions {np.nanmean(dec):.3f} vs the transformer seeds' "
-            f"{np.nanmean(seed_dec):.3f} (needs x{TRUST_RATIO}), order decisions {order:.3f} "
-            f"vs {seed_order:.3f}, on {orders} fresh orders")
-  fid = Fidelity(orders, tuple(orders_lib.FAMILIES), mean(mine, 0), dec, order, mean(seeds, 0),
-                 seed_dec, seed_order, bool(ok_f and ok_o),
-                 ("trusted: " if ok_f and ok_o else "not trusted: ") + reason)
+  got = agreement(ana[:, :, -1, 0], sur[:, :, -1, 0])
+  dec, seed_dec = np.nanmean(got["decisions_F"]), np.nanmean(got["seed_decisions_F"])
+  order, seed_order = got["order_decisions"], got["seed_order_decisions"]
+  ok = bool(dec >= TRUST_RATIO * seed_dec and order >= TRUST_RATIO * seed_order)
+  reason = (f"per-fragment decisions {dec:.3f} vs the transformer seeds' {seed_dec:.3f} "
+            f"(needs x{TRUST_RATIO}), order decisions {order:.3f} vs {seed_order:.3f}, on "
+            f"{orders} fresh orders")
+  fid = Fidelity(orders=orders, families=tuple(orders_lib.FAMILIES), trusted=ok,
+                 reason=("trusted: " if ok else "not trusted: ") + reason, **got)
   return dataclasses.replace(tier, fidelity=fid)
