@@ -257,6 +257,12 @@ def _seed_twin(fam: Family, runs: Sequence[RunLog], fragments: Fragments,
   return None
 
 
+def _logged_by_all(ids: Sequence[str], probe_M: np.ndarray, runs: Sequence[RunLog]) -> np.ndarray:
+  """Which evaluated examples count: every probe, and the train examples every run logged."""
+  return np.array([probe_M[m] or all(i in ev.losses for r in runs for ev in r.evals)
+                   for m, i in enumerate(ids)])
+
+
 def score_families(sim: Simulator, runs: Sequence[RunLog], found: Sequence[Family],
                    pred: Prediction, row_of: Mapping[int, int], *,
                    thresholds: Thresholds = Thresholds()) -> list[dict[str, Any]]:
@@ -279,8 +285,7 @@ def score_families(sim: Simulator, runs: Sequence[RunLog], found: Sequence[Famil
     if len(left) < MIN_FRAGMENTS or any(i not in row_of for i in idx):
       continue
     # Train examples count where every run of the family logged them (probes must be there).
-    keep = np.array([probe_M[m] or all(ids[m] in ev.losses for i in idx for ev in runs[i].evals)
-                     for m in range(len(ids))])
+    keep = _logged_by_all(ids, probe_M, [runs[i] for i in idx])
     kept = [x for x, k in zip(ids, keep) if k]
     real = verdicts_of(*_fragment_losses(real_losses([runs[i] for i in idx], steps, kept),
                                          frag_M[keep], probe_M[keep], num_f), left, thresholds)
@@ -310,9 +315,7 @@ def score_families(sim: Simulator, runs: Sequence[RunLog], found: Sequence[Famil
     if twin is not None:
       twins.add(twin.base)
       t_idx = [twin.base, *twin.without.values()]
-      t_keep = keep & np.array([probe_M[m] or all(ids[m] in ev.losses for i in t_idx
-                                                  for ev in runs[i].evals)
-                                for m in range(len(ids))])
+      t_keep = keep & _logged_by_all(ids, probe_M, [runs[i] for i in t_idx])
       again = verdicts_of(*_fragment_losses(
           real_losses([runs[i] for i in t_idx], steps, [x for x, k in zip(ids, t_keep) if k]),
           frag_M[t_keep], probe_M[t_keep], num_f), list(twin.without), thresholds)
