@@ -1,8 +1,8 @@
 """From Hugging Face Trainer runs to a pre-screening report (docs/tutorial.md, end to end).
 
 Records four real fine-tunes of the bundled small GPT-2 (`calibrate/reference/data/lm/base`,
-pre-trained offline on man pages) with the Hugging Face Trainer and `RecorderCallback`,
-calibrates the simulator on them, screens orders, searches the best one, picks the next real
+pre-trained offline on man pages) with the Hugging Face Trainer (`OrderedTrainer` and
+`RunLogCallback`), calibrates the simulator on them, screens orders, searches the best one, picks the next real
 run and writes the report. Needs the torch extra: `pip install -e ".[torch]"`.
 
     python examples/hf_trainer_to_report.py --out tutorial-out
@@ -33,8 +33,7 @@ def record(out: str, run_id: str) -> str:
   import torch
   import transformers
 
-  from calibrate.io.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
-  from calibrate.io.recorders import Recorder
+  from calibrate.io.hf import FragmentsDataset, OrderedTrainer, RunLogCallback, pad_collator
   from surrogate import read_fragments
   from surrogate.orders import OrderSpec
   torch.set_num_threads(1)
@@ -50,22 +49,19 @@ def record(out: str, run_id: str) -> str:
                                              bos_token="<|endoftext|>", pad_token="<|endoftext|>")
   model = transformers.GPT2LMHeadModel.from_pretrained(base)
   train = FragmentsDataset(frags, tok, max_length=64)
-  collate = pad_collator(tok)
   args = transformers.TrainingArguments(
       output_dir=os.path.join(out, "trainer", run_id), per_device_train_batch_size=BATCH,
       max_steps=STEPS, learning_rate=OPTIMIZER["lr"], weight_decay=OPTIMIZER["weight_decay"],
       warmup_steps=OPTIMIZER["warmup_steps"], lr_scheduler_type="linear",
       max_grad_norm=OPTIMIZER["grad_clip"], logging_steps=1, save_strategy="no", report_to=[],
       seed=seed, use_cpu=True, disable_tqdm=True)
-  trainer = transformers.Trainer(model=model, args=args, train_dataset=train,
-                                 data_collator=collate)
+  trainer = OrderedTrainer(order, model=model, args=args, train_dataset=train,
+                           data_collator=pad_collator(tok))
   trainer.remove_callback(transformers.PrinterCallback)  # no per-step log lines on stdout
-  feed_order(trainer, order)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with Recorder(path, frags, run_id=run_id, model="gpt2-2x128", optimizer=OPTIMIZER,
-                batch_size=BATCH, seed=seed, order_spec=spec, order_seed=seed) as rec:
-    trainer.add_callback(RecorderCallback(rec, order, train, collate, eval_every=20))
-    trainer.train()
+  trainer.add_callback(RunLogCallback(trainer, path, run_id=run_id, model="gpt2-2x128",
+                                      eval_every=20, order_spec=spec, order_seed=seed))
+  trainer.train()
   return path
 
 

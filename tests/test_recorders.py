@@ -10,10 +10,8 @@ from calibrate.io.runlog import order_from_runlog, read_runlog
 from surrogate import orders
 from surrogate.datasets import python_docs
 from surrogate.errors import RunLogError
-from surrogate.tokenize import train_tokenizer
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 OPT = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}
 
@@ -21,14 +19,6 @@ OPT = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}
 @pytest.fixture(scope="module")
 def frags():
   return python_docs(("try", "import", "async"), max_train=6, max_probe=2)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(frags):
-  tok = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=train_tokenizer(frags.texts_for_tokenizer(), 300),
-      bos_token="<bos>", pad_token="<pad>")
-  return tok
 
 
 def _order(frags, steps, batch):
@@ -104,54 +94,3 @@ def test_recorder_rejects_bad_input_and_keeps_log_valid(frags, tmp_path):
     rec.step([train_id], 0.5)
   log = read_runlog(path, frags)
   assert [s.loss for s in log.steps] == [1.0, 0.5]
-
-
-def test_hf_trainer_callback_records_the_order_it_fed(frags, hf_tokenizer, tmp_path):
-  from calibrate.io.hf import FragmentsDataset, RecorderCallback, feed_order, pad_collator
-  torch.manual_seed(0)
-  cfg = transformers.GPT2Config(vocab_size=len(hf_tokenizer), n_positions=32, n_embd=16,
-                                n_layer=1, n_head=2, bos_token_id=hf_tokenizer.bos_token_id)
-  model = transformers.GPT2LMHeadModel(cfg)
-  steps, batch = 6, 2
-  order = _order(frags, steps, batch)
-  ds = FragmentsDataset(frags, hf_tokenizer, max_length=32)
-  collate = pad_collator(hf_tokenizer)
-  args = transformers.TrainingArguments(
-      output_dir=str(tmp_path / "hf"), per_device_train_batch_size=batch, max_steps=steps,
-      logging_steps=1, learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=2,
-      report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
-  trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collate)
-  feed_order(trainer, order)
-  path = tmp_path / "hf.jsonl"
-  with Recorder(path, frags, run_id="hf", model="gpt2-tiny",
-                optimizer={"name": "adamw", "lr": 1e-3, "warmup_steps": 2, "schedule": "linear"},
-                batch_size=batch) as rec:
-    trainer.add_callback(RecorderCallback(rec, order, ds, collate, eval_every=4, eval_train=1))
-    trainer.train()
-  log = read_runlog(path, frags)
-  np.testing.assert_array_equal(order_from_runlog(log, frags), order)
-  assert log.eval_steps == (0, 4, 6)
-  probes = {frags.examples[i].id for i in frags.probe_indices()}
-  assert probes <= set(log.evals[0].losses)
-  lrs = [s.lr for s in log.steps]
-  assert lrs[0] < lrs[1] and lrs[-1] < lrs[2]  # warmup, then linear decay
-  # The recorded step losses are the real model's: training lowers the eval losses.
-  first, last = log.evals[0].losses, log.evals[-1].losses
-  assert np.mean([last[k] for k in first]) < np.mean(list(first.values()))
-
-
-def test_hf_dataset_masks_prompt_and_handles_classification(frags, hf_tokenizer):
-  from calibrate.io.hf import FragmentsDataset
-  from surrogate.fragments import Example, Fragments
-  qa = Fragments.from_examples([
-      Example("q/train/0", "q", "train", prompt="Is try a statement?", completion=" yes"),
-      Example("q/probe/0", "q", "probe", prompt="Is 3 a keyword?", completion=" no")])
-  lm = FragmentsDataset(qa, hf_tokenizer, max_length=32)
-  item = lm[0]
-  n_c = len(hf_tokenizer(" yes", add_special_tokens=False)["input_ids"])
-  assert (item["labels"][-n_c:] == item["input_ids"][-n_c:]).all()
-  assert (item["labels"][:-n_c] == -100).all()
-  cls = FragmentsDataset(qa, hf_tokenizer, labels=["no", "yes"])
-  assert cls[0]["labels"].item() == 1 and cls[1]["labels"].item() == 0
-  with pytest.raises(ValueError, match="labels"):
-    FragmentsDataset(qa, hf_tokenizer, labels=["maybe"])

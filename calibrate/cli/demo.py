@@ -135,6 +135,6 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
              "fit": info.to_json(), "seconds_total": time.perf_counter() - t_start}
   atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
   print(f"\nwrote {report}, {out}/summary.json and {out}/best-order.jsonl "
-        f"(run it for real: calibrate.io.hf.feed_order or OrderSampler)")
+        f"(run it for real: calibrate.io.hf.OrderedTrainer or OrderBatchSampler)")
   print(f"total {time.perf_counter() - t_start:.0f} s")
   return 0

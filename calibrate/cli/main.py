@@ -546,7 +546,7 @@ def cmd_search(args) -> int:
   else:
     print(result.table())
   if args.out:
-    print(f"wrote the best order to {args.out} (feed it with calibrate.io.hf.feed_order)",
+    print(f"wrote the best order to {args.out} (feed it with calibrate.io.hf.OrderedTrainer)",
           file=sys.stderr if args.json else sys.stdout)
   return 0
 

@@ -49,6 +49,21 @@ class Recorder:
     self._writer = RunLogWriter(path, header, fragments, fsync=fsync, overwrite=overwrite)
     self.path = self._writer.path
 
+  @classmethod
+  def resume(cls, path: str | os.PathLike, fragments: Fragments, *, at_step: int,
+             fsync: bool = False) -> Recorder:
+    """Continues a run restarted from a checkpoint taken after `at_step` steps: the log's
+    steps from `at_step` on and evals after it are dropped (the restarted run records them
+    again), atomically, and recording goes on after them.
+
+    Raises:
+      RunLogError: the log is damaged or has fewer than `at_step` steps.
+    """
+    self = cls.__new__(cls)
+    self._writer = RunLogWriter.resume(path, fragments, at_step=at_step, fsync=fsync)
+    self.path = self._writer.path
+    return self
+
   @property
   def num_steps(self) -> int:
     """Optimizer steps recorded so far (the next step's index)."""

@@ -621,6 +621,41 @@ class RunLogWriter:
     self._line = 1
     self._write(data)
 
+  @classmethod
+  def resume(cls, path: str | os.PathLike, fragments: Fragments | None = None, *,
+             at_step: int, fsync: bool = False) -> RunLogWriter:
+    """Continues the RunLog of a run restarted from a checkpoint taken after `at_step` steps.
+
+    Steps from `at_step` on and evals after it are dropped, since the restarted run records
+    them again; the kept prefix is rewritten atomically (temp file, fsync, rename), so the
+    file is a valid RunLog at every moment, and writing goes on after it.
+
+    Raises:
+      RunLogError: the log is damaged, or has fewer than `at_step` steps (it cannot be
+        continued from that checkpoint).
+    """
+    path = os.fspath(path)
+    old = read_runlog(path, fragments)
+    if not _is_int(at_step) or not 0 <= at_step <= old.num_steps:
+      raise RunLogError(f"cannot continue from a checkpoint at step {at_step}: the log has "
+                        f"{old.num_steps} steps", path=path)
+    kept = RunLog(old.header, old.steps[:at_step],
+                  tuple(e for e in old.evals if e.step <= at_step))
+    records = _records(kept, path)
+    self = cls.__new__(cls)
+    self.path, self._fsync = path, fsync
+    self._checker = _Checker(path, fragments)
+    chunks = []
+    for i, rec in enumerate(records):
+      parsed = self._checker.feed(rec, i + 1)
+      if i == 0:
+        self.header = parsed
+      chunks.append(json_line(rec, error=RunLogError, path=path, line=i + 1))
+    atomic_write(path, b"".join(chunks))
+    self._line = len(records)
+    self._file = open(path, "ab")
+    return self
+
   @property
   def num_steps(self) -> int:
     """The number of step records written so far."""
