@@ -86,7 +86,8 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
         lr_scales: tuple[float, ...] | None = FitConfig.lr_scales,
         gain_prior: float | None = None, gain_prior_sd: float | None = None,
         effect_errors: tuple[float, ...] = (), real_tokenizer: bool = False,
-        teacher: bool = False, distill_steps: int = FitConfig.distill_steps) -> dict:
+        teacher: bool = False, distill_steps: int = FitConfig.distill_steps,
+        full_mode: bool = False) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
@@ -101,6 +102,7 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
                                       real_tokenizer=reference_tokenizer(task))
   sim = fit(frags, cal, model_cfg=cfg, tokenizer=tokenizer, teacher=the_teacher,
             config=FitConfig(seeds=seeds, lr_scales=lr_scales, distill_steps=distill_steps,
+                             low_rank=not full_mode,
                              **({} if gain_prior is None else
                                 {"gain_prior": gain_prior, "teacher_gain_prior": gain_prior}),
                              **({} if gain_prior_sd is None else
@@ -117,7 +119,9 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
         + ("the real tokenizer" if real_tokenizer or teacher else "its own BPE")
         + (f", distilled {info_d.steps} steps (KL {info_d.kl_before:.3f} -> "
            f"{info_d.kl_after:.3f})" if (info_d := sim.fit_info.distillation) else "")
-        + f", vocabulary {sim.model_cfg.vocab_size}")
+        + f", vocabulary {sim.model_cfg.vocab_size}"
+        + (f", low-rank adapters {sim.opt_cfg.adapter.to_dict()}" if sim.opt_cfg.adapter
+           else ""))
   info = sim.fit_info
   print(f"lr scale {info.lr_scale:g}; shape misfit "
         + ", ".join(f"x{c.lr_scale:g} {c.shape_misfit:.4f}" for c in info.knob_candidates))
@@ -203,13 +207,17 @@ def main() -> None:
                  help="distil the surrogate from the set's real base model (its real "
                       "tokenizer too; LM sets only)")
   p.add_argument("--distill-steps", type=int, default=FitConfig.distill_steps)
+  p.add_argument("--full-mode", action="store_true",
+                 help="a full fine-tune in the surrogate even when the runs trained LoRA "
+                      "adapters (the comparison for lm-lora)")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = {"both": ["lm", "cls"], "dev": list(DEVELOPMENT_SETS)}.get(args.task, [args.task])
   scales = tuple(float(x) for x in args.lr_scales.split(",") if x) or None
   sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
   out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior,
-                args.gain_prior_sd, sweep, args.real_tokenizer, args.teacher, args.distill_steps)
+                args.gain_prior_sd, sweep, args.real_tokenizer, args.teacher, args.distill_steps,
+                args.full_mode)
          for t in tasks}
   if args.json:
     with open(args.json, "w") as f:

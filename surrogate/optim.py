@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from surrogate.adapters import LowRank
+
 
 class OptimizerName(str, enum.Enum):
   ADAMW = "adamw"
@@ -38,7 +40,8 @@ class OptimizerConfig:
   the gradient; `adam` and `sgd` add `weight_decay * param` to the gradient (L2). As in the
   HF Trainer, weight decay applies to matrices and embeddings, not to biases or norms.
   Clipping is by global norm, before the optimizer. The learning rate warms up linearly
-  over `warmup_steps`, then follows `schedule` down to `final_lr_fraction * lr`.
+  over `warmup_steps`, then follows `schedule` down to `final_lr_fraction * lr`. With an
+  `adapter` only low-rank adapters train, the base frozen (`surrogate.adapters`).
   """
   name: OptimizerName = OptimizerName.ADAMW
   lr: float = 1e-3
@@ -50,9 +53,12 @@ class OptimizerConfig:
   warmup_steps: int = 0
   schedule: ScheduleKind = ScheduleKind.CONSTANT
   final_lr_fraction: float = 0.0
+  adapter: LowRank | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "name", OptimizerName(self.name))
+    if isinstance(self.adapter, Mapping):
+      object.__setattr__(self, "adapter", LowRank.from_dict(self.adapter))
     object.__setattr__(self, "schedule", ScheduleKind(self.schedule))
     object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
     if not (math.isfinite(self.lr) and self.lr > 0):
@@ -75,10 +81,22 @@ class OptimizerConfig:
       kwargs["betas"] = tuple(kwargs["betas"])
     return cls(**kwargs)
 
+  @classmethod
+  def of_run(cls, header) -> OptimizerConfig:
+    """The training rule of a RunLog header: its `optimizer`, and its `adapter` (a LoRA
+    fine-tune trains low-rank adapters on a frozen base; absent: a full fine-tune)."""
+    cfg = cls.from_dict(header.optimizer)
+    adapter = header.extra.get("adapter")
+    if adapter is None:
+      return cfg
+    return dataclasses.replace(cfg, adapter=LowRank.from_header(adapter))
+
   def to_dict(self) -> dict[str, Any]:
     """JSON-friendly settings, as a RunLog header's `optimizer` (unset options left out)."""
     d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
     d["name"], d["schedule"], d["betas"] = self.name.value, self.schedule.value, list(self.betas)
+    if self.adapter is not None:
+      d["adapter"] = self.adapter.to_dict()
     return d
 
 

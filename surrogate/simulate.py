@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from surrogate import adapters
 from surrogate import diagnostics as diag_lib
 from surrogate import model as model_lib
 from surrogate import optim
@@ -192,11 +193,13 @@ DIVERGED_LOSS_FACTOR = 4.0
 class TrainCarry(NamedTuple):
   """The training scan's carry (one order).
 
-  params, opt_state: the model and its optimizer state.
+  params, opt_state: what trains (the model, or its low-rank adapters) and its optimizer
+    state.
   diverged_step: the step the run diverged at, or -1.
   t: steps taken (fed or not).
   push_F: each fragment's summed gradient push so far (`Trajectory.grad_push_F`).
   ref_loss: the first fed step's loss (at least log V), NaN before it.
+  frozen: the base model under low-rank adapters (`opt_cfg.adapter`), else empty.
   """
   params: model_lib.Params
   opt_state: Any
@@ -204,6 +207,7 @@ class TrainCarry(NamedTuple):
   t: jax.Array
   push_F: jax.Array
   ref_loss: jax.Array
+  frozen: model_lib.Params
 
 
 def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, opt_cfg,
@@ -217,20 +221,26 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
   """
   opt = optim.make_optimizer(opt_cfg)
   wd = opt_cfg.weight_decay * knobs.weight_decay_scale
+  spec = opt_cfg.adapter
 
   def start(params0) -> TrainCarry:
-    return TrainCarry(params0, opt.init(params0), jnp.int32(-1), jnp.int32(0),
-                      jnp.zeros((num_f,), jnp.float32), jnp.float32(jnp.nan))
+    if spec is None:
+      trained, frozen = params0, {}
+    else:  # every order and seed starts from the same adapters, as one seeded real init
+      trained, frozen = adapters.init(jax.random.key(0), params0, spec), params0
+    return TrainCarry(trained, opt.init(trained), jnp.int32(-1), jnp.int32(0),
+                      jnp.zeros((num_f,), jnp.float32), jnp.float32(jnp.nan), frozen)
 
   def train_step(carry: TrainCarry, xs):
-    params, opt_state, diverged_step, t, push_F, ref_loss = carry
+    params, opt_state, diverged_step, t, push_F, ref_loss, frozen = carry
     idx_B, lr = xs
     valid_B = idx_B >= 0
     safe_B = jnp.where(valid_B, idx_B, 0)
     tokens = tokens_ExL1[safe_B]
     mask = mask_ExL[safe_B] * valid_B[:, None].astype(jnp.float32)
-    (loss, push_B), grads = jax.value_and_grad(_loss_and_push, has_aux=True)(
-        params, tokens, mask, model_cfg)
+    (loss, push_B), grads = jax.value_and_grad(
+        lambda p: _loss_and_push(model_params(opt_cfg, p, frozen), tokens, mask, model_cfg),
+        has_aux=True)(params)
     updates, new_state = opt.update(grads, opt_state, params, lr * knobs.lr_scale, wd)
     new_params = jax.tree.map(jnp.add, params, updates)
     ref_loss = jnp.where(jnp.isnan(ref_loss) & valid_B.any(),
@@ -244,10 +254,18 @@ def _trainer(tokens_ExL1, mask_ExL, fragment_E, num_f: int, knobs: optim.Knobs, 
                                      (new_params, new_state), (params, opt_state))
     push_F = push_F + jnp.where(move, jax.ops.segment_sum(
         push_B, fragment_E[safe_B], num_segments=num_f), 0.0)
-    return (TrainCarry(params, opt_state, diverged_step, t + 1, push_F, ref_loss),
+    return (TrainCarry(params, opt_state, diverged_step, t + 1, push_F, ref_loss, frozen),
             jnp.where(valid_B.any(), loss, jnp.nan))
 
   return start, train_step
+
+
+def model_params(opt_cfg: optim.OptimizerConfig, trained, frozen) -> model_lib.Params:
+  """The parameters the model computes with: `trained` itself, or under low-rank adapters
+  the frozen base with them merged in."""
+  if opt_cfg.adapter is None:
+    return trained
+  return adapters.merge(frozen, trained, opt_cfg.adapter)
 
 
 def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
@@ -261,7 +279,7 @@ def train(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
   fragment_E = jnp.zeros(tokens_ExL1.shape[:1], jnp.int32)
   start, step = _trainer(tokens_ExL1, mask_ExL, fragment_E, 1, knobs, opt_cfg, model_cfg)
   carry, loss_T = jax.lax.scan(step, start(params0), (order_TxB, lr_T))
-  return carry.params, loss_T, carry.diverged_step
+  return model_params(opt_cfg, carry.params, carry.frozen), loss_T, carry.diverged_step
 
 
 def _begin(params0, data: SimData, model_cfg: model_lib.ModelConfig, plan: SimPlan):
@@ -270,10 +288,11 @@ def _begin(params0, data: SimData, model_cfg: model_lib.ModelConfig, plan: SimPl
   return ref, _checkpoint(params0, data, ref, model_cfg, plan)
 
 
-def _segment(carry, xs, train_step, data, ref, model_cfg, plan):
+def _segment(carry, xs, train_step, data, ref, model_cfg, opt_cfg, plan):
   """Trains the `eval_every` steps of `xs` = (idx_KxB, lr_K), then takes a checkpoint."""
   carry, loss_K = jax.lax.scan(train_step, carry, xs)
-  return carry, (loss_K, _checkpoint(carry.params, data, ref, model_cfg, plan))
+  params = model_params(opt_cfg, carry.params, carry.frozen)
+  return carry, (loss_K, _checkpoint(params, data, ref, model_cfg, plan))
 
 
 def _assemble(first, carry, outs, *, steps: int, plan: SimPlan) -> Trajectory:
@@ -327,7 +346,7 @@ def simulate(params0, knobs: optim.Knobs, order_TxB: jax.Array, lr_T: jax.Array,
                                data.probe_weight_FxM.shape[0], knobs, opt_cfg, model_cfg)
   ref, first = _begin(params0, data, model_cfg, plan)
   segment = functools.partial(_segment, train_step=train_step, data=data, ref=ref,
-                              model_cfg=model_cfg, plan=plan)
+                              model_cfg=model_cfg, opt_cfg=opt_cfg, plan=plan)
   carry, outs = jax.lax.scan(segment, start(params0), (order_SxKxB, lr_SxK))
   return _assemble(first, carry, outs, steps=order_TxB.shape[0], plan=plan)
 
@@ -406,7 +425,7 @@ def _advance_batch(carry_W, order_WxKxB, lr_WxK, ref, knobs, data, *, model_cfg,
   """One segment for W states of one root: vmapped `_segment`."""
   _, train_step = _trainer(data.tokens_ExL1, data.mask_ExL, data.fragment_E,
                            data.probe_weight_FxM.shape[0], knobs, opt_cfg, model_cfg)
-  seg = lambda c, o, lr: _segment(c, (o, lr), train_step, data, ref, model_cfg, plan)
+  seg = lambda c, o, lr: _segment(c, (o, lr), train_step, data, ref, model_cfg, opt_cfg, plan)
   return jax.vmap(seg)(carry_W, order_WxKxB, lr_WxK)
 
 

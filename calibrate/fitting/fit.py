@@ -118,6 +118,9 @@ class FitConfig:
       after the pre-training on neutral text (`pretrain_steps`, which may be 0).
     min_steps: runs shorter than this cannot be fitted.
     chunk_size: orders per compiled simulation call (default: `simulate.default_chunk_size`).
+    low_rank: when the runs' header names a LoRA adapter, the surrogate trains low-rank
+      adapters on its frozen pre-trained weights (`surrogate.adapters`); False: a full
+      fine-tune whatever the runs did (the comparison in docs/results.md).
   """
   seeds: int = 4
   pretrain_steps: int = 800
@@ -137,6 +140,7 @@ class FitConfig:
   distill_steps: int = 800
   min_steps: int = 10
   chunk_size: int | None = None
+  low_rank: bool = True
 
 
 def default_lr_scale(length: int) -> float:
@@ -170,11 +174,11 @@ def check_runs(fragments: Fragments, runs: Sequence[RunLog], *, min_steps: int =
                      f"{r.header.dataset_sha256[:12]}... is not {fragments.sha256[:12]}...")
     if r.is_order_file:
       raise FitError(f"{at} has no evals: an order file cannot calibrate")
-    if (optim.OptimizerConfig.from_dict(r.header.optimizer)
-        != optim.OptimizerConfig.from_dict(first.header.optimizer)):
-      raise FitError(f"{at} uses optimizer {r.header.optimizer}, but "
-                     f"{where(first)} uses {first.header.optimizer}: calibrate on runs "
-                     "of one optimizer setting")
+    if optim.OptimizerConfig.of_run(r.header) != optim.OptimizerConfig.of_run(first.header):
+      raise FitError(f"{at} uses optimizer {r.header.optimizer} (adapter "
+                     f"{r.header.extra.get('adapter')}), but {where(first)} uses "
+                     f"{first.header.optimizer} (adapter {first.header.extra.get('adapter')}): "
+                     "calibrate on runs of one optimizer setting")
     if r.num_steps != first.num_steps or r.header.batch_size != first.header.batch_size:
       raise FitError(f"{at} has {r.num_steps} steps of batch {r.header.batch_size}, but "
                      f"{where(first)} has {first.num_steps} of {first.header.batch_size}")
@@ -558,7 +562,9 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
                                  gain_prior_sd=config.teacher_gain_prior_sd,
                                  fragment_gain_sd=config.teacher_fragment_gain_sd)
   first = runs[0]
-  opt_cfg = optim.OptimizerConfig.from_dict(first.header.optimizer)
+  opt_cfg = optim.OptimizerConfig.of_run(first.header)
+  if not config.low_rank:
+    opt_cfg = dataclasses.replace(opt_cfg, adapter=None)
   if model_cfg is None:
     if tokenizer is not None:
       raise ValueError("fit: pass `model_cfg` with `tokenizer` (the shape it was trained for)")

@@ -12,6 +12,7 @@ ensemble diverged (their losses are left out of the mean).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -62,7 +63,9 @@ def check_compatible(sim: Simulator, runs: Sequence[RunLog]) -> None:
     if name != sim.opt_cfg.name.value:
       raise CalibrationError(f"{rid} uses optimizer {name!r}; the simulator was calibrated "
                              f"on {sim.opt_cfg.name.value!r} runs")
-    if optim.OptimizerConfig.from_dict(r.header.optimizer) != sim.opt_cfg:
+    # The adapter is the simulator's mode, set at calibration (FitConfig.low_rank).
+    if optim.OptimizerConfig.from_dict(r.header.optimizer) != dataclasses.replace(
+        sim.opt_cfg, adapter=None):
       warnings.warn(f"{rid} has optimizer settings {r.header.optimizer}, the calibration "
                     f"runs {sim.opt_cfg.to_dict()}: its learning rates are simulated as given, "
                     "the other settings as calibrated, and the prediction is an extrapolation",

@@ -79,15 +79,19 @@ class FragmentsDataset(torch.utils.data.Dataset):
       return ({"input_ids": torch.tensor(ids),
                "labels": torch.tensor(self.labels.index(ex.completion.strip()))}, len(full))
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    first = tok(ex.text if ex.text is not None else ex.prompt,
+                add_special_tokens=False)["input_ids"]
+    if bos and first[:1] == bos:  # a chat template that writes the BOS itself
+      bos = []
     if ex.text is not None:
-      full = bos + tok(ex.text, add_special_tokens=False)["input_ids"]
+      full = bos + first
       ids = full[: self.max_length]
       labels = list(ids)
       if bos:
         labels[0] = -100
       return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}, len(full)
     c_full = tok(ex.completion, add_special_tokens=False)["input_ids"]
-    p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+    p = first
     c = c_full[: self.max_length - len(bos)]
     keep = self.max_length - len(bos) - len(c)
     n_full = len(bos) + len(p) + len(c_full)

@@ -92,7 +92,7 @@ def simulate_runs(prep: Prepared, params0, runs: Sequence[RunLog], *,
     raise ValueError("simulate_runs takes one set of knobs for all runs (scalar fields)")
   groups: dict[tuple, list[int]] = {}
   for i, run in enumerate(runs):
-    opt_cfg = optim.OptimizerConfig.from_dict(run.header.optimizer)
+    opt_cfg = optim.OptimizerConfig.of_run(run.header)  # with its LoRA adapter, if any
     order = order_from_runlog(run, prep.fragments)
     groups.setdefault((order.shape, opt_cfg), []).append(i)
   out: list[RunLog | None] = [None] * len(runs)

@@ -1,7 +1,8 @@
 """The committed reference real runs: `lm` and `lm-dev` (GPT-2 on `fortunes`), `cls` (MiniLM on
 WordNet), `multilingual` (another GPT-2 on man pages in 12 languages), `whatis` (the `lm`
-base on man pages' one-line descriptions, prompt/completion) and `apidocs` (a Llama with a
-larger BPE, pre-trained on English prose, on Python's docstrings)."""
+base on man pages' one-line descriptions, prompt/completion), `apidocs` (a Llama with a
+larger BPE, pre-trained on English prose, on Python's docstrings) and `lm-lora` (lm-dev's
+data and plan, LoRA fine-tunes of the `lm` base through the Hugging Face Trainer)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from tokenizers import Tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TEST_SET = "lm"  # run once per rule, after the rule is fixed on the development sets
-DEVELOPMENT_SETS = ("lm-dev", "cls", "multilingual", "whatis", "apidocs")
+DEVELOPMENT_SETS = ("lm-dev", "cls", "multilingual", "whatis", "apidocs", "lm-lora")
 SETS = (TEST_SET, *DEVELOPMENT_SETS)
 # The folder holding each causal set's real base (and its tokenizer.json); cls has none.
 _CAUSAL_BASE = {"lm": "lm", "lm-dev": "lm", "whatis": "lm", "multilingual": "multilingual",
-                "apidocs": "apidocs"}
+                "apidocs": "apidocs", "lm-lora": "lm"}
 
 
 def causal_base(task: str) -> str | None:

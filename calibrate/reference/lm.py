@@ -3,11 +3,14 @@ documentation, fine-tuned on categories of the `fortunes` quotes under many feed
 
     python -m calibrate.reference.lm --out calibrate/reference/data/lm      # about 20 minutes
     python -m calibrate.reference.lm --set dev  # 12 other categories, the same base: lm-dev
+    python -m calibrate.reference.lm --set lora  # lm-dev's data and plan, LoRA fine-tunes
     python -m calibrate.reference.lm --counterfactual   # the counterfactual family (runs.py)
 
-Two sets: `test` (the default, `data/lm`) and `dev` (`data/lm-dev`): the same base model and
+Three sets: `test` (the default, `data/lm`) and `dev` (`data/lm-dev`): the same base model and
 run plan on twelve other `fortunes` categories, so that settings can be chosen on real runs
-of the same kind as the test set's without looking at the test set.
+of the same kind as the test set's without looking at the test set; and `lora`
+(`data/lm-lora`): dev's fragments and plan, LoRA fine-tunes of the same base (`LORA`),
+trained and recorded through the Hugging Face Trainer path (`calibrate.io.hf`).
 
 Steps (each skipped when its output exists, so a killed job resumes):
   1. corpus: the text of the man pages in /usr/share/man/man1 (troff requests stripped) and
@@ -48,6 +51,12 @@ OPTIMIZER = {"name": "adamw", "lr": 5e-4, "weight_decay": 0.01, "warmup_steps": 
 DEV_CATEGORIES = ("cookie", "debian", "drugs", "education", "food", "humorists", "kids",
                   "literature", "love", "perl", "riddles", "sports")
 MODEL_NAME = "gpt2-2x128"
+# The LoRA set (`--set lora`): lm-dev's fragments and plan, rank-8 adapters on the attention
+# and first MLP matrices of the frozen base, at 4x the full fine-tune's rate (LoRA moves
+# less per step; the factor is fixed here, not tuned on any result).
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["c_attn", "c_fc"],
+        "fan_in_fan_out": True}
+LORA_OPTIMIZER = {**OPTIMIZER, "lr": 4 * OPTIMIZER["lr"]}
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -201,16 +210,18 @@ def load_base(out: str, base_dir: str | None = None):
   return transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tok
 
 
-def task(out: str, base_dir: str | None = None) -> Task:
-  return Task(out=out, model_name=MODEL_NAME, optimizer=OPTIMIZER, max_length=LENGTH,
-              load=functools.partial(load_base, base_dir=base_dir))
+def task(out: str, base_dir: str | None = None, *, lora: bool = False) -> Task:
+  return Task(out=out, model_name=MODEL_NAME, optimizer=LORA_OPTIMIZER if lora else OPTIMIZER,
+              max_length=LENGTH, load=functools.partial(load_base, base_dir=base_dir),
+              adapter=LORA if lora else None)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--set", choices=["test", "dev"], default="test",
-                 help="dev: other categories, the test set's base (made first if missing)")
-  p.add_argument("--out", help="default: data/lm (test) or data/lm-dev (dev)")
+  p.add_argument("--set", choices=["test", "dev", "lora"], default="test",
+                 help="dev: other categories, the test set's base (made first if missing); "
+                      "lora: dev's fragments, LoRA fine-tunes through the HF Trainer")
+  p.add_argument("--out", help="default: data/lm (test), data/lm-dev (dev), data/lm-lora")
   p.add_argument("--workers", type=int, default=2)
   p.add_argument("--counterfactual", action="store_true",
                  help="run the counterfactual family (a base shuffle and the same order without "
@@ -219,14 +230,15 @@ def main() -> None:
   import torch
   torch.set_num_threads(1)
   test_out = os.path.join(DATA, "lm")
-  out = args.out or (test_out if args.set == "test" else os.path.join(DATA, "lm-dev"))
+  out = args.out or (test_out if args.set == "test" else
+                     os.path.join(DATA, "lm-dev" if args.set == "dev" else "lm-lora"))
   make_fragments(out, CATEGORIES if args.set == "test" else DEV_CATEGORIES)
   t0 = time.time()
   base_out = out if args.set == "test" else test_out  # dev shares the test set's base
   make_base(base_out)
   print(f"base ready ({time.time() - t0:.0f} s)", flush=True)
   run = run_counterfactuals if args.counterfactual else run_all
-  run(task(out, os.path.join(base_out, "base")), workers=args.workers)
+  run(task(out, os.path.join(base_out, "base"), lora=args.set == "lora"), workers=args.workers)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ class Task:
     max_length: tokens per example.
     load: `load(out) -> (model, tokenizer)`, a fresh copy of the pre-trained base.
     labels: class names for a classification task, else None.
+    adapter: a `peft.LoraConfig`'s keyword arguments for a LoRA fine-tune (the base frozen),
+      recorded through the Hugging Face Trainer path (`calibrate.io.hf`); None: a full
+      fine-tune in a plain loop.
   """
   out: str
   model_name: str
@@ -40,6 +43,7 @@ class Task:
   max_length: int
   load: Callable[[str], tuple[Any, Any]]
   labels: Sequence[str] | None = None
+  adapter: dict[str, Any] | None = None
 
 
 def order_plan(num_fragments: int, scores: np.ndarray) -> list[tuple[str, dict, int, int]]:
@@ -123,6 +127,8 @@ def run_order(task: Task, run_id: str, order, seed: int, path: str, **header) ->
   from calibrate.io.recorders import Recorder
   from surrogate.fragments import read_fragments
   torch.set_num_threads(1)
+  if task.adapter is not None:
+    return _run_order_trainer(task, run_id, order, seed, path, **header)
   frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))
   model, tok = task.load(task.out)
   torch.manual_seed(seed)
@@ -152,6 +158,42 @@ def run_order(task: Task, run_id: str, order, seed: int, path: str, **header) ->
       rec.step([ids[i] for i in order[t]], loss.detach(), lr)
       if (t + 1) % EVAL_EVERY == 0:
         rec.eval(t + 1, example_losses(model, ds, evals, collate))
+  os.replace(tmp, path)
+  print(f"{run_id}: {time.time() - t0:.1f} s", flush=True)
+  return path
+
+
+def _run_order_trainer(task: Task, run_id: str, order, seed: int, path: str, **header) -> str:
+  """`run_order` for a LoRA task: `peft` adapters on the frozen base, trained by the Hugging
+  Face Trainer (`OrderedTrainer`) and recorded by `RunLogCallback`, which reads the header
+  (optimizer, schedule, clipping, adapter) from the trainer itself."""
+  import peft
+  import torch
+  import transformers
+
+  from calibrate.io.hf import FragmentsDataset, OrderedTrainer, RunLogCallback, pad_collator
+  from surrogate.fragments import read_fragments
+  frags = read_fragments(os.path.join(task.out, "fragments.jsonl"))
+  base, tok = task.load(task.out)
+  torch.manual_seed(seed)  # the adapters' initialisation
+  model = peft.get_peft_model(base, peft.LoraConfig(**task.adapter))
+  opt = task.optimizer
+  args = transformers.TrainingArguments(
+      output_dir=os.path.join(task.out, ".trainer", run_id), per_device_train_batch_size=BATCH,
+      max_steps=STEPS, learning_rate=opt["lr"], weight_decay=opt["weight_decay"],
+      warmup_steps=opt["warmup_steps"], lr_scheduler_type=opt["schedule"],
+      max_grad_norm=opt["grad_clip"], optim="adamw_torch", logging_steps=1,
+      save_strategy="no", report_to=[], seed=seed, use_cpu=True, disable_tqdm=True)
+  ds = FragmentsDataset(frags, tok, max_length=task.max_length, labels=task.labels)
+  trainer = OrderedTrainer(order, model=model, args=args, train_dataset=ds,
+                           data_collator=pad_collator(tok))
+  trainer.remove_callback(transformers.PrinterCallback)
+  tmp = path + ".partial"
+  trainer.add_callback(RunLogCallback(trainer, tmp, run_id=run_id, model=task.model_name,
+                                      eval_every=EVAL_EVERY, eval_train=EVAL_TRAIN,
+                                      report=False, overwrite=True, **header))
+  t0 = time.time()
+  trainer.train()
   os.replace(tmp, path)
   print(f"{run_id}: {time.time() - t0:.1f} s", flush=True)
   return path
