@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sharing(share: bool | None):
+def _sharing_mode(share: bool | None):
   """A job's "share" (None: automatic, True: forced, False: off) as `simulate.Sharing`."""
   from surrogate.simulate import Sharing
   return {None: Sharing.AUTO, True: Sharing.ALWAYS, False: Sharing.NEVER}[share]
@@ -140,7 +140,7 @@ def _sim_worker(job: dict) -> dict:
     seconds = time.perf_counter() - t
   else:
     kw = {"model_cfg": cfg, "opt_cfg": opt, "plan": plan, "chunk_size": min(chunk, n),
-          "devices": devices, "progress": False, "sharing": _sharing(job.get("share"))}
+          "devices": devices, "progress": False, "sharing": _sharing_mode(job.get("share"))}
     # Warm up (compile) on a separate order of the same chunk shape, then time N fresh ones.
     warm = orders[-1:].repeat(min(chunk, n), 0)
     t = time.perf_counter()
@@ -178,7 +178,8 @@ def _example_worker(job: dict) -> dict:
   t = time.perf_counter()
   simulate_many(model_lib.init_params(jax.random.key(1), cfg), optim.Knobs.identity(), variants,
                 optim.learning_rates(opt, STEPS), prep.data, model_cfg=cfg, opt_cfg=opt,
-                plan=SimPlan(eval_every=EVAL_EVERY), progress=False, sharing=_sharing(job["share"]))
+                plan=SimPlan(eval_every=EVAL_EVERY), progress=False,
+                sharing=_sharing_mode(job["share"]))
   return {"seconds": time.perf_counter() - t, "n": len(variants)}
 
 

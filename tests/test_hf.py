@@ -16,6 +16,11 @@ from surrogate.tokenize import train_tokenizer
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("calibrate.io.hf")
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# Runs that should be equal: exact on transformers 5; 4.x logs step losses rounded to 4
+# decimals, and its accumulation and DDP loss normalisation differ by up to 6e-4 in eval
+# losses after four steps (measured with 4.46.3).
+LOSS_TOL, EVAL_TOL = (1e-5, 1e-5) if TRANSFORMERS_5 else (5e-4, 1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +124,14 @@ def test_accumulation_trains_as_one_big_batch(frags, tok, tmp_path):
   _train(tmp_path / "a", frags, tok, order, tmp_path / "a.jsonl", micro=4, accum=2)
   _train(tmp_path / "b", frags, tok, order, tmp_path / "b.jsonl", micro=8, accum=1)
   a, b = read_runlog(tmp_path / "a.jsonl", frags), read_runlog(tmp_path / "b.jsonl", frags)
-  np.testing.assert_allclose([s.loss for s in a.steps], [s.loss for s in b.steps], atol=1e-5)
+  np.testing.assert_allclose([s.loss for s in a.steps], [s.loss for s in b.steps],
+                             atol=LOSS_TOL)
   last_a, last_b = a.evals[-1].losses, b.evals[-1].losses
-  np.testing.assert_allclose([last_a[k] for k in last_b], list(last_b.values()), atol=1e-5)
+  np.testing.assert_allclose([last_a[k] for k in last_b], list(last_b.values()), atol=EVAL_TOL)
 
 
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4.x cannot reload its own RNG "
+                    "state under torch >= 2.6 (torch.load's weights_only default)")
 def test_a_resumed_run_leaves_one_log_equal_to_an_uninterrupted_one(frags, tok, tmp_path):
   order = _order(frags, 8, 4)
   whole = tmp_path / "whole.jsonl"

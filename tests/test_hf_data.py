@@ -57,7 +57,8 @@ def test_chat_messages_become_prompt_completion_fragments(chat_tok):
   assert ex.completion == "1\n"
   ds = hf.FragmentsDataset(frags, chat_tok, max_length=64)
   item = ds[0]
-  assert item["input_ids"][0] == chat_tok.bos_token_id and (item["input_ids"] == chat_tok.bos_token_id).sum() == 1
+  bos = chat_tok.bos_token_id
+  assert item["input_ids"][0] == bos and (item["input_ids"] == bos).sum() == 1
   n_c = len(chat_tok("1\n", add_special_tokens=False)["input_ids"])
   assert (item["labels"][-n_c:] == item["input_ids"][-n_c:]).all()
   assert (item["labels"][:-n_c] == -100).all()

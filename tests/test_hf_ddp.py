@@ -11,7 +11,11 @@ import pytest
 from calibrate.io.runlog import order_from_runlog, read_runlog
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
+# Exact on transformers 5; 4.x rounds logged losses to 4 decimals and normalises the DDP
+# loss slightly differently (up to 1e-4 in eval losses after four steps, 4.46.3).
+LOSS_TOL, EVAL_TOL = ((1e-5, 1e-5) if int(transformers.__version__.split(".")[0]) >= 5
+                      else (5e-4, 5e-4))
 
 WORKER = os.path.join(os.path.dirname(__file__), "hf_ddp_worker.py")
 
@@ -37,9 +41,10 @@ def test_two_processes_record_one_log_equal_to_one_process(tmp_path):
   assert a.header.extra["micro_batch_size"] == 2 and b.header.extra["micro_batch_size"] == 4
   np.testing.assert_array_equal(order_from_runlog(a, frags), order_from_runlog(b, frags))
   # Each step's batch of 8 is split 2 micro-batches x 2 processes, yet the run is the same.
-  np.testing.assert_allclose([s.loss for s in a.steps], [s.loss for s in b.steps], atol=1e-5)
+  np.testing.assert_allclose([s.loss for s in a.steps], [s.loss for s in b.steps],
+                             atol=LOSS_TOL)
   assert a.eval_steps == b.eval_steps == (0, 2, 4)
   for ea, eb in zip(a.evals, b.evals):
     assert set(ea.losses) == set(eb.losses)  # every process's share was gathered
     np.testing.assert_allclose([ea.losses[k] for k in eb.losses], list(eb.losses.values()),
-                               atol=1e-5)
+                               atol=EVAL_TOL)

@@ -375,6 +375,8 @@ def _chunked_losses(model, batch, chunk_tokens: int) -> torch.Tensor | None:
   """Loss tokens' cross-entropy from the final hidden states, `chunk_tokens` rows of
   full-vocabulary fp32 logits at a time; None when the model has no separable head."""
   decoder = getattr(model, "get_decoder", lambda: None)()
+  if decoder is None:  # transformers 4.x: the body by its attribute name (GPT-2 "transformer")
+    decoder = getattr(model, getattr(model, "base_model_prefix", "") or "_", None)
   head = model.get_output_embeddings()
   if decoder is None or head is None or decoder is model:
     return None
