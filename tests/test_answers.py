@@ -82,7 +82,7 @@ def test_search_is_at_least_as_good_as_its_start_set(sim, tmp_path):
   np.testing.assert_array_equal(back, result.best_order)
   # ...and as a PyTorch sampler, which yields the same examples in the same order.
   pytest.importorskip("torch")
-  assert list(result.sampler()) == [int(i) for i in result.best_order.ravel() if i >= 0]
+  assert list(result.batch_sampler()) == result.best_order.tolist()
 
 
 def test_search_objective_weights_target_fragments(sim):

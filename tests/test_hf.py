@@ -195,6 +195,24 @@ def test_chunked_eval_losses_equal_the_full_logits(frags, tok):
   assert hf._SEPARABLE[model] is True
 
 
+def test_a_head_with_extra_transforms_falls_back_to_the_models_own_logits(frags, tok):
+  class SoftCapped(transformers.GPT2LMHeadModel):  # as Gemma 2 caps its logits
+    def forward(self, *args, **kwargs):
+      out = super().forward(*args, **kwargs)
+      out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+      return out
+
+  ds = hf.FragmentsDataset(frags, tok, max_length=32)
+  torch.manual_seed(0)
+  model = SoftCapped(_model(tok).config).eval()
+  positions = list(range(len(ds)))
+  got = hf.example_losses(model, ds, positions, hf.pad_collator(tok), 7)
+  with torch.no_grad():
+    want = hf._full_logit_losses(model, hf.pad_collator(tok)([ds[i] for i in positions]))
+  np.testing.assert_allclose([got[e.id] for e in frags.examples], want.numpy(), rtol=1e-6)
+  assert hf._SEPARABLE[model] is False
+
+
 def test_truncation_is_reported(frags, tok):
   with pytest.warns(UserWarning, match="longer than max_length=8"):
     ds = hf.FragmentsDataset(frags, tok, max_length=8)

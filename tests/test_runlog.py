@@ -270,6 +270,33 @@ def test_writer_leaves_a_valid_prefix(tmp_path):
     w.step(2, ["a/t/0"])
 
 
+def test_resume_drops_what_came_after_the_checkpoint_and_goes_on(tmp_path):
+  path = tmp_path / "run.jsonl"
+  with RunLogWriter(path, HEADER, FRAGS) as w:
+    w.eval(0, {"a/p/0": 3.0})
+    for t in range(5):
+      w.step(t, ["a/t/0", "b/t/0"], loss=2.0 - 0.1 * t)
+      if t in (1, 3):
+        w.eval(t + 1, {"a/p/0": 2.0 - t})
+  with open(path, "ab") as f:
+    f.write(b'{"type": "step", "step": 5, "exam')  # killed mid-write
+  with pytest.warns(UserWarning, match="incomplete last record"):
+    w = RunLogWriter.resume(path, FRAGS, at_step=2)
+  log = read_runlog(path, FRAGS)  # valid at once: the kept prefix
+  assert log.num_steps == 2 and log.eval_steps == (0, 2)
+  assert log.header.extra["loss_on"] == "text"
+  with pytest.raises(RunLogError, match="step"):
+    w.step(3, ["a/t/0"])  # the restarted run records step 2 next
+  w.step(2, ["a/t/1"], loss=1.5)
+  w.eval(3, {"a/p/0": 0.5})
+  w.close()
+  log = read_runlog(path, FRAGS)
+  assert [s.examples for s in log.steps][2] == ("a/t/1",) and log.eval_steps == (0, 2, 3)
+  with pytest.raises(RunLogError, match="has 3 steps"):
+    RunLogWriter.resume(path, FRAGS, at_step=4)
+  assert read_runlog(path, FRAGS).num_steps == 3  # a refused resume changes nothing
+
+
 def test_writer_header_errors_create_no_file(tmp_path):
   path = tmp_path / "run.jsonl"
   with pytest.raises(RunLogError) as err:

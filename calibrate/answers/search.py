@@ -174,10 +174,13 @@ class SearchResult:
     """Writes the winner as an order file (a RunLog without evals) for a real run."""
     write_runlog(path, order_file(sim, self.best_order, run_id))
 
-  def sampler(self):
-    """The winner as a PyTorch sampler (`calibrate.io.hf.OrderSampler`; needs the torch extra)."""
-    from calibrate.io.hf import OrderSampler
-    return OrderSampler(self.best_order)
+  def batch_sampler(self, *, grad_accum: int = 1, world_size: int = 1, rank: int = 0):
+    """The winner as a PyTorch `DataLoader` batch sampler, micro-batches of one process
+    (`calibrate.io.hf.OrderBatchSampler`; needs the torch extra). A Hugging Face Trainer
+    takes the order itself: `OrderedTrainer(result.best_order, ...)`."""
+    from calibrate.io.hf import OrderBatchSampler
+    return OrderBatchSampler(self.best_order, grad_accum=grad_accum, world_size=world_size,
+                             rank=rank)
 
 
 def _describe(spec: orders_lib.OrderSpec) -> str:

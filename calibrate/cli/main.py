@@ -261,6 +261,16 @@ def cmd_fit(args) -> int:
     d = info.distillation
     print(f"  distilled from the teacher ({d.teacher_model}) for {d.steps} steps: KL to its "
           f"next-token distributions {d.kl_before:.3f} -> {d.kl_after:.3f} nats")
+  if info.context is not None and info.context.examples_cut > 0:
+    c = info.context
+    worst = min(c.by_fragment, key=lambda r: r[2])
+    print(f"  {c.examples_cut:.0%} of the examples are longer than the surrogate's "
+          f"{c.length} tokens: it reads {c.tokens_seen:.0%} of their tokens (least: "
+          f"{worst[0]}, {worst[2]:.0%}); `--length` reads more, at a cost (docs/results.md)")
+  if sim.opt_cfg.adapter is not None:
+    a = sim.opt_cfg.adapter
+    print(f"  low-rank mode, as the runs trained LoRA adapters: rank {a.rank}, alpha "
+          f"{a.alpha:g}, on the surrogate's {', '.join(a.targets)}")
   print(f"  fit MSE of fragment probe losses: {info.fit_mse:.5f}")
   if loo is not None:
     print(f"  leave-one-run-out MSE: {loo.mse:.5f} (order-agnostic mean: "

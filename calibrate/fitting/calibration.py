@@ -163,6 +163,33 @@ class DistillInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextInfo:
+  """How much of the examples the surrogate reads at its context length.
+
+  length: the surrogate's tokens per example.
+  examples_cut: the share of examples longer than that (in the surrogate's tokens).
+  tokens_seen: the share of all example tokens it reads.
+  by_fragment: (fragment, examples cut, tokens seen) for each fragment.
+  """
+  length: int
+  examples_cut: float
+  tokens_seen: float
+  by_fragment: tuple[tuple[str, float, float], ...]
+
+  @classmethod
+  def of(cls, fragments, counts_E: np.ndarray, length: int) -> ContextInfo:
+    """From each example's token count in the surrogate's tokenizer (`token_counts`)."""
+    seen_E = np.minimum(counts_E, length)
+    rows = []
+    for f, name in enumerate(fragments.names):
+      sel = fragments.fragment_of == f
+      rows.append((name, float((counts_E[sel] > length).mean()),
+                   float(seen_E[sel].sum() / max(1, counts_E[sel].sum()))))
+    return cls(length, float((counts_E > length).mean()),
+               float(seen_E.sum() / max(1, counts_E.sum())), tuple(rows))
+
+
+@dataclasses.dataclass(frozen=True)
 class FitInfo:
   """How the fit went. Saved as JSON (`to_json`), in the layout `surrogate fit` prints."""
   calibration_runs: tuple[str, ...]
@@ -178,6 +205,7 @@ class FitInfo:
   seconds: FitSeconds
   baselines: BaselineInfo
   distillation: DistillInfo | None = None
+  context: ContextInfo | None = None
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -188,8 +216,8 @@ class FitInfo:
 
     Folders of the same format saved before a field existed are read too (the format is
     extended, never broken): no `calibration_orders_sha256` (validate then checks run ids
-    only), no `train_fidelity` or `distillation`, and `effect_error` a plain number (the
-    value used).
+    only), no `train_fidelity`, `distillation` or `context`, and `effect_error` a plain
+    number (the value used).
     """
     loo = d["leave_one_run_out"]
     err = d["effect_error"]
@@ -205,7 +233,10 @@ class FitInfo:
         train_fidelity=d.get("train_fidelity"), effect_error=err,
         seconds=FitSeconds(**d["seconds"]), baselines=BaselineInfo(**d["baselines"]),
         distillation=None if d.get("distillation") is None
-        else DistillInfo(**d["distillation"]))
+        else DistillInfo(**d["distillation"]),
+        context=None if d.get("context") is None else ContextInfo(
+            **{**d["context"], "by_fragment": tuple(tuple(r) for r in
+                                                    d["context"]["by_fragment"])}))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

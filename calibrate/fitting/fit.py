@@ -44,6 +44,7 @@ from calibrate.fitting.baselines import SimfluenceLinear, fragment_shares
 from calibrate.fitting.calibration import (
   BaselineInfo,
   Calibration,
+  ContextInfo,
   DistillInfo,
   EffectErrorFit,
   FitInfo,
@@ -71,7 +72,7 @@ from surrogate.orders import order_sha256
 from surrogate.prepare import Prepared, model_config_for, prepare
 from surrogate.pretrain import pretrain_ensemble
 from surrogate.simulate import PER_ORDER, Sharing, simulate_many
-from surrogate.tokenize import check_vocab, encode_texts
+from surrogate.tokenize import check_vocab, encode_texts, token_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,7 +620,9 @@ def fit(fragments: Fragments, runs: Sequence[RunLog], *,
       leave_one_run_out=res.loo, train_fidelity=rho, effect_error=effect_error,
       seconds=FitSeconds(t_pre, time.perf_counter() - t0),
       baselines=BaselineInfo(simfluence.ridge, float(lrs.max())),
-      distillation=pre.distillation)
+      distillation=pre.distillation,
+      context=ContextInfo.of(fragments, token_counts(pre.prep.tokenizer, fragments.examples),
+                             model_cfg.length))
   calibration = Calibration(
       params_S=pre.params_S,
       knobs=optim.Knobs(jnp.float32(chosen.lr_scale), jnp.float32(chosen.weight_decay_scale)),

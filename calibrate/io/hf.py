@@ -371,15 +371,33 @@ def _full_logit_losses(model, batch) -> torch.Tensor:
   return _per_example(ce, valid.nonzero()[:, 0], len(tgt))
 
 
-def _chunked_losses(model, batch, chunk_tokens: int) -> torch.Tensor | None:
-  """Loss tokens' cross-entropy from the final hidden states, `chunk_tokens` rows of
-  full-vocabulary fp32 logits at a time; None when the model has no separable head."""
+def _body_and_head(model):
+  """The model's decoder (to the final hidden states) and its output head, or None."""
   decoder = getattr(model, "get_decoder", lambda: None)()
   if decoder is None:  # transformers 4.x: the body by its attribute name (GPT-2 "transformer")
     decoder = getattr(model, getattr(model, "base_model_prefix", "") or "_", None)
   head = model.get_output_embeddings()
   if decoder is None or head is None or decoder is model:
     return None
+  return decoder, head
+
+
+def _is_separable(model, batch, atol: float) -> bool:
+  """Whether the model's logits are head(final hidden state), checked on a small slice (the
+  first example's first 32 tokens), so the check costs no full-size logits."""
+  parts = _body_and_head(model)
+  if parts is None:
+    return False
+  ids, mask = batch["input_ids"][:1, :32], batch["attention_mask"][:1, :32]
+  ours = parts[1](parts[0](input_ids=ids, attention_mask=mask).last_hidden_state).float()
+  theirs = model(input_ids=ids, attention_mask=mask).logits.float()
+  return ours.shape == theirs.shape and bool(torch.allclose(ours, theirs, rtol=1e-3, atol=atol))
+
+
+def _chunked_losses(model, batch, chunk_tokens: int) -> torch.Tensor:
+  """Loss tokens' cross-entropy from the final hidden states, `chunk_tokens` rows of
+  full-vocabulary fp32 logits at a time (`_is_separable` models only)."""
+  decoder, head = _body_and_head(model)
   hidden = decoder(input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"]).last_hidden_state
   tgt = batch["labels"][:, 1:]
@@ -391,15 +409,15 @@ def _chunked_losses(model, batch, chunk_tokens: int) -> torch.Tensor | None:
   return _per_example(ce, valid.nonzero()[:, 0], len(tgt))
 
 
-# Per model: whether its loss tokens' logits are head(final hidden state), as checked on the
-# first batch evaluated (absent: not checked yet).
+# Per model: whether its logits are head(final hidden state), as `_is_separable` found on
+# the first batch evaluated (absent: not checked yet).
 _SEPARABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def example_losses(model, dataset: FragmentsDataset, positions: Sequence[int], collate,
                    batch_size: int = 32, *, bf16: bool = False,
-                   chunk_tokens: int = 2048) -> dict[str, float]:
+                   chunk_tokens: int = 1024) -> dict[str, float]:
   """Mean token cross-entropy of each example (completion only), or the classifier's CE.
 
   Args:
@@ -409,9 +427,9 @@ def example_losses(model, dataset: FragmentsDataset, positions: Sequence[int], c
     batch_size: examples per forward pass.
     bf16: run the forward in bfloat16 autocast (the loss is still computed in fp32).
     chunk_tokens: for a causal LM, loss tokens whose full-vocabulary fp32 logits are
-      materialised at once (from the final hidden states); the first batch checks this
-      against the model's own logits and falls back to them if they differ (a head with
-      extra transforms, e.g. soft-capping).
+      materialised at once (from the final hidden states); a slice of the first batch
+      checks this against the model's own logits, and a model whose head does more than a
+      matrix (e.g. soft-capping) is evaluated from its own full logits instead.
   """
   was_training = model.training
   model.eval()
@@ -430,15 +448,11 @@ def example_losses(model, dataset: FragmentsDataset, positions: Sequence[int], c
                          attention_mask=batch["attention_mask"]).logits
           losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
                                                      reduction="none")
-        elif separable is False:
-          losses = _full_logit_losses(model, batch)
         else:
-          losses = _chunked_losses(model, batch, chunk_tokens)
           if separable is None:
-            full = _full_logit_losses(model, batch)
-            separable = _SEPARABLE[model] = losses is not None and bool(
-                torch.allclose(losses, full, rtol=1e-3, atol=1e-3 if not bf16 else 5e-2))
-            losses = losses if separable else full
+            separable = _SEPARABLE[model] = _is_separable(model, batch, 5e-2 if bf16 else 1e-3)
+          losses = (_chunked_losses(model, batch, chunk_tokens) if separable
+                    else _full_logit_losses(model, batch))
       for i, v in zip(pos, losses.tolist()):
         out[dataset.fragments.examples[i].id] = v
   finally:
