@@ -88,12 +88,18 @@ def embedding_drift(embed_VxD, ref: Reference, probes: ProbeSet) -> jax.Array:
   return jnp.sqrt((probes.tokens_FxV @ delta_V) / jnp.maximum(probes.tokens_FxV @ base_V, 1e-30))
 
 
-def attention_shift(attn_KxPxHxLxL, ref: Reference, probes: ProbeSet) -> jax.Array:
-  p, q = attn_KxPxHxLxL, ref.attn_KxPxHxLxL
+def attention_js_PxL(attn_KxPxHxLxL, ref_attn_KxPxHxLxL) -> jax.Array:
+  """Jensen-Shannon divergence of each query position's attention now and at the start,
+  averaged over layers and heads."""
+  p, q = attn_KxPxHxLxL, ref_attn_KxPxHxLxL
   m = 0.5 * (p + q)
   # xlogy treats 0 log 0 as 0: masked (future) keys carry exactly zero probability.
   kl = lambda a: (jax.scipy.special.xlogy(a, a) - jax.scipy.special.xlogy(a, m)).sum(-1)
-  js_PxL = (0.5 * (kl(p) + kl(q))).mean(axis=(0, 2))  # over layers and heads
+  return (0.5 * (kl(p) + kl(q))).mean(axis=(0, 2))
+
+
+def attention_shift(attn_KxPxHxLxL, ref: Reference, probes: ProbeSet) -> jax.Array:
+  js_PxL = attention_js_PxL(attn_KxPxHxLxL, ref.attn_KxPxHxLxL)
   return _weighted_mean_F(js_PxL.reshape(-1), probes)
 
 
@@ -112,8 +118,14 @@ def plasticity(hidden_PxLxD, ref: Reference, probes: ProbeSet) -> jax.Array:
   return 1.0 - cka
 
 
+def logit_kl_PxL(logp_PxLxV, ref_p_PxLxV, ref_negent_PxL) -> jax.Array:
+  """KL(p_0 || p_t) of each position's next-token distribution (p_0 given with its sum of
+  p log p)."""
+  return ref_negent_PxL - (ref_p_PxLxV * logp_PxLxV).sum(-1)
+
+
 def logit_shift(logp_PxLxV, ref: Reference, probes: ProbeSet) -> jax.Array:
-  kl_PxL = ref.negent_PxL - (ref.p_PxLxV * logp_PxLxV).sum(-1)
+  kl_PxL = logit_kl_PxL(logp_PxLxV, ref.p_PxLxV, ref.negent_PxL)
   return _weighted_mean_F(kl_PxL.reshape(-1), probes)
 
 

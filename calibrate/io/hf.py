@@ -499,6 +499,10 @@ class RunLogCallback(TrainerCallback):
     eval_probe: probe examples evaluated per fragment (default: all).
     eval_batch_size: examples per eval forward pass (default: the trainer's eval batch).
     bf16: evaluate in bfloat16 autocast (default: as the trainer trains).
+    diagnostics: also measure the five diagnostics at every eval on this many probes per
+      fragment (`calibrate.io.diagnostics.RealDiagnostics`; process 0 alone), against the
+      model as it is when the callback is made: make it before training, with the base
+      weights (also when resuming: `train()` loads the checkpoint later). None: not measured.
     report: log per-fragment probe losses through the trainer's loggers.
     overwrite: replace an existing log when the run starts from step 0.
     fsync: fsync every record.
@@ -509,7 +513,7 @@ class RunLogCallback(TrainerCallback):
                dataset: FragmentsDataset | None = None, eval_every: int = 25,
                eval_train: int = 4, eval_probe: int | None = None,
                eval_batch_size: int | None = None, bf16: bool | None = None,
-               report: bool = True, overwrite: bool = False, fsync: bool = False,
+               diagnostics: int | None = None, report: bool = True, overwrite: bool = False, fsync: bool = False,
                **extra: Any):
     order = getattr(trainer, "order", None)
     if order is None:
@@ -532,6 +536,11 @@ class RunLogCallback(TrainerCallback):
     train = [pool[:eval_train] for pool in frags.train_pools()]
     self.eval_positions = [int(i) for p in probes + train for i in p]
     self.ids = [e.id for e in frags.examples]
+    self.diagnostics = None
+    if diagnostics and trainer.args.process_index == 0:
+      from calibrate.io.diagnostics import RealDiagnostics
+      self.diagnostics = RealDiagnostics(trainer.model, dataset,
+                                         probes_per_fragment=diagnostics)
     self.rec: Recorder | None = None
     self._lr: float | None = None
     self._steps = 0
@@ -558,7 +567,9 @@ class RunLogCallback(TrainerCallback):
                           self.eval_batch_size, bf16=self.bf16)
     losses = {k: v for part in _gather(mine, args.world_size) for k, v in part.items()}
     if self.rec is not None:
-      self.rec.eval(step, losses)
+      diags = (None if self.diagnostics is None
+               else self.diagnostics.measure(self.trainer.model, losses))
+      self.rec.eval(step, losses, diagnostics=diags)
     if self.report:
       frags = self.dataset.fragments
       by_fragment: dict[str, list[float]] = {}

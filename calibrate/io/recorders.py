@@ -87,13 +87,20 @@ class Recorder:
     self._writer.step(t, list(example_ids), loss=loss, lr=lr)
     return t
 
-  def eval(self, step: int, losses: Mapping[str, Any]) -> None:
+  def eval(self, step: int, losses: Mapping[str, Any], *,
+           diagnostics: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Records per-example losses measured after `step` optimizer steps (0 = before training).
 
+    Args:
+      step: optimizer steps taken.
+      losses: example id -> mean token loss.
+      diagnostics: the five diagnostics of the model now, per fragment
+        (`calibrate.io.diagnostics.RealDiagnostics.measure`), or None.
+
     Raises:
-      RunLogError: unknown id, non-finite loss, or a step beyond those recorded.
+      RunLogError: unknown id or fragment, non-finite loss, or a step beyond those recorded.
     """
-    self._writer.eval(step, dict(losses))
+    self._writer.eval(step, dict(losses), diagnostics=diagnostics)
 
   def close(self) -> None:
     self._writer.close()

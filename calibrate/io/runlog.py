@@ -63,7 +63,10 @@ FORMAT = "surrogate-runlog/1"
 _HEADER_KEYS = ("type", "format", "run_id", "dataset_sha256", "model", "optimizer",
                 "batch_size", "seed")
 _STEP_KEYS = ("type", "step", "examples", "loss", "lr")
-_EVAL_KEYS = ("type", "step", "losses")
+_EVAL_KEYS = ("type", "step", "losses", "diagnostics")
+# The optional eval field `diagnostics` (DESIGN.md): the simulator's five, on the real model.
+DIAGNOSTIC_NAMES = ("embedding_drift", "attention_shift", "plasticity", "logit_shift",
+                    "robustness")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 _OPTIMIZER_NAMES = ("adamw", "adam", "sgd")
@@ -124,10 +127,13 @@ class EvalRecord:
   Attributes:
     step: number of steps taken before the evaluation, in [0, T].
     losses: example id -> mean token cross-entropy (completion tokens only for prompt/completion).
+    diagnostics: fragment -> {diagnostic name -> value (None where undefined)}, the five
+      diagnostics measured on the real model at this step (`DIAGNOSTIC_NAMES`), or None.
     extra: unknown keys, kept and ignored; ignored by `==`.
   """
   step: int
   losses: dict[str, float]
+  diagnostics: dict[str, dict[str, float | None]] | None = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
@@ -419,8 +425,31 @@ class _Checker:
       self._known_id(example_id, line, "losses", train=False)
       out[example_id] = _finite(value, path, line, "losses",
                                 what=f"loss of {short(example_id)} ")
-    return EvalRecord(step=step, losses=out,
+    diags = self._diagnostics(rec["diagnostics"], line) if "diagnostics" in rec else None
+    return EvalRecord(step=step, losses=out, diagnostics=diags,
                       extra={k: v for k, v in rec.items() if k not in _EVAL_KEYS})
+
+  def _diagnostics(self, diags: Any, line: int) -> dict[str, dict[str, float | None]]:
+    path = self.path
+    if not isinstance(diags, dict):
+      _fail(f"must be an object of fragment -> diagnostics, got {json_type(diags)}",
+            path, line, "diagnostics")
+    names = set(self.fragments.names) if self.fragments is not None else None
+    out = {}
+    for frag, values in diags.items():
+      where = f"diagnostics.{frag}"
+      if names is not None and frag not in names:
+        _fail(f"fragment {short(frag)} is not in the fragments file", path, line, where)
+      if not isinstance(values, dict):
+        _fail(f"must be an object of diagnostic -> value, got {json_type(values)}",
+              path, line, where)
+      for name, value in values.items():
+        if name not in DIAGNOSTIC_NAMES:
+          _fail(f"unknown diagnostic {short(name)} (expected one of "
+                f"{', '.join(DIAGNOSTIC_NAMES)})", path, line, where)
+      out[frag] = {name: None if v is None else _finite(v, path, line, f"{where}.{name}")
+                   for name, v in values.items()}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,11 +598,17 @@ def _step_record(step: Any, examples: Any, loss: Any, lr: Any,
 
 
 def _eval_record(step: Any, losses: Any, extra: Mapping[str, Any] | None, path: str | None,
-                 line: int) -> dict[str, Any]:
+                 line: int, diagnostics: Any = None) -> dict[str, Any]:
   if isinstance(losses, Mapping):
     losses = {(str(k) if isinstance(k, np.str_) else k): _plain_float(v)
               for k, v in losses.items()}
   rec: dict[str, Any] = {"type": "eval", "step": _plain_int(step), "losses": losses}
+  if diagnostics is not None:
+    # NaN (undefined, e.g. robustness without evaluated train examples) is written as null.
+    rec["diagnostics"] = {
+        f: ({k: (None if v is None or v != v else _plain_float(v)) for k, v in d.items()}
+            if isinstance(d, Mapping) else d)
+        for f, d in diagnostics.items()} if isinstance(diagnostics, Mapping) else diagnostics
   return _with_extra(rec, extra, _EVAL_KEYS, path, line)
 
 
@@ -698,6 +733,7 @@ class RunLogWriter:
     self._append(_step_record(step, examples, loss, lr, extra, self.path, self._line + 1))
 
   def eval(self, step: int, losses: Mapping[str, float], *,
+           diagnostics: Mapping[str, Mapping[str, float | None]] | None = None,
            extra: Mapping[str, Any] | None = None) -> None:
     """Writes an eval record.
 
@@ -705,13 +741,15 @@ class RunLogWriter:
       step: steps taken before this evaluation (0 = before training); at most the number of
         steps written so far, and not below the previous eval's step.
       losses: example id -> finite mean token cross-entropy.
+      diagnostics: fragment -> {diagnostic -> value} measured on the real model (NaN or None
+        where undefined), e.g. from `calibrate.io.diagnostics.RealDiagnostics`.
       extra: further keys to keep in the record.
 
     Raises:
       RunLogError: the record breaks a rule; nothing is written.
     """
     line = self._line + 1
-    rec = _eval_record(step, losses, extra, self.path, line)
+    rec = _eval_record(step, losses, extra, self.path, line, diagnostics)
     s = rec["step"]
     # The reader checks this only at the end; a live log must be valid after every line.
     if _is_int(s) and s > self.num_steps:
@@ -741,7 +779,7 @@ def _records(runlog: RunLog, path: str | None) -> list[dict[str, Any]]:
   for t, s in enumerate(runlog.steps):
     while e < len(evals) and _is_int(evals[e].step) and evals[e].step <= t:
       records.append(_eval_record(evals[e].step, evals[e].losses, evals[e].extra, path,
-                                  len(records) + 1))
+                                  len(records) + 1, evals[e].diagnostics))
       e += 1
     if not isinstance(s, StepRecord):
       raise TypeError(f"steps[{t}] is {type(s).__name__}, not StepRecord")
@@ -750,7 +788,8 @@ def _records(runlog: RunLog, path: str | None) -> list[dict[str, Any]]:
   for ev in evals[e:]:
     if not isinstance(ev, EvalRecord):
       raise TypeError(f"evals contains {type(ev).__name__}, not EvalRecord")
-    records.append(_eval_record(ev.step, ev.losses, ev.extra, path, len(records) + 1))
+    records.append(_eval_record(ev.step, ev.losses, ev.extra, path, len(records) + 1,
+                                ev.diagnostics))
   return records
 
 
