@@ -197,3 +197,27 @@ def test_trainer_path_records_diagnostics_at_every_eval(frags, tok, tmp_path):
   assert all(set(e.diagnostics) == set(frags.names) for e in log.evals)
   assert log.evals[0].diagnostics[frags.names[1]]["logit_shift"] == pytest.approx(0, abs=1e-6)
   assert all(log.evals[-1].diagnostics[n]["logit_shift"] > 0 for n in frags.names)
+
+
+def test_diagnostics_arrays_read_a_log_in_fragment_order(frags, tok, tmp_path):
+  from calibrate.io.runlog import diagnostics_arrays
+  log, _, _ = _record_fed_on_first_fragment(tmp_path, frags, tok)
+  names = list(reversed(frags.names))
+  steps, arrays = diagnostics_arrays(log, names)
+  assert steps == (0, 3, 6) and set(arrays) == set(DIAGNOSTIC_NAMES)
+  assert arrays["logit_shift"].shape == (3, len(names))
+  assert arrays["logit_shift"][2, -1] == log.evals[2].diagnostics[frags.names[0]]["logit_shift"]
+
+
+def test_diagnostic_agreement_ranks_across_orders():
+  from calibrate.fitting.metrics import diagnostic_agreement
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(9, 4))
+  same = diagnostic_agreement(3 * real + 1, real)  # scale-free
+  assert same["median"] == pytest.approx(1.0) and same["predicted"]
+  flipped = diagnostic_agreement(-real, real)
+  assert flipped["median"] == pytest.approx(-1.0) and not flipped["predicted"]
+  real[:, 2] = 0.5  # a constant fragment has no rank: left out of the median
+  part = diagnostic_agreement(real, real)
+  assert np.isnan(part["per_fragment"][2]) and part["median"] == pytest.approx(1.0)
+  assert np.isnan(diagnostic_agreement(np.zeros((3, 2)), np.zeros((3, 2)))["median"])

@@ -18,6 +18,7 @@ __all__ = [
     "coverage",
     "decision_accuracy",
     "decisions_by_margin",
+    "diagnostic_agreement",
     "expected_seed_agreement",
     "fragment_means",
     "order_decision_accuracy",
@@ -223,3 +224,25 @@ def spearman(x, y) -> float:
   if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return float("nan")
   return float(stats.spearmanr(x, y).statistic)
+
+
+# Fixed before any real diagnostics were recorded: a diagnostic is presented as a prediction
+# of the real model only when, across held-out orders, the surrogate ranks it per fragment
+# at least this well (median over fragments of Spearman's rho).
+DIAGNOSTIC_AGREEMENT_BAR = 0.5
+
+
+def diagnostic_agreement(pred_RxF: np.ndarray, real_RxF: np.ndarray,
+                         bar: float = DIAGNOSTIC_AGREEMENT_BAR) -> dict[str, object]:
+  """How well predicted values of one diagnostic rank the real ones across orders.
+
+  Returns `per_fragment` (Spearman across the R orders of each fragment; NaN where either
+  side is constant or missing), `median` over the fragments that have one, and `predicted`
+  (median >= bar). Scale-free: the surrogate's diagnostics need no mapping to the real scale.
+  """
+  pred, real = np.asarray(pred_RxF, float), np.asarray(real_RxF, float)
+  rho = np.array([spearman(pred[:, f], real[:, f]) for f in range(real.shape[1])])
+  ok = np.isfinite(rho)
+  median = float(np.median(rho[ok])) if ok.any() else float("nan")
+  return {"per_fragment": rho.tolist(), "median": median,
+          "predicted": bool(np.isfinite(median) and median >= bar)}

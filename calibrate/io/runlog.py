@@ -822,6 +822,20 @@ def write_runlog(path: str | os.PathLike, runlog: RunLog) -> None:
 # Arrays for the simulator.
 
 
+def diagnostics_arrays(runlog: RunLog, fragment_names: Sequence[str]
+                       ) -> tuple[tuple[int, ...], dict[str, np.ndarray]]:
+  """A run's real diagnostics as arrays: (the steps of the evals that carry them, name ->
+  [C, F] in the order of `fragment_names`, NaN where a value is null or missing)."""
+  evals = [e for e in runlog.evals if e.diagnostics is not None]
+  out = {n: np.full((len(evals), len(fragment_names)), np.nan) for n in DIAGNOSTIC_NAMES}
+  for c, ev in enumerate(evals):
+    for f, frag in enumerate(fragment_names):
+      for n, v in ev.diagnostics.get(frag, {}).items():
+        if v is not None:
+          out[n][c, f] = v
+  return tuple(e.step for e in evals), out
+
+
 def order_from_runlog(runlog: RunLog, fragments: Fragments) -> np.ndarray:
   """Returns the order a RunLog fed, as example positions in `fragments`.
 
