@@ -1,14 +1,18 @@
 """End to end on real runs: fit on a slice of the committed LM set, validate on other runs."""
 
+import dataclasses
 import glob
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from calibrate.fitting.fit import FitConfig, fit
-from calibrate.io.runlog import read_runlog
-from calibrate.fitting.validate import validate
+from calibrate.fitting.calibration import predict
+from calibrate.fitting.validate import validate, validate_diagnostics
+from calibrate.io.runlog import (DIAGNOSTIC_NAMES, order_from_runlog, read_runlog,
+                                 run_learning_rates)
 from surrogate.fragments import read_fragments
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "calibrate", "reference", "data", "lm")
@@ -24,11 +28,18 @@ def lm():
   return frags, {k: read_runlog(runs[k], frags) for k in CALIBRATION + HELD_OUT}
 
 
-def test_fit_and_validate_on_real_runs_beat_the_order_agnostic_mean(lm):
+@pytest.fixture(scope="module")
+def lm_sim(lm):
   frags, runs = lm
   # A small, fast setting: two seeds, short pre-training (the default learning-rate scale).
-  sim = fit(frags, [runs[k] for k in CALIBRATION],
-            config=FitConfig(seeds=2, pretrain_steps=300), key=jax.random.key(0), progress=False)
+  return fit(frags, [runs[k] for k in CALIBRATION],
+             config=FitConfig(seeds=2, pretrain_steps=300), key=jax.random.key(0),
+             progress=False)
+
+
+def test_fit_and_validate_on_real_runs_beat_the_order_agnostic_mean(lm, lm_sim):
+  frags, runs = lm
+  sim = lm_sim
   assert sim.fit_info.gain.data_weight > 0.5  # the blocked run tells the gain
   report = validate(sim, [runs[k] for k in HELD_OUT])
   assert report.run_ids == HELD_OUT[:4]
@@ -44,6 +55,34 @@ def test_fit_and_validate_on_real_runs_beat_the_order_agnostic_mean(lm):
   assert ours["trajectory_mse_ratio"] < 0.6
   assert ours["decision_accuracy"] > 0.6
   assert ours["trajectory_mse"] < report.methods["simfluence_linear"]["trajectory_mse"]
+
+
+def _with_diagnostics(run, value_F, names):
+  """The run with real diagnostics in its last eval, every one of them `value_F`."""
+  last = run.evals[-1]
+  diags = {n: {k: float(value_F[f]) for k in DIAGNOSTIC_NAMES} for f, n in enumerate(names)}
+  return dataclasses.replace(
+      run, evals=run.evals[:-1] + (dataclasses.replace(last, diagnostics=diags),))
+
+
+def test_validate_diagnostics_compares_each_order_and_fragment_with_its_real_value(lm, lm_sim):
+  frags, runs = lm
+  held = [runs[k] for k in HELD_OUT[:4]]
+  assert validate_diagnostics(lm_sim, held) == {}  # the committed runs carry none
+  orders = np.stack([order_from_runlog(r, frags) for r in held])
+  lrs = np.stack([run_learning_rates(r) for r in held])
+  _, traj = predict(lm_sim, orders, lrs, [held[0].evals[-1].step], diagnostics=True)
+  shift = np.asarray(traj.diagnostics.logit_shift).reshape(4, 2, -1).mean(1)  # N F
+  # Real diagnostics that the surrogate's logit shift ranks exactly, then exactly backwards.
+  same = validate_diagnostics(lm_sim, [_with_diagnostics(r, shift[i], frags.names)
+                                       for i, r in enumerate(held)])
+  assert same["logit_shift"]["orders"] == 4
+  assert same["logit_shift"]["median"] == pytest.approx(1.0) and same["logit_shift"]["predicted"]
+  back = validate_diagnostics(lm_sim, [_with_diagnostics(r, -shift[i], frags.names)
+                                       for i, r in enumerate(held)])
+  assert back["logit_shift"]["median"] == pytest.approx(-1.0)
+  assert not back["logit_shift"]["predicted"]
+  assert set(back) == set(DIAGNOSTIC_NAMES)
 
 
 def test_lora_runs_put_the_surrogate_in_low_rank_mode_and_it_predicts_better(tmp_path):

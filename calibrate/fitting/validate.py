@@ -20,9 +20,10 @@ import numpy as np
 from calibrate.fitting import metrics
 from calibrate.fitting.baselines import fragment_shares
 from calibrate.fitting import verdicts
-from calibrate.fitting.calibration import Simulator, maps_at
+from calibrate.fitting.calibration import Simulator, maps_at, predict
 from calibrate.fitting.runs import predict_runs
-from calibrate.io.runlog import RunLog, order_from_runlog, run_learning_rates, where
+from calibrate.io.runlog import (DIAGNOSTIC_NAMES, RunLog, diagnostics_arrays,
+                                 order_from_runlog, run_learning_rates, where)
 from surrogate.errors import CalibrationError
 from surrogate.jsonl import json_safe
 from surrogate.orders import order_sha256
@@ -52,6 +53,9 @@ class ValidationReport:
     verdicts: one entry per counterfactual family among the runs
       (`verdicts.score_families`): own contributions, outcome labels and interference,
       the simulator's figures beside two real seeds' and the dilution-only baseline.
+    diagnostics: diagnostic name -> `metrics.diagnostic_agreement` of the surrogate's final
+      diagnostics with the real ones across the held-out orders whose evals carry them
+      (`validate_diagnostics`), plus `orders`; empty when fewer than 3 orders do.
   """
   run_ids: tuple[str, ...]
   reruns: tuple[tuple[str, str], ...]
@@ -61,6 +65,7 @@ class ValidationReport:
   decisions_by_kind: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   decisions_by_margin: list[dict[str, float]] = dataclasses.field(default_factory=list)
   verdicts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  diagnostics: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -97,6 +102,13 @@ class ValidationReport:
                 f"(ceiling {_fmt(b['ceiling'])})" for b in self.decisions_by_margin]
     for fam in self.verdicts:
       lines += ["", verdicts.format_family(fam)]
+    if self.diagnostics:
+      n = next(iter(self.diagnostics.values()))["orders"]
+      lines += ["", (f"diagnostics, surrogate vs real (median over fragments of Spearman "
+                     f"across {n} orders; predicted at >= {metrics.DIAGNOSTIC_AGREEMENT_BAR}):")]
+      lines += [f"  {k:<18}{_fmt(v['median'])}  "
+                f"{'predicted' if v['predicted'] else 'surrogate-internal'}"
+                for k, v in self.diagnostics.items()]
     return "\n".join(lines)
 
 
@@ -265,4 +277,46 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
   return ValidationReport(tuple(r.header.run_id for r in held), tuple(rerun_ids), methods,
                           ceiling, level,
                           _decisions_by_kind(held, mean_f[:, -1], real_f[:, -1]), by_margin,
-                          families)
+                          families, validate_diagnostics(sim, held, progress=progress))
+
+
+def validate_diagnostics(sim: Simulator, runs: Sequence[RunLog], *,
+                         progress: bool = False) -> dict[str, dict[str, Any]]:
+  """Whether the surrogate's diagnostics rank the real model's across orders.
+
+  For the runs whose evals carry real diagnostics (RunLog eval `diagnostics`), simulates
+  their orders with diagnostics (every seed, averaged) and compares, per diagnostic and
+  fragment, the surrogate's value at the runs' last such eval with the real one across the
+  orders (`metrics.diagnostic_agreement`: Spearman, so no mapping of scales is needed).
+
+  Returns:
+    diagnostic name -> `per_fragment`, `median`, `predicted`, `orders`; empty when fewer
+    than 3 runs carry diagnostics.
+
+  Raises:
+    CalibrationError: the runs' last evals with diagnostics are at different steps.
+  """
+  names = sim.fragments.names
+  have = []
+  for r in runs:
+    steps, arrays = diagnostics_arrays(r, names)
+    if steps:
+      have.append((r, steps[-1], {k: v[-1] for k, v in arrays.items()}))
+  if len(have) < 3:
+    return {}
+  step = have[0][1]
+  for r, s, _ in have[1:]:
+    if s != step:
+      raise CalibrationError(f"{where(r)} has its last diagnostics at step {s}, "
+                             f"{where(have[0][0])} at step {step}; they cannot be compared")
+  orders = np.stack([order_from_runlog(r, sim.fragments) for r, _, _ in have])
+  lrs = np.stack([run_learning_rates(r) for r, _, _ in have])
+  _, traj = predict(sim, orders, lrs, [step], diagnostics=True, progress=progress)
+  out = {}
+  for name in DIAGNOSTIC_NAMES:
+    pred = np.asarray(getattr(traj.diagnostics, name), float)        # (N S) C F
+    with np.errstate(invalid="ignore"):
+      pred_NxF = np.nanmean(pred.reshape(len(have), -1, *pred.shape[1:]), 1)[:, -1]
+    real_NxF = np.stack([d[name] for _, _, d in have])
+    out[name] = {**metrics.diagnostic_agreement(pred_NxF, real_NxF), "orders": len(have)}
+  return out
