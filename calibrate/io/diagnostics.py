@@ -90,7 +90,6 @@ class RealDiagnostics:
     for p, f in enumerate(frag_P):
       tokens_FxS[f, [where[int(t)] for t in self._ids_PxL[p][valid_PxL[p]]]] = 1.0
     self._probes = diag_lib.ProbeSet(None, jnp.asarray(w), jnp.asarray(tokens_FxS))
-    self._has_train_F = np.zeros(num_f, bool)
     self._ref = self._capture(model)
     self._warned = False
 
