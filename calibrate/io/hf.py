@@ -513,8 +513,8 @@ class RunLogCallback(TrainerCallback):
                dataset: FragmentsDataset | None = None, eval_every: int = 25,
                eval_train: int = 4, eval_probe: int | None = None,
                eval_batch_size: int | None = None, bf16: bool | None = None,
-               diagnostics: int | None = None, report: bool = True, overwrite: bool = False, fsync: bool = False,
-               **extra: Any):
+               diagnostics: int | None = None, report: bool = True, overwrite: bool = False,
+               fsync: bool = False, **extra: Any):
     order = getattr(trainer, "order", None)
     if order is None:
       raise TypeError("RunLogCallback records an OrderedTrainer (calibrate.io.hf.ordered)")
