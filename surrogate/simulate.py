@@ -84,18 +84,19 @@ class Trajectory(NamedTuple):
     rose past `DIVERGED_LOSS_FACTOR` x its first step's (or x a uniform guess's, log V, if
     that is higher); -1 if none. From then on the simulated run is frozen and its later
     checkpoints are NaN.
-  grad_push_F: how hard each fragment pushed the training over the whole run: the sum over
-    steps and over its fed target tokens of (1 - p(target)), the size of the loss
-    gradient on the target logit, each step divided by the batch's target-token count (as
-    the loss is). A fragment's share of the sum is its share of the gradient signal;
-    `surrogate`'s screen calls a fed fragment starved when that share is a small fraction
-    of its share of the fed examples.
+  grad_push_CxF: how hard each fragment has pushed the training by each checkpoint: the sum
+    over the steps so far and over its fed target tokens of (1 - p(target)), the size of
+    the loss gradient on the target logit, each step divided by the batch's target-token
+    count (as the loss is); 0 at step 0. A fragment's share of the sum (or of its increase
+    between checkpoints) is its share of the gradient signal; `surrogate`'s screen calls a
+    fed fragment starved when that share is a small fraction of its share of the fed
+    examples.
   """
   eval_loss_CxM: jax.Array
   train_loss_T: jax.Array
   diagnostics: diag_lib.Diagnostics | None
   diverged_step: jax.Array
-  grad_push_F: jax.Array
+  grad_push_CxF: jax.Array
 
 
 def build_sim_data(fragments: Fragments, tokenized: Tokenized, *, vocab_size: int,
@@ -197,7 +198,7 @@ class TrainCarry(NamedTuple):
     state.
   diverged_step: the step the run diverged at, or -1.
   t: steps taken (fed or not).
-  push_F: each fragment's summed gradient push so far (`Trajectory.grad_push_F`).
+  push_F: each fragment's summed gradient push so far (`Trajectory.grad_push_CxF`).
   ref_loss: the first fed step's loss (at least log V), NaN before it.
   frozen: the base model under low-rank adapters (`opt_cfg.adapter`), else empty.
   """
@@ -292,13 +293,13 @@ def _segment(carry, xs, train_step, data, ref, model_cfg, opt_cfg, plan):
   """Trains the `eval_every` steps of `xs` = (idx_KxB, lr_K), then takes a checkpoint."""
   carry, loss_K = jax.lax.scan(train_step, carry, xs)
   params = model_params(opt_cfg, carry.params, carry.frozen)
-  return carry, (loss_K, _checkpoint(params, data, ref, model_cfg, plan))
+  return carry, (loss_K, _checkpoint(params, data, ref, model_cfg, plan), carry.push_F)
 
 
 def _assemble(first, carry, outs, *, steps: int, plan: SimPlan) -> Trajectory:
   """One order's `Trajectory` from its step-0 checkpoint, last carry and segment outputs."""
   eval0_M, diag0 = first
-  loss_SxK, (eval_SxM, diag_S) = outs
+  loss_SxK, (eval_SxM, diag_S), push_SxF = outs
   stack = lambda a, b: jnp.concatenate([a[None], b])
   diverged_step = carry.diverged_step
   # A checkpoint taken after the divergence shows a frozen model: report it as NaN.
@@ -309,7 +310,8 @@ def _assemble(first, carry, outs, *, steps: int, plan: SimPlan) -> Trajectory:
   if plan.diagnostics:
     diags = jax.tree.map(lambda a, b: jnp.where(bad_C[:, None], jnp.nan, stack(a, b)),
                          diag0, diag_S)
-  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step, carry.push_F)
+  push_CxF = stack(jnp.zeros_like(carry.push_F), push_SxF)
+  return Trajectory(eval_CxM, loss_SxK.reshape(-1)[:steps], diags, diverged_step, push_CxF)
 
 
 def _split_segments(order_TxB, lr_T, k: int):

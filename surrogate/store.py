@@ -75,7 +75,7 @@ def _write_chunk(path: str, start: int, orders: np.ndarray, out: Trajectory) -> 
   arrays = {"start": np.int64(start), "stop": np.int64(start + len(orders)),
             "orders_sha256": np.array(order_sha256(orders)),
             "eval_loss_CxM": out.eval_loss_CxM, "train_loss_T": out.train_loss_T,
-            "diverged_step": out.diverged_step, "grad_push_F": out.grad_push_F}
+            "diverged_step": out.diverged_step, "grad_push_CxF": out.grad_push_CxF}
   if out.diagnostics is not None:
     arrays.update({f"diag_{k}": v for k, v in out.diagnostics._asdict().items()})
   buf = io.BytesIO()
@@ -99,7 +99,7 @@ def _read_chunk(path: str, start: int, orders: np.ndarray) -> Trajectory:
     if "diag_embedding_drift" in arrays:
       diag = diag_lib.Diagnostics(*(arrays[f"diag_{k}"] for k in _DIAG_FIELDS))
     traj = Trajectory(arrays["eval_loss_CxM"], arrays["train_loss_T"], diag,
-                      arrays["diverged_step"], arrays["grad_push_F"])
+                      arrays["diverged_step"], arrays["grad_push_CxF"])
   except KeyError as e:
     raise ResultsError(f"chunk lacks the array {e.args[0]!r}", path=path) from None
   except (TypeError, ValueError) as e:

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from calibrate.answers.families import by_family, failure_points, interactions
 from calibrate.answers.outcomes import OUTCOMES, Outcome, Thresholds, label_outcomes, what_if
 from calibrate.answers.report import trajectories_of, write_report
 from calibrate.answers.screen import screen
@@ -36,7 +37,7 @@ def test_screen_outcome_probabilities_sum_to_one(sim, screened):
   np.testing.assert_allclose(np.diag(screened.interference_FxF), screened.own_probe_F)
   assert set(screened.diagnostics) == {"embedding_drift", "attention_shift", "plasticity",
                                        "logit_shift", "robustness", "entropy"}
-  assert screened.diagnostics["plasticity"].shape == (len(sim.steps_C), 4)
+  assert screened.diagnostics["plasticity"].shape == (N_ORDERS // 2, len(sim.steps_C), 4)
   assert np.isfinite(screened.gain_F).all()
   assert ((screened.starved_F >= 0) & (screened.starved_F <= 1)).all()
   assert screened.diverged == ()
@@ -124,10 +125,14 @@ def test_report_is_a_self_contained_page_that_renders(world, sim, screened, tmp_
   html_path = write_report(tmp_path, sim, screen=screened, search=result, trajectories=plots,
                            validation=validate(sim, runs[3:]))
   page = open(html_path, encoding="utf-8").read()
-  assert page.count("data:image/png;base64,") == 5
+  assert page.count("data:image/png;base64,") == 6
   assert "Validated on 3 held-out real runs" in page
+  # The by-family view; these runs carry no real diagnostics, so none is a real prediction.
+  assert "By feeding type" in page and "Failure points" in page
+  assert page.count("surrogate-internal (not validated against real runs)") == 5
   import matplotlib.image as mpimg
-  for name in ("trajectories", "outcomes", "interference", "diagnostics", "ranking"):
+  for name in ("trajectories", "outcomes", "interference", "diagnostics", "by_family",
+               "ranking"):
     img = mpimg.imread(tmp_path / f"{name}.png")
     assert img.shape[0] > 100 and img.shape[1] > 100
   chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -151,6 +156,9 @@ def test_a_diverging_screen_is_reported_not_a_crash(sim):
   assert sc.diverged == (0, 1)
   assert "2 simulated orders diverged" in sc.table()
   assert np.isnan(sc.outcome_FxO).all()          # nothing left to judge, and no exception
+  view = by_family(sc)
+  assert all(np.isnan(e.mean_KxF).all() for e in view.measures.values())
+  assert failure_points(sc) == [] and interactions(sc).reinforcing == ()
 
 
 def test_outcome_labels_follow_designs_precedence():

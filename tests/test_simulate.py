@@ -168,8 +168,11 @@ def test_gradient_push_goes_to_the_fragments_fed(setup):
   pools = prep.fragments.train_pools()
   only_first = orders.subset(pools, [0], key=jax.random.key(3), steps=T, batch_size=B)
   out = _many(setup, np.stack([only_first, setup[2][0]]))
-  push = out.grad_push_F
-  assert push.shape == (2, 3)
+  push_CxF = out.grad_push_CxF
+  assert push_CxF.shape[0] == 2 and push_CxF.shape[2] == 3
+  # Cumulative: zero at step 0, never falling.
+  assert (push_CxF[:, 0] == 0).all() and (np.diff(push_CxF, axis=1) >= 0).all()
+  push = push_CxF[:, -1]
   assert push[0, 0] > 0 and (push[0, 1:] == 0).all()
   # A shuffled order pushes every fragment; each step's push is at most 1 per fed token share.
   assert (push[1] > 0).all() and push[1].sum() <= T + 1e-5

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from calibrate.answers.families import (FailurePoint, FamilyView, Interactions, by_family,
+                                        failure_points, interactions)
 from calibrate.answers.outcomes import OUTCOMES
 from calibrate.answers.screen import DIAGNOSTICS, Screen
 from calibrate.answers.search import SearchResult
@@ -29,7 +31,7 @@ from calibrate.io.simulated import check_not_empty
 from surrogate.errors import CalibrationError
 from surrogate.jsonl import atomic_write
 
-__all__ = ["TrajectoryPlot", "trajectories_of", "write_report"]
+__all__ = ["TrajectoryPlot", "plot_by_family", "trajectories_of", "write_report"]
 
 _OUTCOME_COLORS = ("#d62728", "#2ca02c", "#ff7f0e", "#7f7f7f")
 
@@ -173,7 +175,7 @@ def plot_diagnostics(sc: Screen) -> bytes:
   colors = plt.get_cmap("tab20")
   for k, name in enumerate(names):
     ax = axes[k]
-    v = sc.diagnostics[name]
+    v = np.nanmean(sc.diagnostics[name], 0)
     for f, frag in enumerate(sc.fragments):
       ax.plot(sc.steps, v[:, f], color=colors(f % 20), lw=1, label=frag)
     ax.set_title(name.replace("_", " "), fontsize=9)
@@ -181,6 +183,72 @@ def plot_diagnostics(sc: Screen) -> bytes:
   axes[0].legend(fontsize=5, ncol=2)
   fig.supxlabel("step", fontsize=9)
   return _png(fig)
+
+
+# The by-family view's panels: the measures a user compares families on.
+_FAMILY_PANELS = ("probe_drop", "own_contribution", "P(generalizes)", "P(forgotten at the end)",
+                  "starved", *DIAGNOSTICS)
+
+
+def plot_by_family(view: FamilyView) -> bytes:
+  """One heatmap per measure: fragments (rows) x families (columns), the family's change from
+  shuffling (a dot where its interval excludes zero); the mean itself when no shuffled order
+  was screened. Diagnostics not validated against real runs say so in their title."""
+  import matplotlib.pyplot as plt
+  names = [n for n in _FAMILY_PANELS if n in view.measures]
+  diff = bool(view.vs_shuffled)
+  cols = [k for k, f in enumerate(view.families) if not diff or f != "shuffled"]
+  num_f = len(view.fragments)
+  ncols = min(len(names), 5)
+  nrows = -(-len(names) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
+                           figsize=(0.42 * len(cols) * ncols + 2.2, (0.2 * num_f + 1.3) * nrows))
+  for ax in axes.flat[len(names):]:
+    ax.set_visible(False)
+  for n, name in enumerate(names):
+    ax = axes.flat[n]
+    est = (view.vs_shuffled if diff else view.measures)[name]
+    m = est.mean_KxF[cols].T                                   # F K'
+    finite = np.isfinite(m)
+    lim = max(float(np.abs(m[finite]).max()) if finite.any() else 1.0, 1e-9)
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu_r" if diff else "viridis",
+                   vmin=-lim if diff else None, vmax=lim if diff else None, aspect="auto")
+    yy, xx = np.nonzero(est.clear_KxF()[cols].T) if diff else ((), ())
+    ax.scatter(xx, yy, s=5, c="k")
+    ax.set_xticks(range(len(cols)), [view.families[k] for k in cols], rotation=60,
+                  ha="right", fontsize=6)
+    ax.set_yticks(range(num_f), view.fragments if n % ncols == 0 else [""] * num_f, fontsize=6)
+    status = view.status.get(name, "")
+    tag = ("" if not status else "\n(real: validated)" if status.startswith("predicts")
+           else "\n(surrogate-internal)")
+    ax.set_title(name.replace("_", " ") + tag, fontsize=7)
+    cb = fig.colorbar(im, ax=ax, shrink=0.8)
+    cb.ax.tick_params(labelsize=5)
+  fig.suptitle(("change from shuffling, per fragment (dot: its "
+                f"{view.level:.0%} interval excludes 0)") if diff else
+               "mean per family and fragment", fontsize=8)
+  return _png(fig)
+
+
+def _family_section(view: FamilyView, fails: Sequence[FailurePoint], inter: Interactions,
+                    figure) -> str:
+  """The report's by-family section: the heatmaps, the diagnostics' status, the failure
+  points with their steps and what the interference matrix says."""
+  out = ("<h2>By feeding type</h2>"
+         + figure("by_family.png", plot_by_family(view),
+                  "What each order family does to each fragment compared with shuffling "
+                  f"({', '.join(f'{f}: {n}' for f, n in zip(view.families, view.orders_K))} "
+                  "orders screened)."))
+  out += _table(["diagnostic", "status"], [[k.replace("_", " "), v] for k, v in
+                                            view.status.items()])
+  out += "<h3>Failure points</h3>" + (_table(
+      ["fragment", "failure", "share of orders", "onset step (median)", "10%-90%",
+       "most common in", "share there"],
+      [[p.fragment, p.kind, f"{p.share:.0%} of {p.orders}", f"{p.step:.0f}",
+        f"{p.step_lo:.0f}-{p.step_hi:.0f}", p.worst_family, f"{p.worst_share:.0%}"]
+       for p in fails]) if fails else "<p>None in the screened orders.</p>")
+  out += "<h3>Fragments acting on each other</h3><pre>" + html.escape(inter.table()) + "</pre>"
+  return out
 
 
 def plot_ranking(result: SearchResult, top: int = 10) -> bytes:
@@ -282,6 +350,9 @@ def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | No
         + (figure("diagnostics.png", plot_diagnostics(screen),
                   "The diagnostics, averaged over the screened orders (surrogate scale).")
            if screen.diagnostics else ""))
+    sections.append(_family_section(
+        by_family(screen, validated=None if validation is None else validation.diagnostics),
+        failure_points(screen), interactions(screen), figure))
     if screen.diverged:
       sections.append(f"<p>{len(screen.diverged)} simulated orders diverged.</p>")
   if search is not None:

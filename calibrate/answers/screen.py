@@ -11,11 +11,18 @@ Orders are spread over the surrogate seeds (one seed per pair) and every order i
 real scale with each gain quantile, so outcome probabilities average over orders and over the
 simulator's uncertainty.
 
-Failure points, per fragment (the thresholds are `ScreenThresholds`):
-- starved: in an order that feeds it, its share of the gradient signal (`Trajectory.grad_push_F`)
-  is below `starved` x its share of the fed examples;
+Failure points, per fragment and order (the thresholds are `ScreenThresholds`, and the
+outcome labels' `forgotten`):
+- starved: in an order that feeds it, its share of the gradient signal over the run
+  (`Trajectory.grad_push_CxF`) is below `starved` x its share of the fed examples; its onset
+  is the first eval interval in which that holds for the interval's own signal and feeding;
+- forgotten: its probe loss ends >= `forgotten` above its minimum; the onset is the first
+  eval after the minimum at which the loss is that far above it;
 - collapsed: its probes' output entropy ends below `collapse` x its start;
 - diverged: the simulated run's loss or weights became non-finite (whole orders).
+
+The per-order arrays (`Screen.drop_PxF`, `own_PxF`, the diagnostics, the failure onsets, ...)
+are kept so that `calibrate.answers.families` can break every figure down by order family.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from calibrate.answers.outcomes import OUTCOMES, Thresholds, label_outcomes
+from calibrate.answers.outcomes import OUTCOMES, Thresholds, label_outcomes, outcome_shares
 from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
 from surrogate import orders as orders_lib
 from surrogate.jsonl import json_safe
 
-__all__ = ["DIAGNOSTICS", "Screen", "ScreenThresholds", "draw_orders", "screen"]
+__all__ = ["DIAGNOSTICS", "Screen", "ScreenThresholds", "draw_orders", "forgetting_onset",
+           "screen"]
 
 DIAGNOSTICS = ("embedding_drift", "attention_shift", "plasticity", "logit_shift", "robustness")
 
@@ -83,13 +91,27 @@ class Screen:
       caused by feeding fragment i (positive: feeding i helps j); the diagonal is the own
       contribution.
     probe_PxCxF: the screened orders' predicted probe loss per fragment (ensemble mean).
-    diagnostics: name -> [C, F], the five diagnostics averaged over the screened orders
-      (surrogate scale: the calibration maps losses only), plus "entropy".
+    diagnostics: name -> [P, C, F], the five diagnostics of every screened order (surrogate
+      scale: the calibration maps losses only), plus "entropy".
     starved_F, collapsed_F: share of the orders (feeding the fragment, for starved) with
       that failure.
     diverged: indices of the screened orders whose simulation, or their counterfactual's,
       diverged (their members are left out of the figures).
     seconds_per_order: wall time per simulated run (compilation included).
+    fed_PxF: examples of each fragment that each order feeds.
+    drop_PxF: each order's relative drop of each fragment's probe loss, step 0 to the end
+      (ensemble mean).
+    own_PxF: per pair, the relative change of every fragment's final probe loss caused by
+      feeding the left-out one (counterfactual - order, over the counterfactual; mean over
+      the gains): row p of the pair's interference; column `left_out_P[p]` is its own
+      contribution.
+    outcome_PxO: per pair, the left-out fragment's outcome shares over the gains (NaN where
+      no member is valid).
+    forgotten_PxF: share of the gains under which the fragment ends forgotten.
+    forget_step_PxF: the forgetting onset (module docstring) of the ensemble-mean probe
+      loss, NaN where it does not end forgotten.
+    starved_PxF, starve_step_PxF: whether the fragment is starved in the order, and the
+      onset step (NaN where it is not).
   """
   fragments: tuple[str, ...]
   steps: np.ndarray
@@ -109,6 +131,19 @@ class Screen:
   collapsed_F: np.ndarray
   diverged: tuple[int, ...]
   seconds_per_order: float
+  fed_PxF: np.ndarray
+  drop_PxF: np.ndarray
+  own_PxF: np.ndarray
+  outcome_PxO: np.ndarray
+  forgotten_PxF: np.ndarray
+  forget_step_PxF: np.ndarray
+  starved_PxF: np.ndarray
+  starve_step_PxF: np.ndarray
+
+  @property
+  def families_P(self) -> np.ndarray:
+    """Each screened order's family (`surrogate.orders.FAMILIES`)."""
+    return np.array([orders_lib.OrderKind(s.kind).value for s in self.specs])
 
   def table(self) -> str:
     """One line per fragment: outcome probabilities, expected gain and failure shares."""
@@ -137,7 +172,8 @@ class Screen:
         "own_probe": clean(self.own_probe_F), "own_probe_abs": clean(self.own_probe_abs_F),
         "probe_drop": clean(self.gain_F), "probe_drop_lo": clean(self.gain_lo_F),
         "probe_drop_hi": clean(self.gain_hi_F), "interference": clean(self.interference_FxF),
-        "diagnostics_final": {k: clean(v[-1]) for k, v in self.diagnostics.items()},
+        "diagnostics_final": {k: clean(np.nanmean(v[:, -1], 0))
+                              for k, v in self.diagnostics.items()},
         "starved": clean(self.starved_F), "collapsed": clean(self.collapsed_F),
         "diverged": list(self.diverged), "orders": [s.to_dict() for s in self.specs],
         "seconds_per_order": self.seconds_per_order,
@@ -222,20 +258,22 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
         outcome[f] = np.nan
     drop = (main[:, :, 0] - main[:, :, -1]) / main[:, :, 0]         # P G F
     drop_P = np.nanmean(drop, 1)
+    own_PxF = np.nanmean(own_p, 1)
+    outcome_PxO = np.where(valid.any(1)[:, None], outcome_shares(label, valid, axis=1), np.nan)
+    forgotten_PxF = np.nanmean(main[:, :, -1] >= (1 + thresholds.forgotten)
+                               * np.nanmin(main, axis=2), 1)
   diags = {}
   if traj.diagnostics is not None:
-    for name, v in traj.diagnostics._asdict().items():
-      diags[name] = np.nanmean(np.asarray(v), 0)
+    diags = {name: np.asarray(v) for name, v in traj.diagnostics._asdict().items()}
   collapsed = np.full(num_f, np.nan)
-  push = np.asarray(traj.grad_push_F[:n_p], np.float64)
+  fed_CxF = np.stack([_fed_by_checkpoint(o, frags.fragment_of, num_f, steps) for o in orders])
+  is_starved, starve_step = _starvation(np.asarray(traj.grad_push_CxF[:n_p], np.float64),
+                                        fed_CxF, steps, failures.starved)
   with np.errstate(invalid="ignore", divide="ignore"):
-    push_share = push / push.sum(1, keepdims=True)
-    fed_share = fed_PxF / fed_PxF.sum(1, keepdims=True)
-    is_starved = (push_share < failures.starved * fed_share) & (fed_PxF > 0)
     fed_any = (fed_PxF > 0).sum(0)
     starved = np.where(fed_any > 0, is_starved.sum(0) / np.maximum(fed_any, 1), np.nan)
     if traj.diagnostics is not None:
-      ent = np.asarray(traj.diagnostics.entropy)               # P C F
+      ent = diags["entropy"]                                     # P C F
       collapsed = np.nanmean(ent[:, -1] < failures.collapse * ent[:, 0], 0)
   diverged = tuple(int(p) for p in np.nonzero((traj.diverged_step >= 0)
                                               | (traj_cf.diverged_step >= 0))[0])
@@ -246,4 +284,47 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
       gain_F=np.nanmean(drop_P, 0), gain_lo_F=np.nanquantile(drop_P, 0.1, 0),
       gain_hi_F=np.nanquantile(drop_P, 0.9, 0), interference_FxF=interference,
       probe_PxCxF=np.nanmean(main, 1), diagnostics=diags, starved_F=starved,
-      collapsed_F=collapsed, diverged=diverged, seconds_per_order=per_order)
+      collapsed_F=collapsed, diverged=diverged, seconds_per_order=per_order,
+      fed_PxF=fed_PxF, drop_PxF=drop_P, own_PxF=own_PxF, outcome_PxO=outcome_PxO,
+      forgotten_PxF=forgotten_PxF,
+      forget_step_PxF=forgetting_onset(np.nanmean(main, 1), steps, thresholds.forgotten),
+      starved_PxF=is_starved, starve_step_PxF=starve_step)
+
+
+def _fed_by_checkpoint(order_TxB: np.ndarray, fragment_of: np.ndarray, num_f: int,
+                       steps_C: np.ndarray) -> np.ndarray:
+  """Examples of each fragment fed by each checkpoint, cumulative: [C, F] (0 at step 0)."""
+  frag_TxB = np.where(order_TxB >= 0, fragment_of[np.maximum(order_TxB, 0)], -1)
+  per_step = np.stack([(frag_TxB == f).sum(1) for f in range(num_f)], 1)     # T F
+  cum = np.concatenate([np.zeros((1, num_f), np.int64), np.cumsum(per_step, 0)])
+  return cum[np.minimum(np.asarray(steps_C), len(order_TxB))]
+
+
+def _starvation(push_PxCxF: np.ndarray, fed_PxCxF: np.ndarray, steps_C: np.ndarray,
+                ratio: float) -> tuple[np.ndarray, np.ndarray]:
+  """(starved_PxF, onset_step_PxF): a fed fragment whose share of the run's gradient push
+  is below `ratio` x its share of the fed examples, and the end step of the first eval
+  interval where the interval's own shares say so (NaN where not starved)."""
+  def below(push, fed):  # ... [F] arrays of one interval or of the whole run
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return ((push / push.sum(-1, keepdims=True)) < ratio * (fed / fed.sum(-1, keepdims=True))
+              ) & (fed > 0)
+  starved = below(push_PxCxF[:, -1], fed_PxCxF[:, -1])
+  per_interval = below(np.diff(push_PxCxF, axis=1), np.diff(fed_PxCxF, axis=1))   # P C-1 F
+  first = np.argmax(per_interval, axis=1)
+  onset = np.asarray(steps_C, np.float64)[1:][first]
+  return starved, np.where(starved & per_interval.any(1), onset, np.nan)
+
+
+def forgetting_onset(probe_PxCxF: np.ndarray, steps_C: np.ndarray, threshold: float) -> np.ndarray:
+  """The first step after a fragment's lowest probe loss at which the loss is `threshold`
+  (relative) above that minimum, where its final loss is too (it ends forgotten); NaN
+  elsewhere. [P, F]."""
+  p = np.nan_to_num(probe_PxCxF, nan=np.inf)
+  lowest = np.argmin(p, axis=1)                                         # P F
+  low = np.take_along_axis(p, lowest[:, None], 1)[:, 0]
+  c = np.arange(p.shape[1])[None, :, None]
+  above = (p >= (1 + threshold) * low[:, None]) & (c > lowest[:, None]) & np.isfinite(p)
+  ends = above[:, -1]
+  onset = np.asarray(steps_C, np.float64)[np.argmax(above, axis=1)]
+  return np.where(ends, onset, np.nan)

@@ -528,12 +528,29 @@ def cmd_screen(args) -> int:
   if args.resume and not args.results:
     raise UsageError("--resume needs --results DIR (where the killed screen streamed "
                      "its results)")
+  from calibrate.answers.families import MEASURES, by_family, failure_points, interactions
+  from calibrate.answers.screen import DIAGNOSTICS
+  if args.by_family not in MEASURES:
+    raise UsageError(f"--by-family: unknown measure {args.by_family!r}; expected one of "
+                     f"{list(MEASURES)}")
+  if args.no_diagnostics and args.by_family in DIAGNOSTICS:
+    raise UsageError(f"--by-family {args.by_family} needs the diagnostics (--no-diagnostics "
+                     "skips them)")
   sc = _run_screen(sim, args)
+  view, fails, inter = by_family(sc), failure_points(sc), interactions(sc)
   if args.json:
-    _print_json(sc.to_json())
+    _print_json({**sc.to_json(), "by_family": view.to_json(),
+                 "failure_points": [dataclasses.asdict(p) for p in fails],
+                 "interactions": inter.to_json()})
   else:
     print(sc.table())
-    print(f"{sc.seconds_per_order:.2f} s per simulated order (compilation included)")
+    print(f"{sc.seconds_per_order:.2f} s per simulated order (compilation included)\n")
+    print(view.table(args.by_family))
+    print("\nfailure points (share of orders; onset step, median [10%, 90%]; most common in)")
+    for p in fails:
+      print(f"  {p.fragment}: {p.kind} in {p.share:.0%} of {p.orders}, from step {p.step:.0f} "
+            f"[{p.step_lo:.0f}, {p.step_hi:.0f}]; {p.worst_family} {p.worst_share:.0%}")
+    print("\n" + inter.table())
   return 0
 
 
@@ -739,6 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "of every fragment over many simulated orders")
   sc.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
   screen_args(sc)
+  sc.add_argument("--by-family", default="probe_drop", metavar="MEASURE",
+                  help="the measure shown per order family against shuffling: probe_drop "
+                       "(default), own_contribution, P(generalizes), ..., starved or a "
+                       "diagnostic's name (--json has them all)")
   sc.add_argument("--json", action="store_true", help="print JSON")
   sc.set_defaults(func=cmd_screen)
 

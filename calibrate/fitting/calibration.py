@@ -565,7 +565,7 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
   raw_all = traj.eval_loss_CxM[:, rows][:, :, col]                  # (N S) C_all M
   at_steps = np.searchsorted(all_steps, steps)
   pick = lambda a: a[:, rows][:, at_steps] if a.ndim >= 2 else a  # noqa: E731
-  traj = traj._replace(eval_loss_CxM=raw_all[:, at_steps],
+  traj = traj._replace(eval_loss_CxM=raw_all[:, at_steps], grad_push_CxF=pick(traj.grad_push_CxF),
                        diagnostics=None if traj.diagnostics is None
                        else jax.tree.map(pick, traj.diagnostics))
 
