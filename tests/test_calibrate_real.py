@@ -71,7 +71,13 @@ def _with_diagnostics(run, value_F, names):
 def test_validate_diagnostics_compares_each_order_and_fragment_with_its_real_value(lm, lm_sim):
   frags, runs = lm
   held = [runs[k] for k in HELD_OUT[:4]]
-  assert validate_diagnostics(lm_sim, held) == {}  # the committed runs carry none
+  # The committed runs carry the real model's diagnostics; seed re-runs do not count as
+  # orders (2 re-run pairs: too few for the seeds' own agreement).
+  real = validate_diagnostics(lm_sim, held + [runs["blocked-p0-s1"], runs["subset-0-s1"]])
+  assert set(real) == set(DIAGNOSTIC_NAMES) and real["logit_shift"]["orders"] == 4
+  assert np.isnan(real["logit_shift"]["seed_to_seed"])
+  assert all(-1 <= v["median"] <= 1 for v in real.values() if np.isfinite(v["median"]))
+  assert validate_diagnostics(lm_sim, held[:2]) == {}
   orders = np.stack([order_from_runlog(r, frags) for r in held])
   lrs = np.stack([run_learning_rates(r) for r in held])
   _, traj = predict(lm_sim, orders, lrs, [held[0].evals[-1].step], diagnostics=True)

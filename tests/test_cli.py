@@ -108,6 +108,10 @@ def test_fit_validate_and_predict_from_the_command_line(data, tmp_path, capsys):
   assert main(screen) == 0
   first = json.loads(capsys.readouterr().out)
   assert len(first["orders"]) == 3 and len(first["outcome_probabilities"]) == 3
+  assert sum(first["by_family"]["orders"]) == 3 and "interactions" in first
+  assert "P(generalizes)" in first["by_family"]["measures"]
+  assert main(screen[:-2] + ["--by-family", "nonsense"]) == 2
+  assert "--by-family" in capsys.readouterr().err
   assert main(screen + ["--resume"]) == 0
   assert json.loads(capsys.readouterr().out)["outcome_probabilities"] == \
       first["outcome_probabilities"]

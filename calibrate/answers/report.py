@@ -210,7 +210,8 @@ def plot_by_family(view: FamilyView) -> bytes:
     est = (view.vs_shuffled if diff else view.measures)[name]
     m = est.mean_KxF[cols].T                                   # F K'
     finite = np.isfinite(m)
-    lim = max(float(np.abs(m[finite]).max()) if finite.any() else 1.0, 1e-9)
+    lim = float(np.abs(m[finite]).max()) if finite.any() else 0.0
+    lim = lim if lim > 1e-12 else 1.0   # an all-zero panel: no offset text on its bar
     im = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu_r" if diff else "viridis",
                    vmin=-lim if diff else None, vmax=lim if diff else None, aspect="auto")
     yy, xx = np.nonzero(est.clear_KxF()[cols].T) if diff else ((), ())
@@ -277,6 +278,14 @@ def _validation_section(report: ValidationReport) -> str:
   rows = [[k.replace("_", " "), _num(v)] for k, v in {**sim, **report.ceiling}.items()]
   out = (f"<h2>Validated on {len(report.run_ids)} held-out real runs</h2>"
          + _table(["figure (DESIGN.md's metrics)", "simulator"], rows))
+  if report.diagnostics:
+    n = next(iter(report.diagnostics.values()))["orders"]
+    out += (f"<h3>Diagnostics: surrogate against the real model across {n} held-out orders</h3>"
+            + _table(["diagnostic", "median Spearman over fragments", "two real seeds",
+                      "status"],
+                     [[k.replace("_", " "), _num(v["median"]), _num(v["seed_to_seed"]),
+                       "predicted" if v["predicted"] else "surrogate-internal"]
+                      for k, v in report.diagnostics.items()]))
   for fam in report.verdicts:
     figs, seed = fam["simulator"], fam["seed_to_seed"]
     names = [k for k in figs if k != "fragments"]
@@ -296,11 +305,14 @@ def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | No
                  search: SearchResult | None = None,
                  trajectories: Sequence[TrajectoryPlot] = (),
                  validation: ValidationReport | None = None,
+                 validated_diagnostics: dict | None = None,
                  title: str = "Pre-screening report", notes: Sequence[str] = ()) -> str:
   """Writes `report.html` and its PNGs into the folder `path`; returns the HTML's path.
 
   `validation` (from `calibrate.fitting.validate.validate` on held-out real runs) adds its
-  figures, and the verdicts of any counterfactual family among the runs."""
+  figures, and the verdicts of any counterfactual family among the runs. The screen's
+  diagnostics are labelled as predictions of the real model or surrogate-internal by
+  `validated_diagnostics` (`validate_diagnostics`'s result), else by `validation`'s."""
   os.makedirs(path, exist_ok=True)
   sections, images = [], {}
 
@@ -351,7 +363,8 @@ def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | No
                   "The diagnostics, averaged over the screened orders (surrogate scale).")
            if screen.diagnostics else ""))
     sections.append(_family_section(
-        by_family(screen, validated=None if validation is None else validation.diagnostics),
+        by_family(screen, validated=validated_diagnostics if validated_diagnostics is not None
+                  else None if validation is None else validation.diagnostics),
         failure_points(screen), interactions(screen), figure))
     if screen.diverged:
       sections.append(f"<p>{len(screen.diverged)} simulated orders diverged.</p>")

@@ -108,6 +108,7 @@ class ValidationReport:
                      f"across {n} orders; predicted at >= {metrics.DIAGNOSTIC_AGREEMENT_BAR}):")]
       lines += [f"  {k:<18}{_fmt(v['median'])}  "
                 f"{'predicted' if v['predicted'] else 'surrogate-internal'}"
+                f"  (two real seeds: {_fmt(v['seed_to_seed'])})"
                 for k, v in self.diagnostics.items()]
     return "\n".join(lines)
 
@@ -130,8 +131,7 @@ def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int
   first: dict[tuple, int] = {}
   reps, pairs = [], []
   for i, r in enumerate(runs):
-    key = (tuple(s.examples for s in r.steps), json.dumps(r.header.optimizer, sort_keys=True),
-           tuple(s.lr for s in r.steps))
+    key = _order_key(r)
     if key in first:
       if runs[first[key]].header.seed != r.header.seed:
         pairs.append((first[key], i))
@@ -139,6 +139,12 @@ def group_reruns(runs: Sequence[RunLog]) -> tuple[list[int], list[tuple[int, int
       first[key] = i
       reps.append(i)
   return reps, pairs
+
+
+def _order_key(r: RunLog) -> tuple:
+  """What makes two runs the same order (`group_reruns`)."""
+  return (tuple(s.examples for s in r.steps), json.dumps(r.header.optimizer, sort_keys=True),
+          tuple(s.lr for s in r.steps))
 
 
 def _order_kind(run: RunLog) -> str | None:
@@ -285,13 +291,50 @@ def validate_diagnostics(sim: Simulator, runs: Sequence[RunLog], *,
   """Whether the surrogate's diagnostics rank the real model's across orders.
 
   For the runs whose evals carry real diagnostics (RunLog eval `diagnostics`), simulates
-  their orders with diagnostics (every seed, averaged) and compares, per diagnostic and
-  fragment, the surrogate's value at the runs' last such eval with the real one across the
-  orders (`metrics.diagnostic_agreement`: Spearman, so no mapping of scales is needed).
+  their distinct orders with diagnostics (every seed, averaged) and compares, per diagnostic
+  and fragment, the surrogate's value at the runs' last such eval with the real one across
+  the orders (`metrics.diagnostic_agreement`: Spearman, so no mapping of scales is needed).
+  Seed re-runs of an order (`group_reruns`) are left out of that and give the ceiling: the
+  same agreement between a run and its re-run across the re-run orders, when 3 or more are.
 
   Returns:
-    diagnostic name -> `per_fragment`, `median`, `predicted`, `orders`; empty when fewer
-    than 3 runs carry diagnostics.
+    diagnostic name -> `per_fragment`, `median`, `predicted`, `orders`, and
+    `seed_to_seed` (median over fragments of the re-runs' Spearman; NaN with fewer than 3
+    re-run pairs); empty when fewer than 3 distinct orders carry diagnostics.
+
+  Raises:
+    CalibrationError: the runs' last evals with diagnostics are at different steps.
+  """
+  have, pred, real = diagnostics_pred_real(sim, runs, min_orders=3, progress=progress)
+  return diagnostics_agreement_of(have, pred, real) if pred else {}
+
+
+def diagnostics_agreement_of(runs: Sequence[RunLog], pred: dict[str, np.ndarray],
+                             real: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+  """`validate_diagnostics`'s figures from `diagnostics_pred_real`'s arrays of `runs`."""
+  reps, pairs = group_reruns(runs)
+  out = {}
+  for name in DIAGNOSTIC_NAMES:
+    seed = float("nan")
+    if len(pairs) >= 3:
+      seed = metrics.diagnostic_agreement(real[name][[b for _, b in pairs]],
+                                          real[name][[a for a, _ in pairs]])["median"]
+    out[name] = {**metrics.diagnostic_agreement(pred[name][reps], real[name][reps]),
+                 "orders": len(reps), "seed_to_seed": seed}
+  return out
+
+
+def diagnostics_pred_real(sim: Simulator, runs: Sequence[RunLog], *, min_orders: int = 1,
+                          progress: bool = False
+                          ) -> tuple[list[RunLog], dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """The surrogate's and the real model's final diagnostics of the runs that carry them.
+
+  Simulates each distinct order once (every seed, averaged); re-runs share their order's.
+
+  Returns:
+    (the N runs with diagnostics, predicted name -> [N, F], real name -> [N, F]); the dicts
+    are empty when fewer than `min_orders` distinct orders carry diagnostics (nothing is
+    simulated then).
 
   Raises:
     CalibrationError: the runs' last evals with diagnostics are at different steps.
@@ -302,21 +345,24 @@ def validate_diagnostics(sim: Simulator, runs: Sequence[RunLog], *,
     steps, arrays = diagnostics_arrays(r, names)
     if steps:
       have.append((r, steps[-1], {k: v[-1] for k, v in arrays.items()}))
-  if len(have) < 3:
-    return {}
-  step = have[0][1]
+  step = have[0][1] if have else None
   for r, s, _ in have[1:]:
     if s != step:
       raise CalibrationError(f"{where(r)} has its last diagnostics at step {s}, "
                              f"{where(have[0][0])} at step {step}; they cannot be compared")
-  orders = np.stack([order_from_runlog(r, sim.fragments) for r, _, _ in have])
-  lrs = np.stack([run_learning_rates(r) for r, _, _ in have])
+  used = [r for r, _, _ in have]
+  slot: dict[tuple, int] = {}   # each distinct order's row in the simulation
+  idx = [slot.setdefault(_order_key(r), len(slot)) for r in used]
+  if len(slot) < max(min_orders, 1):
+    return used, {}, {}
+  reps = [idx.index(n) for n in range(len(slot))]
+  orders = np.stack([order_from_runlog(used[i], sim.fragments) for i in reps])
+  lrs = np.stack([run_learning_rates(used[i]) for i in reps])
   _, traj = predict(sim, orders, lrs, [step], diagnostics=True, progress=progress)
-  out = {}
+  pred, real = {}, {}
   for name in DIAGNOSTIC_NAMES:
-    pred = np.asarray(getattr(traj.diagnostics, name), float)        # (N S) C F
+    p = np.asarray(getattr(traj.diagnostics, name), float)             # (R S) C F
     with np.errstate(invalid="ignore"):
-      pred_NxF = np.nanmean(pred.reshape(len(have), -1, *pred.shape[1:]), 1)[:, -1]
-    real_NxF = np.stack([d[name] for _, _, d in have])
-    out[name] = {**metrics.diagnostic_agreement(pred_NxF, real_NxF), "orders": len(have)}
-  return out
+      pred[name] = np.nanmean(p.reshape(len(reps), -1, *p.shape[1:]), 1)[:, -1][idx]
+    real[name] = np.stack([d[name] for _, _, d in have])
+  return used, pred, real

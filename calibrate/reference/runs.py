@@ -11,6 +11,7 @@ beside their seed noise.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -279,6 +280,13 @@ def _run_planned(task: Task, run_id: str, order: np.ndarray, seed: int, header: 
   return _rerun_checked(path, lambda: run_order(task, run_id, order, seed, path, **header))
 
 
+def _pool(workers: int) -> ProcessPoolExecutor:
+  """Worker processes started fresh ("spawn"): the counterfactual plan draws its orders with
+  JAX in this process, and a forked child that then uses JAX (the real diagnostics do)
+  deadlocks on the parent's threads; it hung there on 2026-12-02."""
+  return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def run_counterfactuals(task: Task, workers: int = 2) -> None:
   """Runs every run of `counterfactual_plan` not yet in `task.out/counterfactual`."""
   from surrogate.fragments import read_fragments
@@ -286,7 +294,7 @@ def run_counterfactuals(task: Task, workers: int = 2) -> None:
   plan = counterfactual_plan(frags)
   os.makedirs(os.path.join(task.out, "counterfactual"), exist_ok=True)
   t0 = time.time()
-  with ProcessPoolExecutor(workers) as pool:
+  with _pool(workers) as pool:
     list(pool.map(_run_planned, *zip(*[(task, *run) for run in plan])))
   print(f"{len(plan)} runs in {task.out}/counterfactual ({time.time() - t0:.0f} s)")
 
@@ -298,6 +306,6 @@ def run_all(task: Task, workers: int = 2) -> None:
   plan = order_plan(len(frags.names), base_probe_losses(task, frags))
   os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
   t0 = time.time()
-  with ProcessPoolExecutor(workers) as pool:
+  with _pool(workers) as pool:
     list(pool.map(run_one, *zip(*[(task, *run) for run in plan])))
   print(f"{len(plan)} runs in {task.out}/runs ({time.time() - t0:.0f} s)")
