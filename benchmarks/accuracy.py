@@ -82,15 +82,29 @@ def coverage_sweep(sim: Simulator, held: list, values: list[float]) -> dict[floa
     calibration.simulate_many = simulate_many
 
 
+def _with_rank(run, rank: int):
+  """The run with its LoRA adapter's rank set to `rank` and alpha scaled to keep alpha / r
+  (peft's update scale): the rank-rescaling experiment of issue 20."""
+  adapter = dict(run.header.extra.get("adapter") or {})
+  if not adapter:
+    raise SystemExit(f"--lora-rank: run {run.header.run_id} trained no adapter")
+  adapter["alpha"] = float(adapter.get("alpha", adapter["r"])) * rank / int(adapter["r"])
+  adapter["r"] = rank
+  header = dataclasses.replace(run.header, extra={**run.header.extra, "adapter": adapter})
+  return dataclasses.replace(run, header=header)
+
+
 def run(task: str, seeds: int, plan: str, length: int | None = None,
         lr_scales: tuple[float, ...] | None = FitConfig.lr_scales,
         gain_prior: float | None = None, gain_prior_sd: float | None = None,
         effect_errors: tuple[float, ...] = (), real_tokenizer: bool = False,
         teacher: bool = False, distill_steps: int = FitConfig.distill_steps,
-        full_mode: bool = False) -> dict:
+        full_mode: bool = False, lora_rank: int | None = None) -> dict:
   folder = os.path.join(DATA, task)
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))]
+  if lora_rank is not None:
+    runs = [_with_rank(r, lora_rank) for r in runs]
   cal = [r for r in runs if r.header.run_id in CALIBRATION[plan]]
   held = [r for r in runs if r.header.run_id not in CALIBRATION[plan]
           and not r.header.run_id.startswith("shuffled-")]
@@ -210,6 +224,9 @@ def main() -> None:
   p.add_argument("--full-mode", action="store_true",
                  help="a full fine-tune in the surrogate even when the runs trained LoRA "
                       "adapters (the comparison for lm-lora)")
+  p.add_argument("--lora-rank", type=int, default=None,
+                 help="the surrogate's adapter rank in place of the header's (alpha scaled "
+                      "to keep alpha / r): the rank-rescaling comparison for lm-lora")
   p.add_argument("--json", help="write every figure to this file")
   args = p.parse_args()
   tasks = {"both": ["lm", "cls"], "dev": list(DEVELOPMENT_SETS)}.get(args.task, [args.task])
@@ -217,7 +234,7 @@ def main() -> None:
   sweep = tuple(float(x) for x in args.effect_errors.split(",") if x)
   out = {t: run(t, args.seeds, args.plan, args.length, scales, args.gain_prior,
                 args.gain_prior_sd, sweep, args.real_tokenizer, args.teacher, args.distill_steps,
-                args.full_mode)
+                args.full_mode, args.lora_rank)
          for t in tasks}
   if args.json:
     with open(args.json, "w") as f:
