@@ -74,7 +74,7 @@ def _targets(sim, every, cache: str | None) -> np.ndarray:
 
 
 def fidelity(sim, every, n_cal: int, n_fit: int, target, per_family: list[int],
-             steps: int) -> tier_lib.AnalyticTier:
+             steps: int, form: str = "plain") -> tier_lib.AnalyticTier:
   """Prints the fidelity table; `every` holds the calibration, fit and fresh orders in that
   order. Returns the tier fitted on the most orders."""
   n_fam = len(orders_lib.FAMILIES)
@@ -86,7 +86,8 @@ def fidelity(sim, every, n_cal: int, n_fit: int, target, per_family: list[int],
   fresh_feats = tier_lib.tier_features(sim, fresh)
   for k in per_family:
     use = np.r_[np.arange(n_cal), n_cal + np.arange(min(k * n_fam, n_fit))]
-    tier = tier_lib.fit_on(sim, every[use], target[:, use], calibration=n_cal, steps=steps)
+    tier = tier_lib.fit_on(sim, every[use], target[:, use], calibration=n_cal, steps=steps,
+                           form=form)
     ana = np.moveaxis(tier_lib.tier_losses(tier, fresh_feats, sim.steps_C), 1, 0)
     mse = float(np.nanmean((ana - sur) ** 2))
     got = tier_lib.agreement(ana[:, :, -1, 0], sur[:, :, -1, 0])
@@ -143,6 +144,8 @@ def main() -> None:
                  help="fit orders of each family, comma-separated (the largest is simulated)")
   p.add_argument("--fresh", type=int, default=48, help="fresh orders for the fidelity figures")
   p.add_argument("--fit-steps", type=int, default=2000)
+  p.add_argument("--form", default="plain", choices=["plain", "adam"],
+                 help="the recurrence's form: plain, or following Adam's normalised steps")
   p.add_argument("--cache", help="folder keeping the simulator and the transformer's runs")
   p.add_argument("--transformer-orders", type=int, default=8)
   p.add_argument("--analytic-orders", type=int, default=65536)
@@ -160,7 +163,8 @@ def main() -> None:
   fresh = tier_lib.draw(sim, args.fresh, key=jax.random.key(FRESH_KEY))
   every = np.concatenate([np.stack(cal), fit_orders, fresh])
   target = _targets(sim, every, args.cache)
-  tier = fidelity(sim, every, len(cal), len(fit_orders), target, per_family, args.fit_steps)
+  tier = fidelity(sim, every, len(cal), len(fit_orders), target, per_family, args.fit_steps,
+                  args.form)
   throughput(sim, tier, fresh, transformer_orders=args.transformer_orders,
              analytic_orders=args.analytic_orders, repeats=args.repeats)
 

@@ -63,6 +63,8 @@ class Params(NamedTuple):
   fast_2xF: the fast part's share of the starting loss (x 0.15), before a sigmoid.
   fast_rate_2xF: K before softplus: how fast the fast part goes.
   diversity_2xF: V: how much more a batch of many fragments pulls than one of a single one.
+  shared_F: rho before a sigmoid, used only with Adam's betas (`rollout`): the part of fed
+    fragment i's update whose second moment is shared with every fragment's.
   """
   transfer_2xFxF: jax.Array
   forget_2xFxF: jax.Array
@@ -71,6 +73,7 @@ class Params(NamedTuple):
   fast_2xF: jax.Array
   fast_rate_2xF: jax.Array
   diversity_2xF: jax.Array
+  shared_F: jax.Array
 
 
 def init_params(num_f: int) -> Params:
@@ -79,7 +82,8 @@ def init_params(num_f: int) -> Params:
   transfer = np.stack([eye + 0.1 * (1 - eye)] * 2)
   zeros = jnp.zeros((2, num_f), jnp.float32)
   return Params(jnp.asarray(transfer), jnp.full((2, num_f, num_f), -4.0, jnp.float32), zeros,
-                jnp.full((num_f,), -2.0, jnp.float32), zeros - 1.0, zeros, zeros)
+                jnp.full((num_f,), -2.0, jnp.float32), zeros - 1.0, zeros, zeros,
+                jnp.zeros((num_f,), jnp.float32))
 
 
 def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np.ndarray,
@@ -111,10 +115,17 @@ def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np
                   jnp.asarray(lr, jnp.float32))
 
 
-def rollout(params: Params, x0_2xF: jax.Array, feats: Features,
-            checkpoints_C: jax.Array) -> jax.Array:
+def rollout(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints_C: jax.Array,
+            betas: tuple[float, float] | None = None) -> jax.Array:
   """The losses after each checkpoint's step (0 = before training; steps within 0..T):
-  [C, 2, F]."""
+  [C, 2, F].
+
+  With `betas` (Adam's b1, b2; static), fed fragment i's share is replaced by Adam's
+  normalised step at fragment level, m_i / sqrt(v_i) / F: m_i the b1-average of its share,
+  v_i the b2-average of rho_i * sum_k share_k^2 + (1 - rho_i) * share_i^2 (both bias
+  corrected). A fragment fed after a long absence then takes large steps (its v is small),
+  and a mixed batch, whose sum of squared shares is small, teaches more than a pure one.
+  """
   num_f, steps = x0_2xF.shape[-1], feats.lr_T.shape[-1]
   scale = num_f / steps  # a fragment fed a 1/F share all along moves O(1) with O(1) coefficients
   transfer = params.transfer_2xFxF * scale
@@ -125,11 +136,22 @@ def rollout(params: Params, x0_2xF: jax.Array, feats: Features,
   z0_2xF = 0.15 * x0_2xF * jax.nn.sigmoid(params.fast_2xF)
   slow0_2xF = x0_2xF - z0_2xF
 
+  rho_F = jax.nn.sigmoid(params.shared_F)
+
   def step(carry, inp):
-    x_2xF, z_2xF, out_Cx2xF = carry
+    x_2xF, z_2xF, m_F, v_F, out_Cx2xF = carry
     share_F, seen_F, lr, t = inp
-    mixed = jnp.exp(params.diversity_2xF * (1.0 - jnp.sum(share_F * share_F)))
-    pull = jnp.einsum("i,rij->rj", share_F, transfer) * mixed
+    square = jnp.sum(share_F * share_F)
+    mixed = jnp.exp(params.diversity_2xF * (1.0 - square))
+    push_F = share_F
+    if betas is not None:
+      b1, b2 = betas
+      m_F = b1 * m_F + (1 - b1) * share_F
+      v_F = b2 * v_F + (1 - b2) * (rho_F * square + (1 - rho_F) * share_F * share_F)
+      m_hat = m_F / (1 - b1 ** (t + 1.0))
+      v_hat = v_F / (1 - b2 ** (t + 1.0))
+      push_F = m_hat / jnp.sqrt(v_hat + 1e-6) / num_f
+    pull = jnp.einsum("i,rij->rj", push_F, transfer) * mixed
     undo = jnp.einsum("i,rij->rj", share_F, forget)
     dx = pull * (x_2xF - floor) - undo * jnp.maximum(slow0_2xF - x_2xF, 0.0)
     dx = dx.at[1].add(memorize * seen_F * (x_2xF[1] - floor[1]))
@@ -137,16 +159,20 @@ def rollout(params: Params, x0_2xF: jax.Array, feats: Features,
     z_2xF = z_2xF - lr * fast_rate * z_2xF
     # Only the checkpoints are kept: a [T, 2, F] history per order would dominate the cost.
     hit_C = (checkpoints_C == t + 1)[:, None, None]
-    return (x_2xF, z_2xF, jnp.where(hit_C, (x_2xF + z_2xF)[None], out_Cx2xF)), None
+    return (x_2xF, z_2xF, m_F, v_F, jnp.where(hit_C, (x_2xF + z_2xF)[None], out_Cx2xF)), None
 
   start_Cx2xF = jnp.broadcast_to(x0_2xF, (checkpoints_C.shape[0], *x0_2xF.shape))
-  (_, _, out_Cx2xF), _ = jax.lax.scan(
-      step, (slow0_2xF, z0_2xF, start_Cx2xF), (*feats, jnp.arange(steps)))
+  moment_F = jnp.zeros((num_f,), x0_2xF.dtype)
+  (*_, out_Cx2xF), _ = jax.lax.scan(
+      step, (slow0_2xF, z0_2xF, moment_F, moment_F, start_Cx2xF), (*feats, jnp.arange(steps)))
   return out_Cx2xF
 
 
-rollout_many = jax.vmap(rollout, in_axes=(None, None, 0, None))
-"""`rollout` over orders: features with a leading N axis -> [N, C, 2, F]."""
+def rollout_many(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints_C: jax.Array,
+                 betas: tuple[float, float] | None = None) -> jax.Array:
+  """`rollout` over orders: features with a leading N axis -> [N, C, 2, F]."""
+  one = lambda p, x0, f, c: rollout(p, x0, f, c, betas)  # noqa: E731 (betas stays static)
+  return jax.vmap(one, in_axes=(None, None, 0, None))(params, x0_2xF, feats, checkpoints_C)
 
 
 class FitResult(NamedTuple):
@@ -156,22 +182,23 @@ class FitResult(NamedTuple):
   mse: jax.Array
 
 
-def _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF):
-  pred = rollout_many(params, x0_2xF, feats, checkpoints_C)
+def _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF, betas=None):
+  pred = rollout_many(params, x0_2xF, feats, checkpoints_C, betas)
   ok = jnp.isfinite(target_NxCx2xF)
   err = jnp.where(ok, pred - jnp.where(ok, target_NxCx2xF, 0.0), 0.0)
   return jnp.sum(err * err) / jnp.maximum(ok.sum(), 1)
 
 
 def _fit_one(x0_2xF, feats, checkpoints_C, target_NxCx2xF, *, steps: int, learning_rate: float,
-             l2: float):
+             l2: float, betas: tuple[float, float] | None):
   num_f = x0_2xF.shape[-1]
   start = init_params(num_f)
   opt = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05))
 
   def objective(p):
     shrink = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(start)))
-    return _mse(p, x0_2xF, feats, checkpoints_C, target_NxCx2xF) + l2 * shrink / num_f ** 2
+    return (_mse(p, x0_2xF, feats, checkpoints_C, target_NxCx2xF, betas)
+            + l2 * shrink / num_f ** 2)
 
   def update(carry, _):
     p, state = carry
@@ -180,12 +207,12 @@ def _fit_one(x0_2xF, feats, checkpoints_C, target_NxCx2xF, *, steps: int, learni
     return (optax.apply_updates(p, upd), state), None
 
   (params, _), _ = jax.lax.scan(update, (start, opt.init(start)), None, length=steps)
-  return FitResult(params, _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF))
+  return FitResult(params, _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF, betas))
 
 
 def fit(x0_Sx2xF: jax.Array, feats: Features, checkpoints_C: np.ndarray,
         target_SxNxCx2xF: jax.Array, *, steps: int = 2000, learning_rate: float = 0.05,
-        l2: float = 1e-4) -> FitResult:
+        l2: float = 1e-4, betas: tuple[float, float] | None = None) -> FitResult:
   """Fits one recurrence per surrogate seed to that seed's simulations of N orders.
 
   Args:
@@ -197,11 +224,12 @@ def fit(x0_Sx2xF: jax.Array, feats: Features, checkpoints_C: np.ndarray,
     steps, learning_rate: Adam's steps (full batch) and peak rate (cosine decay).
     l2: pull of the coefficients towards the start, per coefficient: a fragment that the
       orders never vary keeps sensible coefficients instead of arbitrary ones.
+    betas: Adam's (b1, b2) for the Adam form of `rollout`; None for the plain one.
 
   Returns:
     `FitResult` with a leading S axis.
   """
   one = jax.jit(lambda x0, tgt: _fit_one(x0, feats, jnp.asarray(checkpoints_C), tgt, steps=steps,
-                                         learning_rate=learning_rate, l2=l2))
+                                         learning_rate=learning_rate, l2=l2, betas=betas))
   return jax.vmap(one)(jnp.asarray(x0_Sx2xF, jnp.float32),
                        jnp.asarray(target_SxNxCx2xF, jnp.float32))

@@ -94,6 +94,45 @@ def test_fit_recovers_its_own_rollouts_on_held_out_orders():
     assert r[0, 1] > 0.8
 
 
+def test_adam_form_steps_hard_on_a_fragment_fed_after_an_absence():
+  """Adam's normalised step: a fragment first fed half-way moves, against one fed all along,
+  more than under the plain form (its second moment averages the steps it was not fed)."""
+  p = analytic.init_params(F)._replace(fast_2xF=jnp.full((2, F), -30.0),
+                                        shared_F=jnp.full((F,), -30.0))
+  half = T // 2
+  late = np.stack([np.concatenate([np.tile([10, 11, 12, 13], (half, 1)),
+                                   np.tile([0, 1, 2, 3], (T - half, 1))])])
+  along = np.stack([np.tile([0, 1, 2, 3], (T, 1))])
+  step_C = jnp.asarray([T - 10, T])
+
+  def drop_ratio(q, betas):  # fragment 0's probe loss drop over the last 10 steps, late / along
+    x_late, x_along = (np.asarray(analytic.rollout_many(q, X0, _feats(o), step_C, betas))[0]
+                       for o in (late, along))
+    return (x_late[0, 0, 0] - x_late[1, 0, 0]) / (x_along[0, 0, 0] - x_along[1, 0, 0])
+
+  # Fed all along at share 1, Adam's step is 1 / F: the plain form with A / F takes the same.
+  plain = p._replace(transfer_2xFxF=p.transfer_2xFxF / F)
+  assert drop_ratio(p, (0.9, 0.999)) > 1.1 * drop_ratio(plain, None) > 0
+
+
+def test_adam_form_fit_recovers_its_own_rollouts():
+  betas = (0.9, 0.999)
+  start = analytic.init_params(F)
+  truth = start._replace(
+      transfer_2xFxF=start.transfer_2xFxF + 0.3 * jax.random.normal(jax.random.key(7), (2, F, F)),
+      shared_F=jnp.asarray([2.0, -2.0, 0.0]))
+  fit_orders, held_orders = _orders(24, jax.random.key(8)), _orders(12, jax.random.key(9))
+  target = analytic.rollout_many(truth, X0, _feats(fit_orders), CHECKPOINTS, betas)
+  got = analytic.fit(X0[None], _feats(fit_orders), CHECKPOINTS, target[None], steps=800,
+                     betas=betas)
+  params = jax.tree.map(lambda a: a[0], got.params)
+  want = np.asarray(analytic.rollout_many(truth, X0, _feats(held_orders), CHECKPOINTS,
+                                          betas))[:, -1]
+  pred = np.asarray(analytic.rollout_many(params, X0, _feats(held_orders), CHECKPOINTS,
+                                          betas))[:, -1]
+  assert np.sqrt(np.mean((pred - want) ** 2)) < 0.2 * want.std(0).mean()
+
+
 def test_fit_ignores_missing_targets():
   fit_orders = _orders(8, jax.random.key(5))
   target = np.array(analytic.rollout_many(analytic.init_params(F), X0, _feats(fit_orders),

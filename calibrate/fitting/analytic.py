@@ -16,6 +16,7 @@ the calibration orders to the real scale exactly as it maps the transformer's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from calibrate.fitting.calibration import (Simulator, example_positions, is_prob
 from surrogate import analytic
 from surrogate import orders as orders_lib
 
-__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "agreement", "check_fidelity", "draw",
+__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "adam_betas", "agreement", "check_fidelity", "draw",
            "fit_on", "fit_tier", "tier_features", "tier_losses", "transformer_losses"]
 
 TRUST_RATIO = 0.95
@@ -93,6 +94,8 @@ class AnalyticTier:
     fit_mse_S: each seed's fit error (nats^2, over fragments, rows and checkpoints).
     fidelity: the check on fresh orders, or None before it is made.
     seconds: wall time of the fit (the transformer's simulations included).
+    betas: Adam's (b1, b2) when the recurrence follows Adam's normalised steps
+      (`surrogate.analytic.rollout`), None for the plain form.
   """
   params: analytic.Params
   x0_Sx2xF: np.ndarray
@@ -101,10 +104,18 @@ class AnalyticTier:
   fit_mse_S: np.ndarray
   fidelity: Fidelity | None = None
   seconds: float = 0.0
+  betas: tuple[float, float] | None = None
 
   @property
   def trusted(self) -> bool:
     return self.fidelity is not None and self.fidelity.trusted
+
+
+def adam_betas(sim: Simulator) -> tuple[float, float] | None:
+  """The real runs' Adam betas when they trained with Adam or AdamW, else None."""
+  if sim.opt_cfg.name.value in ("adam", "adamw"):
+    return tuple(float(b) for b in sim.opt_cfg.betas)
+  return None
 
 
 def _train_weight_FxE(sim: Simulator) -> np.ndarray:
@@ -155,18 +166,25 @@ def tier_losses(tier: AnalyticTier, feats: analytic.Features, steps_C: np.ndarra
   with one seed per order (`seed_N`)."""
   steps = jnp.asarray(steps_C)
   if seed_N is None:
-    return np.moveaxis(np.asarray(_every_seed(tier.params, tier.x0_Sx2xF, feats, steps)), 0, 1)
+    every = _every_seed(tier.params, tier.x0_Sx2xF, feats, steps, tier.betas)
+    return np.moveaxis(np.asarray(every), 0, 1)
   seed_N = np.asarray(seed_N) % len(tier.x0_Sx2xF)
   out = np.empty((len(seed_N), len(steps), 2, tier.x0_Sx2xF.shape[-1]), np.float32)
   for s in np.unique(seed_N):  # one seed's orders share its coefficients: matrix products
     sel = np.nonzero(seed_N == s)[0]
     out[sel] = _one_seed(jax.tree.map(lambda a: a[s], tier.params), tier.x0_Sx2xF[s],
-                         analytic.Features(*(np.asarray(a)[sel] for a in feats)), steps)
+                         analytic.Features(*(np.asarray(a)[sel] for a in feats)), steps,
+                         tier.betas)
   return out
 
 
-_every_seed = jax.jit(jax.vmap(analytic.rollout_many, in_axes=(0, 0, None, None)))  # S N C 2 F
-_one_seed = jax.jit(analytic.rollout_many)                                          # N C 2 F
+@functools.partial(jax.jit, static_argnums=4)
+def _every_seed(params, x0_Sx2xF, feats, steps_C, betas):                      # S N C 2 F
+  one = lambda p, x0: analytic.rollout_many(p, x0, feats, steps_C, betas)  # noqa: E731
+  return jax.vmap(one)(params, x0_Sx2xF)
+
+
+_one_seed = jax.jit(analytic.rollout_many, static_argnums=4)                  # N C 2 F
 
 
 def draw(sim: Simulator, n: int, *, key: jax.Array) -> np.ndarray:
@@ -176,14 +194,19 @@ def draw(sim: Simulator, n: int, *, key: jax.Array) -> np.ndarray:
 
 
 def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarray, *,
-           calibration: int, steps: int = 2000) -> AnalyticTier:
+           calibration: int, steps: int = 2000, form: str = "plain") -> AnalyticTier:
   """Fits the tier on the transformer's simulations of orders whose first `calibration`
-  are the calibration runs' (their mean is the tier's reference point)."""
+  are the calibration runs' (their mean is the tier's reference point). `form` "adam"
+  follows Adam's normalised steps when the runs trained with Adam (`adam_betas`)."""
+  if form not in ("plain", "adam"):
+    raise ValueError(f"form must be 'plain' or 'adam', got {form!r}")
+  betas = adam_betas(sim) if form == "adam" else None
   t0 = time.perf_counter()
   x0 = np.nan_to_num(np.nanmean(target_SxNxCx2xF[:, :, 0], 1))      # S 2 F
   feats = tier_features(sim, orders_NxTxB)
-  res = analytic.fit(x0, feats, sim.steps_C, target_SxNxCx2xF, steps=steps)
-  tier = AnalyticTier(res.params, x0, np.zeros((0,)), len(orders_NxTxB), np.asarray(res.mse))
+  res = analytic.fit(x0, feats, sim.steps_C, target_SxNxCx2xF, steps=steps, betas=betas)
+  tier = AnalyticTier(res.params, x0, np.zeros((0,)), len(orders_NxTxB), np.asarray(res.mse),
+                      betas=betas)
   cal = analytic.Features(*(np.asarray(a)[:calibration] for a in feats))
   return dataclasses.replace(tier, cal_SxCx2xF=tier_losses(tier, cal, sim.steps_C).mean(0),
                              seconds=time.perf_counter() - t0)
