@@ -24,9 +24,9 @@ blocks, curricula, mixtures, subsets and repetition are all expressed; the pull 
 at a floor below the starting loss, and what is forgotten is at most what was learned. The
 fast part (at most 15 % of the starting loss) and the batch-diversity factor were the two
 terms that most lowered the error on fresh orders in docs/experiments.md ("The analytic
-tier"). With F fragments it has 4 F^2 + 9 F coefficients (684 for 12), fitted with optax on
-simulations of random orders of every family (`fit`); `rollout_many` is one `vmap` over
-orders.
+tier"). With F fragments it has 4 F^2 + 9 F coefficients (684 for 12; the Adam form of
+`rollout` adds F), fitted with optax on simulations of random orders of every family
+(`fit`); `rollout_many` is one `vmap` over orders.
 
 Axis legend: T steps, C checkpoints, F fragments, N orders, S surrogate seeds, E examples,
 M evaluated examples, B batch slots; the 2 is (probe, train).
