@@ -28,11 +28,12 @@ import numpy as np
 from calibrate.fitting import metrics
 from calibrate.fitting.calibration import (Simulator, example_positions, is_probe, predict,
                                            schedule)
-from surrogate import analytic
+from surrogate import analytic, optim
 from surrogate import orders as orders_lib
 
-__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "adam_betas", "agreement", "check_fidelity", "draw",
-           "fit_on", "fit_tier", "tier_features", "tier_losses", "transformer_losses"]
+__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "adam_betas", "agreement",
+           "check_fidelity", "draw", "fit_on", "fit_tier", "tier_features", "tier_losses",
+           "transformer_losses"]
 
 TRUST_RATIO = 0.95
 
@@ -113,9 +114,7 @@ class AnalyticTier:
 
 def adam_betas(sim: Simulator) -> tuple[float, float] | None:
   """The real runs' Adam betas when they trained with Adam or AdamW, else None."""
-  if sim.opt_cfg.name.value in ("adam", "adamw"):
-    return tuple(float(b) for b in sim.opt_cfg.betas)
-  return None
+  return None if sim.opt_cfg.name is optim.OptimizerName.SGD else sim.opt_cfg.betas
 
 
 def _train_weight_FxE(sim: Simulator) -> np.ndarray:
