@@ -193,10 +193,12 @@ def draw(sim: Simulator, n: int, *, key: jax.Array) -> np.ndarray:
 
 
 def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarray, *,
-           calibration: int, steps: int = 2000, form: str = "plain") -> AnalyticTier:
+           calibration: int, steps: int = 2000, form: str = "adam") -> AnalyticTier:
   """Fits the tier on the transformer's simulations of orders whose first `calibration`
-  are the calibration runs' (their mean is the tier's reference point). `form` "adam"
-  follows Adam's normalised steps when the runs trained with Adam (`adam_betas`)."""
+  are the calibration runs' (their mean is the tier's reference point). `form` "adam" (the
+  default since it was measured against "plain": docs/experiments.md) follows Adam's
+  normalised steps when the runs trained with Adam or AdamW (`adam_betas`); with SGD, and
+  with "plain", the recurrence is linear in the batch's shares."""
   if form not in ("plain", "adam"):
     raise ValueError(f"form must be 'plain' or 'adam', got {form!r}")
   betas = adam_betas(sim) if form == "adam" else None
@@ -212,8 +214,8 @@ def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarra
 
 
 def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: jax.Array,
-             orders_per_family: int = 8, steps: int = 2000, progress: bool = False,
-             chunk_size: int | None = None) -> AnalyticTier:
+             orders_per_family: int = 8, steps: int = 2000, form: str = "adam",
+             progress: bool = False, chunk_size: int | None = None) -> AnalyticTier:
   """Fits the analytic tier on the transformer's simulations of random orders.
 
   Args:
@@ -223,6 +225,7 @@ def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: j
     key: draws the random orders.
     orders_per_family: random orders of each of `surrogate.orders.FAMILIES`.
     steps: optimizer steps of the fit.
+    form: the recurrence's form (`fit_on`).
     progress, chunk_size: passed to the transformer's simulation.
   """
   t0 = time.perf_counter()
@@ -230,7 +233,7 @@ def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: j
   cal = np.stack([np.asarray(o, np.int32) for o in calibration_orders])
   every = np.concatenate([cal, drawn])
   target = transformer_losses(sim, every, progress=progress, chunk_size=chunk_size)
-  tier = fit_on(sim, every, target, calibration=len(cal), steps=steps)
+  tier = fit_on(sim, every, target, calibration=len(cal), steps=steps, form=form)
   return dataclasses.replace(tier, seconds=time.perf_counter() - t0)
 
 
