@@ -9,7 +9,7 @@ step t the batch is described by three things only:
 - `seen_TxF`: how much of fragment j's *evaluated* train examples the batch holds (the sum of
   their averaging weights; 1 when all of them are fed at once), so repetition and subsets
   of the very examples that are scored can be told from fresh ones;
-- `lr_T`: the learning rate as a share of its peak.
+- `lr_T`: the learning rate as a share of a reference peak (the calibration runs').
 
 and every loss, a slow part x plus a fast part z, moves by
 
@@ -95,7 +95,9 @@ def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np
     fragment_E: every example's fragment.
     train_weight_FxE: fragment j's averaging weight of example e among its evaluated train
       examples (0 for every other example; rows sum to 1 or are 0).
-    lr_T: the learning rate at each step ([..., T]); it is divided by its peak.
+    lr_T: the learning rate at each step as a share of the reference peak the coefficients
+      were fitted at ([..., T]; the calibration runs' peak: an order run at half their rate
+      has shares of 0.5).
   """
   order = np.asarray(order_TxB)
   num_f = train_weight_FxE.shape[0]
@@ -109,8 +111,7 @@ def features(order_TxB: np.ndarray, fragment_E: np.ndarray, train_weight_FxE: np
   own_weight = train_weight_FxE[frag, safe]  # an example counts only for its own fragment
   seen = np.bincount(cell[valid], weights=own_weight[valid], minlength=size).reshape(count.shape)
   share = count / np.maximum(valid.sum(-1, keepdims=True), 1)
-  lr = np.asarray(lr_T, np.float64)
-  lr = lr / np.maximum(lr.max(-1, keepdims=True), 1e-30)
+  lr = np.broadcast_to(np.asarray(lr_T, np.float64), order.shape[:-1])
   return Features(jnp.asarray(share, jnp.float32), jnp.asarray(seen, jnp.float32),
                   jnp.asarray(lr, jnp.float32))
 

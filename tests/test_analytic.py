@@ -146,28 +146,3 @@ def test_fit_ignores_missing_targets():
 def test_features_of_an_empty_order_are_zero_shares(bad):
   feats = analytic.features(bad.astype(int), FRAGMENT_E, TRAIN_W_FxE, np.ones(T))
   assert float(feats.share_TxF.sum()) == 0.0
-
-
-def test_the_tier_fits_a_calibrated_simulator_and_is_checked_on_fresh_orders(sim, world):
-  """fit_tier on the transformer's simulations, check_fidelity beside its seeds (tiny)."""
-  from calibrate.fitting import analytic as tier_lib
-  from calibrate.io.runlog import order_from_runlog
-  frags, runs = world
-  cal = [order_from_runlog(r, frags) for r in runs[:3]]
-  tier = tier_lib.fit_tier(sim, cal, key=jax.random.key(1), orders_per_family=2, steps=300)
-  num_f = len(frags.names)
-  assert tier.x0_Sx2xF.shape == (sim.num_seeds, 2, num_f)
-  assert tier.cal_SxCx2xF.shape == (sim.num_seeds, len(sim.steps_C), 2, num_f)
-  assert tier.fit_orders == len(cal) + 2 * len(orders.FAMILIES)
-  assert np.all(np.isfinite(tier.fit_mse_S)) and not tier.trusted  # unchecked: not trusted
-  checked = tier_lib.check_fidelity(sim, tier, key=jax.random.key(2), orders=12)
-  fid = checked.fidelity
-  assert fid.orders == 12 and fid.decisions_F.shape == (num_f,)
-  assert 0.0 <= fid.order_decisions <= 1.0 and 0.0 <= fid.seed_order_decisions <= 1.0
-  assert checked.trusted == fid.trusted and fid.reason.startswith(
-      "trusted" if fid.trusted else "not trusted")
-  assert tier_lib.Fidelity.from_json(fid.to_json()).reason == fid.reason
-  feats = tier_lib.tier_features(sim, np.stack(cal))
-  one = tier_lib.tier_losses(checked, feats, sim.steps_C, seed_N=np.array([0, 1, 0]))
-  every = tier_lib.tier_losses(checked, feats, sim.steps_C)
-  np.testing.assert_allclose(one[1], every[1, 1], rtol=1e-5)

@@ -76,6 +76,8 @@ class WhatIf:
       (train) loss against the counterfactual, ensemble mean (0 for a fragment not fed).
     outcome_FxO: probability of each outcome (columns in `OUTCOMES` order).
     level: the interval level.
+    tier, tier_reason: which model answered ("analytic" or "transformer") and why
+      (`calibrate.fitting.calibration.resolve_tier`).
   """
   run_id: str
   fragments: tuple[str, ...]
@@ -88,6 +90,8 @@ class WhatIf:
   own_train_F: np.ndarray
   outcome_FxO: np.ndarray
   level: float
+  tier: str = "transformer"
+  tier_reason: str = ""
 
   def outcome(self, fragment: str) -> Outcome:
     """The most probable outcome of a fragment."""
@@ -111,7 +115,7 @@ class WhatIf:
 
 
 def what_if(sim: Simulator, order, *, key: jax.Array, thresholds: Thresholds = Thresholds(),
-            level: float = 0.8, progress: bool = False) -> WhatIf:
+            level: float = 0.8, progress: bool = False, tier: str = "auto") -> WhatIf:
   """Predicts what each fragment becomes under `order` (a RunLog or a [T, B] array).
 
   Simulates the order and, for every fragment it feeds, its counterfactual without that
@@ -120,6 +124,8 @@ def what_if(sim: Simulator, order, *, key: jax.Array, thresholds: Thresholds = T
 
   Args:
     key: draws the counterfactuals' replacement examples.
+    tier: "auto" (default: the analytic tier where it passed its trust check, else the
+      transformer), "analytic" or "transformer".
   """
   name, order_TxB, lr_T = order_arrays(sim, order)
   frags = sim.fragments
@@ -129,7 +135,7 @@ def what_if(sim: Simulator, order, *, key: jax.Array, thresholds: Thresholds = T
   counterfactuals = [orders_lib.without_fragment(order_TxB, pools, f,
                                                  key=jax.random.fold_in(key, f)) for f in fed]
   pred, _ = predict(sim, np.stack([order_TxB, *counterfactuals]), lr_T,
-                    default_eval_steps(order_TxB.shape[0]), progress=progress)
+                    default_eval_steps(order_TxB.shape[0]), progress=progress, tier=tier)
   probe = pred.fragment_members(probe=True)       # R K C F
   train = pred.fragment_members(probe=False)
   with np.errstate(invalid="ignore"):
@@ -146,7 +152,7 @@ def what_if(sim: Simulator, order, *, key: jax.Array, thresholds: Thresholds = T
   valid = np.isfinite(actual[:, -1])                  # members whose seed did not diverge
   return WhatIf(name, frags.names, pred.steps, np.nanmean(actual, 0), lo[0], hi[0],
                 np.nanmean(train[0], 0), np.nanmean(own_probe, 0), np.nanmean(own_train, 0),
-                outcome_shares(label, valid), level)
+                outcome_shares(label, valid), level, pred.tier, pred.tier_reason)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,6 +164,8 @@ class Comparison:
     mean, lo, hi: predicted mean final probe loss over fragments, and its interval.
     p_best: share of ensemble members under which the order is the best of those given.
     level: the interval level.
+    tier, tier_reason: which model answered ("analytic" or "transformer") and why
+      (`calibrate.fitting.calibration.resolve_tier`).
   """
   names: tuple[str, ...]
   mean: np.ndarray
@@ -165,6 +173,8 @@ class Comparison:
   hi: np.ndarray
   p_best: np.ndarray
   level: float
+  tier: str = "transformer"
+  tier_reason: str = ""
 
   def table(self) -> str:
     w = max(len(n) for n in self.names) + 2
@@ -176,9 +186,9 @@ class Comparison:
 
 
 def compare(sim: Simulator, candidates: Mapping[str, object], *, level: float = 0.8,
-            progress: bool = False) -> Comparison:
+            progress: bool = False, tier: str = "auto") -> Comparison:
   """Ranks named orders (RunLogs or [T, B] arrays of one shape) by predicted mean final
-  probe loss; each is evaluated every 20 steps and at the end."""
+  probe loss; each is evaluated every 20 steps and at the end. `tier` as for `what_if`."""
   if not candidates:
     raise ValueError("compare needs at least one order")
   names = list(candidates)
@@ -188,7 +198,7 @@ def compare(sim: Simulator, candidates: Mapping[str, object], *, level: float = 
     raise CalibrationError(f"compare needs orders of one shape (steps, batch), got "
                            f"{sorted(shapes)}; compare them in separate calls")
   pred, _ = predict(sim, np.stack([o for o, _ in arrays]), np.stack([lr for _, lr in arrays]),
-                    default_eval_steps(arrays[0][0].shape[0]), progress=progress)
+                    default_eval_steps(arrays[0][0].shape[0]), progress=progress, tier=tier)
   num_f = len(sim.fragments.names)
   mean_final = lambda x: np.nanmean(  # noqa: E731
       fragment_means(x[:, -1:], pred.frag_M, pred.is_probe_M, num_f)[:, 0], -1)
@@ -200,4 +210,4 @@ def compare(sim: Simulator, candidates: Mapping[str, object], *, level: float = 
   p_best = np.bincount(best, minlength=len(names)) / members.shape[1]
   rank = np.argsort(mean, kind="stable")
   return Comparison(tuple(names[i] for i in rank), mean[rank], lo[rank], hi[rank], p_best[rank],
-                    level)
+                    level, pred.tier, pred.tier_reason)

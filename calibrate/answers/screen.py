@@ -37,7 +37,8 @@ import jax
 import numpy as np
 
 from calibrate.answers.outcomes import OUTCOMES, Thresholds, label_outcomes, outcome_shares
-from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
+from calibrate.fitting.calibration import (Simulator, fragment_means, predict, resolve_tier,
+                                           schedule)
 from surrogate import orders as orders_lib
 from surrogate.jsonl import json_safe
 
@@ -98,6 +99,8 @@ class Screen:
     diverged: indices of the screened orders whose simulation, or their counterfactual's,
       diverged (their members are left out of the figures).
     seconds_per_order: wall time per simulated run (compilation included).
+    tier, tier_reason: which model answered ("analytic" or "transformer") and why
+      (`calibrate.fitting.calibration.resolve_tier`).
     fed_PxF: examples of each fragment that each order feeds.
     drop_PxF: each order's relative drop of each fragment's probe loss, step 0 to the end
       (ensemble mean).
@@ -139,6 +142,8 @@ class Screen:
   forget_step_PxF: np.ndarray
   starved_PxF: np.ndarray
   starve_step_PxF: np.ndarray
+  tier: str = "transformer"
+  tier_reason: str = ""
 
   @property
   def families_P(self) -> np.ndarray:
@@ -160,6 +165,7 @@ class Screen:
                    f"{self.starved_F[f]:9.0%}{self.collapsed_F[f]:10.0%}")
     if self.diverged:
       lines.append(f"{len(self.diverged)} simulated orders diverged: {list(self.diverged)[:10]}")
+    lines.append(f"answered by the {self.tier_reason}")
     return "\n".join(lines)
 
   def to_json(self) -> dict[str, Any]:
@@ -176,7 +182,8 @@ class Screen:
                               for k, v in self.diagnostics.items()},
         "starved": clean(self.starved_F), "collapsed": clean(self.collapsed_F),
         "diverged": list(self.diverged), "orders": [s.to_dict() for s in self.specs],
-        "seconds_per_order": self.seconds_per_order,
+        "seconds_per_order": self.seconds_per_order, "tier": self.tier,
+        "tier_reason": self.tier_reason,
     }
 
 
@@ -185,7 +192,7 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
            failures: ScreenThresholds = ScreenThresholds(), diagnostics: bool = True,
            progress: bool = False, chunk_size: int | None = None,
            folder: str | os.PathLike | None = None,
-           resume: bool = False) -> Screen:
+           resume: bool = False, tier: str = "auto") -> Screen:
   """Simulates `n_orders` runs (`n_orders // 2` random orders and their counterfactuals).
 
   Args:
@@ -202,6 +209,10 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
     folder: stream the simulations' results into this folder, chunk by chunk (subfolders
       `orders` and `counterfactuals`), so a killed screen can be resumed.
     resume: continue the screen whose results are in `folder` (same inputs and key).
+    tier: "auto" (default: the analytic tier where it passed its trust check, else the
+      transformer), "analytic" or "transformer".
+      The analytic tier has no diagnostics and no gradient push: where it answers, they
+      are skipped and `starved_F` is NaN.
   """
   if n_orders < 2:
     raise ValueError(f"screen needs n_orders >= 2 (pairs of runs), got {n_orders}")
@@ -224,6 +235,9 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
   sub = (lambda name: None) if folder is None else (
       lambda name: os.path.join(folder, name))
   lr_T, steps = schedule(sim), sim.steps_C
+  analytic = resolve_tier(sim, tier)[0] is not None
+  diagnostics = diagnostics and not analytic
+  run["tier"] = tier
   pred, traj = predict(sim, orders, lr_T, steps, seed_N=seed_P, diagnostics=diagnostics,
                        folder=sub("orders"), **run)
   # Counterfactuals only need their losses: no diagnostics (the same compiled simulation
@@ -271,7 +285,8 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
                                         fed_CxF, steps, failures.starved)
   with np.errstate(invalid="ignore", divide="ignore"):
     fed_any = (fed_PxF > 0).sum(0)
-    starved = np.where(fed_any > 0, is_starved.sum(0) / np.maximum(fed_any, 1), np.nan)
+    starved = np.where((fed_any > 0) & (pred.tier == "transformer"),
+                       is_starved.sum(0) / np.maximum(fed_any, 1), np.nan)
     if traj.diagnostics is not None:
       ent = diags["entropy"]                                     # P C F
       collapsed = np.nanmean(ent[:, -1] < failures.collapse * ent[:, 0], 0)
@@ -288,7 +303,8 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
       fed_PxF=fed_PxF, drop_PxF=drop_P, own_PxF=own_PxF, outcome_PxO=outcome_PxO,
       forgotten_PxF=forgotten_PxF,
       forget_step_PxF=forgetting_onset(np.nanmean(main, 1), steps, thresholds.forgotten),
-      starved_PxF=is_starved, starve_step_PxF=starve_step)
+      starved_PxF=is_starved, starve_step_PxF=starve_step, tier=pred.tier,
+      tier_reason=pred.tier_reason)
 
 
 def _fed_by_checkpoint(order_TxB: np.ndarray, fragment_of: np.ndarray, num_f: int,

@@ -66,12 +66,16 @@ class Candidates:
     orders_NxTxB: the orders.
     members_NxK: the objective under each member (seed x gain; NaN where a seed diverged).
     final_NxKxF: predicted final probe loss per fragment under each member.
+    tier, tier_reason: which model answered ("analytic" or "transformer") and why
+      (`calibrate.fitting.calibration.resolve_tier`).
   """
   names: tuple[str, ...]
   specs: tuple[orders_lib.OrderSpec | None, ...]
   orders_NxTxB: np.ndarray
   members_NxK: np.ndarray
   final_NxKxF: np.ndarray
+  tier: str = "transformer"
+  tier_reason: str = ""
 
   @property
   def score_N(self) -> np.ndarray:
@@ -88,23 +92,26 @@ class Candidates:
   def take(self, idx: np.ndarray) -> Candidates:
     """The candidates at positions `idx`, in that order."""
     return Candidates(tuple(self.names[i] for i in idx), tuple(self.specs[i] for i in idx),
-                      self.orders_NxTxB[idx], self.members_NxK[idx], self.final_NxKxF[idx])
+                      self.orders_NxTxB[idx], self.members_NxK[idx], self.final_NxKxF[idx],
+                      self.tier, self.tier_reason)
 
   def concat(self, other: Candidates) -> Candidates:
     return Candidates(self.names + other.names, self.specs + other.specs,
                       np.concatenate([self.orders_NxTxB, other.orders_NxTxB]),
                       np.concatenate([self.members_NxK, other.members_NxK]),
-                      np.concatenate([self.final_NxKxF, other.final_NxKxF]))
+                      np.concatenate([self.final_NxKxF, other.final_NxKxF]),
+                      self.tier, self.tier_reason)
 
 
 def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
              objective: str | Mapping[str, float] = "mean", key: jax.Array,
              diagnostics: bool = False, chunk_size: int | None = None,
-             progress: bool = False) -> Candidates:
+             progress: bool = False, tier: str = "auto") -> Candidates:
   """Scores named orders (`OrderSpec`s, generated with `key`, or [T, B] arrays).
 
   `diagnostics` and `chunk_size` only matter for speed: simulations with the same settings
-  and chunk shape as an earlier call (such as a screen's) reuse its compilation.
+  and chunk shape as an earlier call (such as a screen's) reuse its compilation. `tier`:
+  "auto" (the analytic tier where it passed its trust check), "analytic" or "transformer".
   """
   w_F = objective_weights(sim, objective)
   names, specs, orders = [], [], []
@@ -119,12 +126,13 @@ def evaluate(sim: Simulator, candidates: Mapping[str, Any], *,
       orders.append(np.asarray(c, np.int32))
   orders_NxTxB = np.stack(orders)
   pred, _ = predict(sim, orders_NxTxB, schedule(sim), sim.steps_C, diagnostics=diagnostics,
-                    chunk_size=chunk_size, progress=progress)
+                    chunk_size=chunk_size, progress=progress, tier=tier)
   members = pred.members_NxKxCxM                                     # N K C M
   final = fragment_means(sim, members[:, :, -1])                     # N K F
   with np.errstate(invalid="ignore"):
     score = (final * w_F).sum(-1)
-  return Candidates(tuple(names), tuple(specs), orders_NxTxB, score, final)
+  return Candidates(tuple(names), tuple(specs), orders_NxTxB, score, final, pred.tier,
+                    pred.tier_reason)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -197,7 +205,7 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
            start: Mapping[str, Any] | None = None, families: Sequence[str] = SEARCH_FAMILIES,
            keep: int = 4, rounds: int = 2, key: jax.Array, level: float = 0.8,
            diagnostics: bool = False, chunk_size: int | None = None,
-           progress: bool = False) -> SearchResult:
+           progress: bool = False, tier: str = "auto") -> SearchResult:
   """Searches feeding orders for the lowest predicted objective.
 
   Args:
@@ -211,7 +219,7 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
     rounds: rounds of variation sharing the rest of the budget.
     key: draws the start set, the variations and the orders' randomness.
     level: the interval level of the result's table.
-    diagnostics, chunk_size: as for `evaluate`.
+    diagnostics, chunk_size, tier: as for `evaluate`.
     progress: show progress bars.
   """
   k_start, k_eval, k_mut = jax.random.split(key, 3)
@@ -225,7 +233,7 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
   if not start:
     raise ValueError("search needs at least one start candidate")
   run = {"objective": objective, "diagnostics": diagnostics, "chunk_size": chunk_size,
-             "progress": progress}
+         "progress": progress, "tier": tier}
   seen = evaluate(sim, start, key=k_eval, **run)
   start_best = float(np.nanmin(seen.score_N))
   left = budget - len(start)
@@ -289,7 +297,8 @@ class NextRun:
 def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
              objective: str | Mapping[str, float] = "mean", n_candidates: int = 12,
              families: Sequence[str] = orders_lib.FAMILIES, key: jax.Array,
-             chunk_size: int | None = None, progress: bool = False) -> NextRun:
+             chunk_size: int | None = None, progress: bool = False,
+             tier: str = "auto") -> NextRun:
   """The candidate order whose objective the ensemble disagrees on most.
 
   Args:
@@ -298,7 +307,7 @@ def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
       orders of `families`.
     objective: the user's question, as for `search`.
     key: draws the candidates and their randomness.
-    chunk_size: as for `evaluate`.
+    chunk_size, tier: as for `evaluate`.
   """
   k_draw, k_eval = jax.random.split(key)
   if candidates is None:
@@ -309,7 +318,7 @@ def next_run(sim: Simulator, candidates: Mapping[str, Any] | None = None, *,
   if not candidates:
     raise ValueError("next_run needs at least one candidate order")
   c = evaluate(sim, candidates, objective=objective, key=k_eval, chunk_size=chunk_size,
-               progress=progress)
+               progress=progress, tier=tier)
   ranked = c.take(np.argsort(-np.nan_to_num(c.spread_N, nan=-np.inf), kind="stable"))
   with np.errstate(invalid="ignore"):
     dis = np.nanstd(ranked.final_NxKxF, 1)

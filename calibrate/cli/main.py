@@ -1,8 +1,9 @@
-"""The `surrogate` command line: orders, fit, validate, simulate, what-if, screen, search,
-next-run, report, demo.
+"""The `surrogate` command line: orders, fit, tier, validate, simulate, what-if, screen,
+search, next-run, report, demo.
 
   surrogate orders --data F --kind blocked --sequence a,b,c --steps 200 --batch-size 16 --out o.jsonl
   surrogate fit --data F --runs r1.jsonl r2.jsonl r3.jsonl --out sim/ [--teacher teacher/]
+  surrogate tier --sim sim/ --runs r1.jsonl r2.jsonl r3.jsonl   (fit and check the analytic tier)
   surrogate validate --sim sim/ --runs h1.jsonl h2.jsonl ... [--json]
   surrogate simulate --sim sim/ --orders o1.jsonl h1.jsonl --out DIR   (predicted, real scale)
   surrogate simulate --data F --orders o1.jsonl o2.jsonl --out DIR    (raw surrogate)
@@ -13,6 +14,10 @@ next-run, report, demo.
   surrogate report --sim sim/ --out report/
   surrogate teach --model DIR --data F --out teacher/   (the real base's distributions; torch)
   surrogate demo
+
+what-if, screen, search, next-run and report take `--tier auto|analytic|transformer`: auto
+(default) answers with the analytic tier where it passed its trust check, else with the
+transformer surrogate, and says which answered and why (in `--json`: "tier", "tier_reason").
 
 Run `surrogate COMMAND --help` for every option. Exit status: 0 done, 2 bad input (a usage
 error, or an input file that is missing, unreadable or invalid: one line on stderr names it).
@@ -347,6 +352,49 @@ def _teacher(args):
   return teacher
 
 
+def cmd_tier(args) -> int:
+  import jax
+  import numpy as np
+
+  from calibrate.fitting import analytic as tier_lib
+  from calibrate.fitting.saved import load, save
+  from calibrate.io.runlog import order_from_runlog
+  from surrogate.errors import CalibrationError
+  from surrogate.orders import order_sha256
+  sim = load(args.sim)
+  runs = _read_runs(args.runs, sim.fragments)
+  orders = {order_sha256(order_from_runlog(r, sim.fragments)): r for r in runs}
+  wanted = sim.fit_info.calibration_orders_sha256
+  missing = [run_id for run_id, sha in zip(sim.fit_info.calibration_runs, wanted)
+             if sha not in orders]
+  if not wanted or missing:
+    raise CalibrationError("the analytic tier is measured from the calibration orders' mean: "
+                           "give every calibration run in --runs (missing: "
+                           f"{missing or list(sim.fit_info.calibration_runs)})")
+  cal = [order_from_runlog(orders[sha], sim.fragments) for sha in wanted]
+  k_fit, k_check = jax.random.split(_key(args.seed))
+  progress = not args.quiet and not args.json
+  tier = tier_lib.fit_tier(sim, cal, key=k_fit, orders_per_family=args.orders_per_family,
+                           steps=args.fit_steps, progress=progress)
+  tier = tier_lib.check_fidelity(sim, tier, key=k_check, orders=args.fresh, progress=progress)
+  save(dataclasses.replace(sim, analytic=tier), args.sim)
+  fid = tier.fidelity
+  if args.json:
+    _print_json({"wrote": args.sim, "fit_orders": tier.fit_orders, "seconds": tier.seconds,
+                 "form": "plain" if tier.betas is None else "adam",
+                 "fidelity": fid.to_json(), "trusted": tier.trusted})
+    return 0
+  print(f"analytic tier fitted on {tier.fit_orders} simulated orders ({sim.num_seeds} seeds) "
+        f"in {tier.seconds:.0f} s; checked on {fid.orders} fresh ones")
+  print(f"  per-fragment Spearman {np.nanmean(fid.spearman_F):.3f} (transformer seeds "
+        f"{np.nanmean(fid.seed_spearman_F):.3f})")
+  print(f"  {fid.reason}")
+  print(("the answers (`--tier auto`) now use it" if tier.trusted else
+         "the answers (`--tier auto`) stay with the transformer; `--tier analytic` forces it")
+        + f"; wrote {args.sim}")
+  return 0
+
+
 def cmd_validate(args) -> int:
   from calibrate.fitting.saved import load
   from calibrate.fitting.validate import validate
@@ -363,9 +411,9 @@ def cmd_what_if(args) -> int:
   sim = load(args.sim)
   runs = _read_runs(args.orders, sim.fragments)
   answers = [what_if(sim, r, key=_key(args.seed), level=args.level,
-                     progress=not args.quiet and not args.json) for r in runs]
-  ranking = compare(sim, {r.header.run_id: r for r in runs}, level=args.level) \
-      if len(runs) > 1 else None
+                     progress=not args.quiet and not args.json, tier=args.tier) for r in runs]
+  ranking = compare(sim, {r.header.run_id: r for r in runs}, level=args.level,
+                    tier=args.tier) if len(runs) > 1 else None
   if args.json:
     out = {"orders": [{
         "run_id": a.run_id, "steps": a.steps.tolist(), "fragments": list(a.fragments),
@@ -373,7 +421,8 @@ def cmd_what_if(args) -> int:
         "probe_hi": a.probe_hi_CxF.tolist(), "own_probe": a.own_probe_F.tolist(),
         "own_train": a.own_train_F.tolist(),
         "outcomes": {f: dict(zip([o.value for o in OUTCOMES], map(float, row)))
-                     for f, row in zip(a.fragments, a.outcome_FxO)}} for a in answers]}
+                     for f, row in zip(a.fragments, a.outcome_FxO)}} for a in answers],
+           "tier": answers[0].tier, "tier_reason": answers[0].tier_reason}
     if ranking is not None:
       out["ranking"] = [{"run_id": n, "mean_final_probe": float(m), "lo": float(lo),
                          "hi": float(hi), "p_best": float(p)} for n, m, lo, hi, p in
@@ -385,6 +434,7 @@ def cmd_what_if(args) -> int:
     print()
   if ranking is not None:
     print(ranking.table())
+  print(f"answered by the {answers[0].tier_reason}")
   return 0
 
 
@@ -503,6 +553,12 @@ def _named_orders(paths, sim):
           for r in _read_runs(paths, sim.fragments)}
 
 
+def _tier_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--tier", choices=("auto", "analytic", "transformer"), default="auto",
+                 help="which model answers: auto (default: the analytic tier where it passed "
+                      "its trust check, else the transformer), analytic or transformer")
+
+
 def _key(seed: int):
   import jax
   return jax.random.key(seed)
@@ -519,7 +575,7 @@ def _run_screen(sim, args):
     raise UsageError(f"--orders: a screen needs at least 2 simulated runs, got {args.orders}")
   return screen(sim, n_orders=args.orders, family=families, key=_key(args.seed),
                 diagnostics=not args.no_diagnostics, folder=args.results,
-                resume=args.resume, progress=not args.quiet)
+                resume=args.resume, progress=not args.quiet, tier=args.tier)
 
 
 def cmd_screen(args) -> int:
@@ -559,8 +615,8 @@ def cmd_search(args) -> int:
   sim = load(args.sim)
   start = _named_orders(args.start, sim)
   from calibrate.answers.search import search
-  result = search(sim, objective=_objective(args.objective, sim), budget=args.budget, start=start,
-                      key=_key(args.seed), progress=not args.quiet)
+  result = search(sim, objective=_objective(args.objective, sim), budget=args.budget,
+                  start=start, key=_key(args.seed), progress=not args.quiet, tier=args.tier)
   if args.out:
     result.save_order(sim, args.out, run_id=args.run_id)
   if args.json:
@@ -569,9 +625,11 @@ def cmd_search(args) -> int:
          "spec": spec.to_dict() if spec is not None else None}
         for i, (n, sc, spec) in enumerate(zip(result.ranked.names, result.ranked.score_N,
                                               result.ranked.specs))],
-        "p_best_top": result.p_best.tolist(), "start_best": result.start_best})
+        "p_best_top": result.p_best.tolist(), "start_best": result.start_best,
+        "tier": result.ranked.tier, "tier_reason": result.ranked.tier_reason})
   else:
     print(result.table())
+    print(f"answered by the {result.ranked.tier_reason}")
   if args.out:
     print(f"wrote the best order to {args.out} (feed it with calibrate.io.hf.OrderedTrainer)",
           file=sys.stderr if args.json else sys.stdout)
@@ -583,8 +641,9 @@ def cmd_next_run(args) -> int:
   sim = load(args.sim)
   cands = _named_orders(args.orders, sim)
   from calibrate.answers.search import next_run
-  nr = next_run(sim, cands, objective=_objective(args.objective, sim), n_candidates=args.candidates,
-                    key=_key(args.seed), progress=not args.quiet)
+  nr = next_run(sim, cands, objective=_objective(args.objective, sim),
+                n_candidates=args.candidates, key=_key(args.seed), progress=not args.quiet,
+                tier=args.tier)
   if args.out:
     nr.save_order(sim, args.out, run_id=args.run_id)
   if args.json:
@@ -592,9 +651,11 @@ def cmd_next_run(args) -> int:
         {"name": n, "disagreement": float(d), "predicted": float(p),
          "spec": spec.to_dict() if spec is not None else None}
         for n, d, p, spec in zip(nr.ranked.names, nr.ranked.spread_N, nr.ranked.score_N,
-                                 nr.ranked.specs)]})
+                                 nr.ranked.specs)],
+        "tier": nr.ranked.tier, "tier_reason": nr.ranked.tier_reason})
   else:
     print(nr.table())
+    print(f"answered by the {nr.ranked.tier_reason}")
   if args.out:
     print(f"wrote the next run's order to {args.out}: run it for real with a recorder, then "
           "add it to `surrogate fit --runs`", file=sys.stderr if args.json else sys.stdout)
@@ -608,7 +669,8 @@ def cmd_report(args) -> int:
   runs = _read_runs(args.runs, sim.fragments) if args.runs else []
   sc = _run_screen(sim, args)
   from calibrate.answers.search import search
-  result = search(sim, budget=args.budget, key=_key(args.seed), progress=not args.quiet)
+  result = search(sim, budget=args.budget, key=_key(args.seed), progress=not args.quiet,
+                  tier=args.tier)
   plots = trajectories_of(sim, runs, progress=not args.quiet) if runs else []
   path = write_report(args.out, sim, screen=sc, search=result, trajectories=plots,
                       validation=_held_out_validation(sim, runs, quiet=args.quiet))
@@ -705,6 +767,22 @@ def build_parser() -> argparse.ArgumentParser:
   _model_args(f)
   f.set_defaults(func=cmd_fit)
 
+  ti = sub.add_parser("tier", help="fit the analytic tier on the simulator's own simulations, "
+                                   "check it against them, and save it in the folder")
+  ti.add_argument("--sim", required=True, help="folder written by `surrogate fit` (updated)")
+  ti.add_argument("--runs", nargs="+", required=True,
+                  help="the calibration runs (the tier is measured from their orders' mean)")
+  ti.add_argument("--orders-per-family", type=_int_from(1, 100_000), default=6,
+                  help="random orders of each family to fit on (default 6)")
+  ti.add_argument("--fresh", type=_int_from(4, 100_000), default=64,
+                  help="fresh orders of the trust check (default 64)")
+  ti.add_argument("--fit-steps", type=_int_from(1, 1_000_000), default=2000,
+                  help="optimizer steps of the fit (default 2000)")
+  ti.add_argument("--seed", type=_SEED, default=0, help="draws the fit's and the check's orders")
+  ti.add_argument("--json", action="store_true", help="print the fit and its check as JSON")
+  ti.add_argument("--quiet", action="store_true", help="no progress bar")
+  ti.set_defaults(func=cmd_tier)
+
   v = sub.add_parser("validate", help="accuracy of a simulator on held-out real runs")
   v.add_argument("--sim", required=True, help="folder written by `surrogate fit`")
   v.add_argument("--runs", nargs="+", required=True, help="held-out RunLogs (not calibration)")
@@ -722,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="draws the counterfactuals' replacement examples (default 0)")
   w.add_argument("--json", action="store_true", help="print JSON")
   w.add_argument("--quiet", action="store_true", help="no progress bar")
+  _tier_arg(w)
   w.set_defaults(func=cmd_what_if)
 
   s = sub.add_parser("simulate", help="simulate order files or runs; write simulated RunLogs")
@@ -751,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a killed screen from --results (same inputs and --seed)")
     p.add_argument("--seed", type=_SEED, default=0, help="draws the orders")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _tier_arg(p)
 
   sc = sub.add_parser("screen", help="outcome probabilities, interference and failure points "
                                      "of every fragment over many simulated orders")
@@ -776,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
                   help="draws the start set, the variations and the orders (default 0)")
   se.add_argument("--json", action="store_true", help="print JSON")
   se.add_argument("--quiet", action="store_true", help="no progress bar")
+  _tier_arg(se)
   se.set_defaults(func=cmd_search)
 
   nx = sub.add_parser("next-run", help="the real run that would teach the simulator most")
@@ -790,6 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
                   help="draws the candidates and their orders (default 0)")
   nx.add_argument("--json", action="store_true", help="print JSON")
   nx.add_argument("--quiet", action="store_true", help="no progress bar")
+  _tier_arg(nx)
   nx.set_defaults(func=cmd_next_run)
 
   rp = sub.add_parser("report", help="screen, search and write the HTML report")

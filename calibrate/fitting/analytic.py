@@ -111,6 +111,12 @@ class AnalyticTier:
   def trusted(self) -> bool:
     return self.fidelity is not None and self.fidelity.trusted
 
+  def fragment_rows(self, sim: Simulator, orders_RxTxB: np.ndarray, lr_RxT: np.ndarray,
+                    steps_C: np.ndarray, seed_R: np.ndarray) -> np.ndarray:
+    """Each run's fragment means at `steps_C`, with its seed's coefficients: [R, C, 2, F]
+    (row 0 probes, row 1 evaluated train examples; `calibration.predict`'s analytic path)."""
+    return tier_losses(self, tier_features(sim, orders_RxTxB, lr_RxT), steps_C, seed_N=seed_R)
+
 
 def adam_betas(sim: Simulator) -> tuple[float, float] | None:
   """The real runs' Adam betas when they trained with Adam or AdamW, else None."""
@@ -130,10 +136,20 @@ def _train_weight_FxE(sim: Simulator) -> np.ndarray:
 
 def tier_features(sim: Simulator, orders_NxTxB: np.ndarray,
                   lr_NxT: np.ndarray | None = None) -> analytic.Features:
-  """The recurrence's inputs for orders of `sim`'s data (default rates: `schedule(sim)`)."""
+  """The recurrence's inputs for orders of `sim`'s data (default rates: `schedule(sim)`).
+
+  Rates are taken as shares of the calibration runs' peak, and an order shorter than the
+  calibration runs is padded with empty steps at rate 0 (the recurrence's step scale is the
+  calibration runs' length; nothing moves in the padding before the asked checkpoints).
+  """
   orders = np.asarray(orders_NxTxB)
-  lr = schedule(sim)[: orders.shape[1]] if lr_NxT is None else np.asarray(lr_NxT)
-  lr = np.broadcast_to(lr, orders.shape[:2])
+  n, t = orders.shape[:2]
+  lr = schedule(sim)[:t] if lr_NxT is None else np.asarray(lr_NxT, np.float64)
+  lr = np.broadcast_to(lr, (n, t)) / max(float(np.max(schedule(sim))), 1e-30)
+  if t < sim.num_steps:
+    pad = sim.num_steps - t
+    orders = np.concatenate([orders, np.full((n, pad, orders.shape[2]), -1, orders.dtype)], 1)
+    lr = np.concatenate([lr, np.zeros((n, pad))], 1)
   return analytic.features(orders, sim.fragments.fragment_of, _train_weight_FxE(sim), lr)
 
 

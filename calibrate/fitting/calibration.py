@@ -18,6 +18,9 @@ The parts:
   beyond read-only views;
 - `predict(sim, orders_NxTxB, lr_NxT, eval_steps)`: the one path from orders to real-scale
   ensemble members; RunLogs come in and go out only at the edges (`calibrate.fitting.runs`).
+  Its `tier` says which model simulates the orders: the transformer surrogate, or the
+  analytic tier fitted on it (`calibrate.fitting.analytic`, held in `Simulator.analytic`)
+  where that passed its trust check (`resolve_tier`); the map to the real scale is the same.
 
 Saving and loading live in `calibrate.fitting.saved`.
 
@@ -31,7 +34,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -239,6 +242,19 @@ class FitInfo:
                                                     d["context"]["by_fragment"])}))
 
 
+class FragmentTier(Protocol):
+  """What `predict` needs of a tier that answers in the transformer's place: the analytic
+  tier (`calibrate.fitting.analytic.AnalyticTier`, which builds on this module)."""
+  cal_SxCx2xF: np.ndarray
+  fidelity: Any  # its trust check (`analytic.Fidelity`: .trusted, .reason) or None
+
+  @property
+  def trusted(self) -> bool: ...
+
+  def fragment_rows(self, sim: Simulator, orders_RxTxB: np.ndarray, lr_RxT: np.ndarray,
+                    steps_C: np.ndarray, seed_R: np.ndarray) -> np.ndarray: ...
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Simulator:
   """A surrogate ensemble calibrated to real runs of one fragments file.
@@ -250,6 +266,8 @@ class Simulator:
     tokenizer: the surrogate's tokenizer.
     fit_info: how the fit went (`FitInfo`).
     simfluence: the Simfluence-linear baseline fitted on the same runs.
+    analytic: the analytic tier fitted on this simulator's own simulations, with its trust
+      check (`calibrate.fitting.analytic.fit_tier`), or None before one is fitted.
   """
   config: SimulatorConfig
   calibration: Calibration
@@ -257,6 +275,7 @@ class Simulator:
   tokenizer: Tokenizer
   fit_info: FitInfo
   simfluence: SimfluenceLinear
+  analytic: FragmentTier | None = None
 
   # Read-only views of the parts, for the answers' convenience.
   @property
@@ -302,8 +321,11 @@ class Prediction:
     fragment_sd_NxCxM: spread shared by a fragment's examples (stored per example): the
       calibration residual plus `effect_error` x the fragment's predicted order effect.
       Both come from leave-one-run-out on the calibration runs: spread the members miss.
-    raw_NxSxCxM: the surrogate's own losses (its scale), per seed simulated.
+    raw_NxSxCxM: the surrogate's own losses (its scale), per seed simulated; from the
+      analytic tier, each example holds its fragment's probe or train mean.
     diverged_NxS: the step each seed's simulation diverged at, or -1.
+    tier: which model simulated the orders: "transformer" or "analytic".
+    tier_reason: why that one answered (`resolve_tier`), in words.
   """
   steps: np.ndarray
   eval_ids: tuple[str, ...]
@@ -314,6 +336,8 @@ class Prediction:
   fragment_sd_NxCxM: np.ndarray
   raw_NxSxCxM: np.ndarray
   diverged_NxS: np.ndarray
+  tier: str = "transformer"
+  tier_reason: str = ""
 
   @property
   def mean_NxCxM(self) -> np.ndarray:
@@ -453,6 +477,45 @@ def maps_at(sim: Simulator, steps: np.ndarray, eval_ids: Sequence[str]) -> Maps:
 
 # -- the one prediction path ------------------------------------------------------------------
 
+TIERS = ("auto", "analytic", "transformer")
+
+
+def resolve_tier(sim: Simulator, tier: str = "auto", *,
+                 diagnostics: bool = False) -> tuple[FragmentTier | None, str]:
+  """Which model answers: (the analytic tier, or None for the transformer; why, in words).
+
+  "auto" takes the analytic tier only where it exists and passed its trust check and the
+  diagnostics are not asked for (the tier has none); "analytic" takes it whatever its check
+  said (the reason says so); "transformer" never does.
+
+  Raises:
+    CalibrationError: an unknown tier, or "analytic" without a fitted tier or with
+      diagnostics.
+  """
+  if tier not in TIERS:
+    raise CalibrationError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+  ana = sim.analytic
+  if tier == "transformer":
+    return None, "transformer: asked for"
+  if tier == "analytic":
+    if ana is None:
+      raise CalibrationError("this simulator has no analytic tier: fit one first "
+                             "(`surrogate tier SIM`, or `calibrate.fitting.analytic.fit_tier`)")
+    if diagnostics:
+      raise CalibrationError("the analytic tier has no diagnostics: ask the transformer "
+                             "(tier 'transformer' or 'auto')")
+    check = "never checked" if ana.fidelity is None else ana.fidelity.reason
+    return ana, f"analytic: asked for ({check})"
+  if ana is None:
+    return None, "transformer: no analytic tier was fitted (`surrogate tier SIM`)"
+  if ana.fidelity is None:
+    return None, "transformer: the analytic tier was never checked against it"
+  if not ana.fidelity.trusted:
+    return None, f"transformer: the analytic tier is {ana.fidelity.reason}"
+  if diagnostics:
+    return None, "transformer: the diagnostics need it (the analytic tier has none)"
+  return ana, f"analytic: {ana.fidelity.reason}"
+
 
 def schedule(sim: Simulator) -> np.ndarray:
   """The calibration runs' learning rate at each step: [T]."""
@@ -484,8 +547,8 @@ def _sim_setup(sim: Simulator, eval_ids: Sequence[str], num_steps: int, steps: n
 def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
             seed_N: np.ndarray | None = None, eval_ids: Sequence[str] | None = None,
             diagnostics: bool = False, progress: bool = False, chunk_size: int | None = None,
-            folder: str | os.PathLike | None = None,
-            resume: bool = False) -> tuple[Prediction, Trajectory]:
+            folder: str | os.PathLike | None = None, resume: bool = False,
+            tier: str = "transformer") -> tuple[Prediction, Trajectory]:
   """Predicts the real per-example losses of orders at `eval_steps`: the one prediction path.
 
   Each order is trained from the seeds `seed_N` (one per order; default every seed, the seed
@@ -510,6 +573,9 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
     progress, chunk_size: passed to `simulate_many`.
     folder, resume: stream each chunk's results into `folder` as it finishes
       (`surrogate.store.simulate_to_folder`); `resume` continues a killed job.
+    tier: "transformer" (the default here), "analytic" or "auto" (`resolve_tier`). The
+      analytic tier's trajectory has the losses only (its `grad_push_CxF` is NaN) and
+      never diverges; `folder` is ignored by it (it takes microseconds an order).
 
   Returns:
     (prediction, trajectory): the `Prediction` (K = gain quantiles, x seeds when `seed_N`
@@ -547,32 +613,21 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
     seed_R, sel = np.asarray(seed_N, np.int64) % n_s, np.arange(n)
   cal_steps = cal.steps_C[cal.steps_C <= num_steps]
   all_steps = np.union1d(steps, cal_steps)
-  data, plan, col, rows = _sim_setup(sim, eval_ids, num_steps, all_steps, diagnostics)
-  params = jax.tree.map(lambda a: np.asarray(a)[seed_R], cal.params_S)
-  # Knobs with an order axis, as `fit` passes them: then the fit's simulations, these and
-  # any others of the same chunk shape share one compilation.
-  knobs = optim.Knobs(np.full(len(sel), cal.knobs.lr_scale, np.float32),
-                      np.full(len(sel), cal.knobs.weight_decay_scale, np.float32))
+  ana, reason = resolve_tier(sim, tier, diagnostics=diagnostics)
   lrs = lrs if lrs.ndim == 1 else lrs[sel]
-  run = dict(model_cfg=cfg.model_cfg, opt_cfg=cfg.opt_cfg, plan=plan, chunk_size=chunk_size,
-             progress=progress, axes=PER_ORDER)
-  if folder is None:
-    traj = simulate_many(params, knobs, orders[sel], lrs, data, **run)
-  else:
-    from surrogate.store import simulate_to_folder
-    traj = simulate_to_folder(folder, params, knobs, orders[sel], lrs, data, resume=resume,
-                              **run)
-  raw_all = traj.eval_loss_CxM[:, rows][:, :, col]                  # (N S) C_all M
   at_steps = np.searchsorted(all_steps, steps)
-  pick = lambda a: a[:, rows][:, at_steps] if a.ndim >= 2 else a  # noqa: E731
-  traj = traj._replace(eval_loss_CxM=raw_all[:, at_steps], grad_push_CxF=pick(traj.grad_push_CxF),
-                       diagnostics=None if traj.diagnostics is None
-                       else jax.tree.map(pick, traj.diagnostics))
-
-  maps = maps_at(sim, steps, eval_ids)
-  sur_cal_at = maps_at(sim, cal_steps, eval_ids).sur_cal_SxCxM    # S C_cal M, exact there
-  dev_cal = raw_all[:, np.searchsorted(all_steps, cal_steps)] - sur_cal_at[seed_R]
+  at_cal = np.searchsorted(all_steps, cal_steps)
+  if ana is None:
+    raw_all, traj, sur_cal_at = _transformer_run(
+        sim, orders[sel], lrs, seed_R, eval_ids, all_steps, at_steps, cal_steps,
+        diagnostics=diagnostics, chunk_size=chunk_size, progress=progress, folder=folder,
+        resume=resume)
+  else:
+    raw_all, traj, sur_cal_at = _analytic_run(sim, ana, orders[sel], lrs, seed_R, eval_ids,
+                                              all_steps, at_steps, cal_steps)
+  dev_cal = raw_all[:, at_cal] - sur_cal_at
   dev = interp_steps(dev_cal, cal_steps, steps)                     # (N S) C M
+  maps = maps_at(sim, steps, eval_ids)
   frag_M = maps.frag_M
   probe_M = is_probe(sim.fragments, example_positions(sim.fragments, eval_ids))
   known = set(cfg.eval_ids)
@@ -592,5 +647,58 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
                     + (float(cal.effect_error) * effect_NxCxF[..., frag_M]) ** 2)
   raw = raw_all[:, at_steps].reshape(n, -1, len(steps), len(eval_ids))
   prediction = Prediction(steps, eval_ids, frag_M, probe_M, members, maps.example_sd_CxM,
-                          frag_sd, raw, traj.diverged_step.reshape(n, -1))
+                          frag_sd, raw, np.asarray(traj.diverged_step).reshape(n, -1),
+                          tier="transformer" if ana is None else "analytic",
+                          tier_reason=reason)
   return prediction, traj
+
+
+def _transformer_run(sim: Simulator, orders_RxTxB: np.ndarray, lrs: np.ndarray,
+                     seed_R: np.ndarray, eval_ids: tuple[str, ...], all_steps: np.ndarray,
+                     at_steps: np.ndarray, cal_steps: np.ndarray, *, diagnostics: bool,
+                     chunk_size: int | None, progress: bool,
+                     folder: str | os.PathLike | None, resume: bool):
+  """The transformer's runs of `predict`: (losses [R, C_all, M] at `all_steps`, its
+  trajectory at the asked steps, its calibration mean [R, C_cal, M] for each run's seed)."""
+  cal, cfg = sim.calibration, sim.config
+  num_steps = orders_RxTxB.shape[1]
+  data, plan, col, rows = _sim_setup(sim, eval_ids, num_steps, all_steps, diagnostics)
+  params = jax.tree.map(lambda a: np.asarray(a)[seed_R], cal.params_S)
+  # Knobs with an order axis, as `fit` passes them: then the fit's simulations, these and
+  # any others of the same chunk shape share one compilation.
+  knobs = optim.Knobs(np.full(len(seed_R), cal.knobs.lr_scale, np.float32),
+                      np.full(len(seed_R), cal.knobs.weight_decay_scale, np.float32))
+  run = dict(model_cfg=cfg.model_cfg, opt_cfg=cfg.opt_cfg, plan=plan, chunk_size=chunk_size,
+             progress=progress, axes=PER_ORDER)
+  if folder is None:
+    traj = simulate_many(params, knobs, orders_RxTxB, lrs, data, **run)
+  else:
+    from surrogate.store import simulate_to_folder
+    traj = simulate_to_folder(folder, params, knobs, orders_RxTxB, lrs, data, resume=resume,
+                              **run)
+  raw_all = traj.eval_loss_CxM[:, rows][:, :, col]                  # R C_all M
+  pick = lambda a: a[:, rows][:, at_steps] if a.ndim >= 2 else a  # noqa: E731
+  traj = traj._replace(eval_loss_CxM=raw_all[:, at_steps], grad_push_CxF=pick(traj.grad_push_CxF),
+                       diagnostics=None if traj.diagnostics is None
+                       else jax.tree.map(pick, traj.diagnostics))
+  sur_cal_at = maps_at(sim, cal_steps, eval_ids).sur_cal_SxCxM    # S C_cal M, exact there
+  return raw_all, traj, sur_cal_at[seed_R]
+
+
+def _analytic_run(sim: Simulator, ana: FragmentTier, orders_RxTxB: np.ndarray, lrs: np.ndarray,
+                  seed_R: np.ndarray, eval_ids: tuple[str, ...], all_steps: np.ndarray,
+                  at_steps: np.ndarray, cal_steps: np.ndarray):
+  """The analytic tier's runs of `predict`, shaped as `_transformer_run`'s: each example
+  takes its fragment's probe or train mean."""
+  frags = sim.fragments
+  pos = example_positions(frags, eval_ids)
+  row_M, frag_M = (~is_probe(frags, pos)).astype(np.int64), frags.fragment_of[pos]
+  rows_RxCx2xF = ana.fragment_rows(sim, orders_RxTxB, lrs, all_steps, seed_R)
+  raw_all = rows_RxCx2xF[:, :, row_M, frag_M]                       # R C_all M
+  cal_rows = ana.cal_SxCx2xF[seed_R][:, : len(cal_steps)]           # R C_cal 2 F
+  num_f = len(frags.names)
+  traj = Trajectory(eval_loss_CxM=raw_all[:, at_steps],
+                    train_loss_T=np.full((len(seed_R), orders_RxTxB.shape[1]), np.nan),
+                    diagnostics=None, diverged_step=np.full(len(seed_R), -1),
+                    grad_push_CxF=np.full((len(seed_R), len(at_steps), num_f), np.nan))
+  return raw_all, traj, cal_rows[:, :, row_M, frag_M]

@@ -2,7 +2,9 @@
 
 Files: `simulator.json` (settings, gains, how the fit went, every other file's sha256 and its
 own),
-`arrays.npz` (loaded without pickle), `tokenizer.json` and a copy of the fragments file.
+`arrays.npz` (loaded without pickle), `tokenizer.json` and a copy of the fragments file; and,
+once an analytic tier is fitted (`surrogate tier`), `analytic.npz` (its coefficients, one set
+per surrogate seed) with its settings and trust check in simulator.json's `analytic`.
 Loading checks every file's sha256, so a truncated or edited folder fails clearly.
 """
 
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
+from calibrate.fitting.analytic import AnalyticTier, Fidelity
 from calibrate.fitting.baselines import SimfluenceLinear
 from calibrate.fitting.calibration import (
   Calibration,
@@ -27,6 +30,7 @@ from calibrate.fitting.calibration import (
   Simulator,
   SimulatorConfig,
 )
+from surrogate import analytic
 from surrogate import model as model_lib
 from surrogate import optim
 from surrogate.errors import DataError
@@ -52,11 +56,11 @@ def save(sim: Simulator, path: str | os.PathLike) -> None:
   arrays = {f"params/{jax.tree_util.keystr(p)}": np.asarray(a) for p, a in flat}
   arrays.update({name: getattr(cal, name) for name in _ARRAYS})
   arrays.update(simfluence_a_FxF=sim.simfluence.a_FxF, simfluence_b_FxF=sim.simfluence.b_FxF)
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  blobs = {"arrays.npz": buf.getvalue(),
+  blobs = {"arrays.npz": _npz_bytes(arrays),
            "tokenizer.json": sim.tokenizer.to_str().encode(),
            "fragments.jsonl": _fragments_bytes(sim.fragments)}
+  if sim.analytic is not None:
+    blobs["analytic.npz"] = _npz_bytes(_tier_arrays(sim.analytic))
   for name, data in blobs.items():
     atomic_write(os.path.join(path, name), data)
   meta = {
@@ -72,6 +76,7 @@ def save(sim: Simulator, path: str | os.PathLike) -> None:
       "effect_error": float(cal.effect_error),
       "dataset_sha256": sim.fragments.sha256, "info": sim.fit_info.to_json(),
       "simfluence_ridge": sim.simfluence.ridge,
+      "analytic": None if sim.analytic is None else _tier_meta(sim.analytic),
       "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
   }
   meta["sha256"] = _self_sha256(meta)
@@ -145,11 +150,60 @@ def load(path: str | os.PathLike) -> Simulator:
                      fit_info=FitInfo.from_json(meta["info"]),
                      simfluence=SimfluenceLinear(arrays["simfluence_a_FxF"],
                                                  arrays["simfluence_b_FxF"],
-                                                 float(meta["simfluence_ridge"])))
+                                                 float(meta["simfluence_ridge"])),
+                     analytic=_load_tier(path, meta, files))
   except SimulatorError:
     raise
   except (KeyError, TypeError, ValueError) as e:
     raise SimulatorError(f"inconsistent saved simulator ({e!r})", path=meta_path) from None
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def _tier_arrays(tier: AnalyticTier) -> dict[str, np.ndarray]:
+  arrays = {f"params/{name}": np.asarray(a) for name, a in tier.params._asdict().items()}
+  arrays.update(x0_Sx2xF=tier.x0_Sx2xF, cal_SxCx2xF=tier.cal_SxCx2xF,
+                fit_mse_S=np.asarray(tier.fit_mse_S))
+  return arrays
+
+
+def _tier_meta(tier: AnalyticTier) -> dict:
+  return {"fit_orders": tier.fit_orders, "seconds": tier.seconds,
+          "betas": None if tier.betas is None else list(tier.betas),
+          "fidelity": None if tier.fidelity is None else tier.fidelity.to_json()}
+
+
+def _load_tier(path: str, meta: dict, files: dict) -> AnalyticTier | None:
+  """The analytic tier of a saved folder, or None where none was fitted (folders saved
+  before it existed have no `analytic` field)."""
+  info = meta.get("analytic")
+  if info is None:
+    return None
+  p = os.path.join(path, "analytic.npz")
+  try:
+    with open(p, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise SimulatorError("missing from the saved simulator (simulator.json has an analytic "
+                         "tier)", path=p) from None
+  if hashlib.sha256(data).hexdigest() != files.get("analytic.npz"):
+    raise SimulatorError("its sha256 differs from simulator.json's: the file was truncated "
+                         "or changed after saving", path=p)
+  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    arrays = {k: z[k] for k in z.files}
+  params = analytic.Params(**{name: jnp.asarray(arrays[f"params/{name}"])
+                              for name in analytic.Params._fields})
+  fid = info["fidelity"]
+  return AnalyticTier(params=params, x0_Sx2xF=arrays["x0_Sx2xF"],
+                      cal_SxCx2xF=arrays["cal_SxCx2xF"], fit_orders=int(info["fit_orders"]),
+                      fit_mse_S=arrays["fit_mse_S"],
+                      fidelity=None if fid is None else Fidelity.from_json(fid),
+                      seconds=float(info["seconds"]),
+                      betas=None if info["betas"] is None else tuple(map(float, info["betas"])))
 
 
 def _self_sha256(meta: dict) -> str:

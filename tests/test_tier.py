@@ -1,0 +1,169 @@
+"""The analytic tier inside the simulator: fitted and checked on a calibrated simulator,
+saved in its folder, chosen by `resolve_tier`, and answering through the one prediction path
+exactly where its trust check allows."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from calibrate.answers.outcomes import compare, what_if
+from calibrate.cli.main import main
+from calibrate.fitting import analytic as tier_lib
+from calibrate.fitting.calibration import fragment_means, predict, resolve_tier, schedule
+from calibrate.fitting.saved import SimulatorError, load, save
+from calibrate.io.runlog import order_from_runlog, write_runlog
+from surrogate import orders
+from surrogate.errors import CalibrationError
+
+
+@pytest.fixture(scope="module")
+def fitted(sim, world):
+  """The tier fitted on the tiny simulator's simulations (2 orders of each family)."""
+  frags, runs = world
+  cal = [order_from_runlog(r, frags) for r in runs[:3]]
+  return tier_lib.fit_tier(sim, cal, key=jax.random.key(1), orders_per_family=2, steps=300)
+
+
+@pytest.fixture(scope="module")
+def checked(sim, fitted):
+  return tier_lib.check_fidelity(sim, fitted, key=jax.random.key(2), orders=12)
+
+
+def test_the_tier_fits_a_calibrated_simulator_and_is_checked_on_fresh_orders(sim, world,
+                                                                              fitted, checked):
+  frags, runs = world
+  num_f = len(frags.names)
+  assert fitted.x0_Sx2xF.shape == (sim.num_seeds, 2, num_f)
+  assert fitted.cal_SxCx2xF.shape == (sim.num_seeds, len(sim.steps_C), 2, num_f)
+  assert fitted.fit_orders == 3 + 2 * len(orders.FAMILIES)
+  assert np.all(np.isfinite(fitted.fit_mse_S)) and not fitted.trusted  # unchecked: untrusted
+  fid = checked.fidelity
+  assert fid.orders == 12 and fid.decisions_F.shape == (num_f,)
+  assert 0.0 <= fid.order_decisions <= 1.0 and 0.0 <= fid.seed_order_decisions <= 1.0
+  assert checked.trusted == fid.trusted and fid.reason.startswith(
+      "trusted" if fid.trusted else "not trusted")
+  assert tier_lib.Fidelity.from_json(fid.to_json()).reason == fid.reason
+  cal = np.stack([order_from_runlog(r, frags) for r in runs[:3]])
+  feats = tier_lib.tier_features(sim, cal)
+  one = tier_lib.tier_losses(checked, feats, sim.steps_C, seed_N=np.array([0, 1, 0]))
+  every = tier_lib.tier_losses(checked, feats, sim.steps_C)
+  np.testing.assert_allclose(one[1], every[1, 1], rtol=1e-5)
+
+
+def test_the_tier_follows_the_learning_rate_against_the_calibration_peak(sim, world, fitted):
+  frags, runs = world
+  order = order_from_runlog(runs[3], frags)[None]
+  lr = schedule(sim)
+  full = fitted.fragment_rows(sim, order, lr[None], sim.steps_C, np.array([0]))
+  slow = fitted.fragment_rows(sim, order, 0.25 * lr[None], sim.steps_C, np.array([0]))
+  # The fast first drop moves whatever is fed, so a quarter of the rate moves less overall.
+  moved = lambda x: np.nanmean(np.abs(x[0, -1] - x[0, 0]))  # noqa: E731
+  assert moved(slow) < moved(full)
+  # A shorter order is padded, not rescaled: its first steps are the full order's.
+  half = sim.num_steps // 2
+  short = fitted.fragment_rows(sim, order[:, :half], lr[None, :half], np.array([0, half]),
+                               np.array([0]))
+  same = fitted.fragment_rows(sim, order, lr[None], np.array([0, half]), np.array([0]))
+  np.testing.assert_allclose(short, same, rtol=1e-5)
+
+
+def test_resolve_tier_falls_back_to_the_transformer_and_says_why(sim, fitted, checked):
+  assert resolve_tier(sim, "auto") == (None, resolve_tier(sim, "auto")[1])
+  assert "no analytic tier" in resolve_tier(sim, "auto")[1]
+  with pytest.raises(CalibrationError, match="no analytic tier"):
+    resolve_tier(sim, "analytic")
+  with pytest.raises(CalibrationError, match="tier must be one of"):
+    resolve_tier(sim, "fast")
+  unchecked = dataclasses.replace(sim, analytic=fitted)
+  assert resolve_tier(unchecked, "auto")[0] is None
+  assert "never checked" in resolve_tier(unchecked, "auto")[1]
+  assert resolve_tier(unchecked, "analytic")[0] is fitted
+  with pytest.raises(CalibrationError, match="no diagnostics"):
+    resolve_tier(unchecked, "analytic", diagnostics=True)
+  trusted = dataclasses.replace(sim, analytic=dataclasses.replace(
+      checked, fidelity=dataclasses.replace(checked.fidelity, trusted=True, reason="trusted: x")))
+  chosen, why = resolve_tier(trusted, "auto")
+  assert chosen is trusted.analytic and why == "analytic: trusted: x"
+  assert resolve_tier(trusted, "auto", diagnostics=True)[0] is None
+  assert resolve_tier(trusted, "transformer")[0] is None
+
+
+def test_the_trust_check_rejects_a_wrong_tier_and_the_answers_fall_back(sim, world, fitted):
+  # Fed fragments pushed up instead of down, every other coefficient as fitted: its final
+  # losses rank the orders against the transformer's.
+  p = fitted.params
+  wrong = dataclasses.replace(fitted, params=p._replace(transfer_2xFxF=-3.0 * p.transfer_2xFxF))
+  rejected = tier_lib.check_fidelity(sim, wrong, key=jax.random.key(2), orders=12)
+  fid = rejected.fidelity
+  assert not rejected.trusted and fid.reason.startswith("not trusted")
+  assert np.nanmean(fid.decisions_F) < tier_lib.TRUST_RATIO * np.nanmean(fid.seed_decisions_F)
+  frags, runs = world
+  answer = what_if(dataclasses.replace(sim, analytic=rejected), runs[4], key=jax.random.key(0))
+  assert answer.tier == "transformer" and "not trusted" in answer.tier_reason
+
+
+def test_predictions_through_the_tier_are_deviations_from_its_calibration_mean(sim, world,
+                                                                                checked):
+  frags, runs = world
+  with_tier = dataclasses.replace(sim, analytic=checked)
+  cal = np.stack([order_from_runlog(r, frags) for r in runs[:3]])
+  pred, traj = predict(with_tier, cal, schedule(sim), sim.steps_C, tier="analytic")
+  assert pred.tier == "analytic" and pred.tier_reason.startswith("analytic: asked for")
+  assert pred.members_NxKxCxM.shape[:2] == (3, sim.num_seeds * len(sim.config.gain_quantiles))
+  # The calibration orders' mean over seeds and orders is the anchor, as for the transformer.
+  gain_mid = len(sim.config.gain_quantiles) // 2
+  mid = pred.members_NxKxCxM.reshape(3, sim.num_seeds, -1, *pred.members_NxKxCxM.shape[2:])
+  np.testing.assert_allclose(mid[:, :, gain_mid].mean((0, 1)), sim.calibration.anchor_CxM,
+                             atol=1e-4)
+  assert np.isnan(traj.grad_push_CxF).all() and (traj.diverged_step == -1).all()
+  other = order_from_runlog(runs[3], frags)
+  ranked = compare(with_tier, {"cal0": cal[0], "other": other}, tier="analytic")
+  assert ranked.tier == "analytic"
+  probe = fragment_means(sim, pred.mean_NxCxM)
+  assert np.isfinite(probe[:, -1]).all()
+
+
+def test_the_tier_is_saved_in_the_simulator_folder(sim, world, checked, tmp_path):
+  frags, runs = world
+  with_tier = dataclasses.replace(sim, analytic=checked)
+  save(with_tier, tmp_path / "sim")
+  back = load(tmp_path / "sim")
+  assert back.analytic.fit_orders == checked.fit_orders
+  assert back.analytic.betas == checked.betas
+  assert back.analytic.fidelity.reason == checked.fidelity.reason
+  order = np.stack([order_from_runlog(runs[3], frags)])
+  a, _ = predict(with_tier, order, schedule(sim), sim.steps_C, tier="analytic")
+  b, _ = predict(back, order, schedule(sim), sim.steps_C, tier="analytic")
+  np.testing.assert_allclose(a.members_NxKxCxM, b.members_NxKxCxM, rtol=1e-6)
+  (tmp_path / "sim" / "analytic.npz").write_bytes(b"not an npz")
+  with pytest.raises(SimulatorError, match="analytic.npz"):
+    load(tmp_path / "sim")
+
+
+def test_cli_tier_fits_checks_saves_and_the_answers_say_which_tier(sim, world, tmp_path,
+                                                                   capsys):
+  frags, runs = world
+  save(sim, tmp_path / "sim")
+  paths = []
+  for i, r in enumerate(runs[:5]):
+    paths.append(str(tmp_path / f"run{i}.jsonl"))
+    write_runlog(paths[-1], r)
+  base = ["tier", "--sim", str(tmp_path / "sim"), "--orders-per-family", "1", "--fresh", "8",
+          "--fit-steps", "100", "--json", "--quiet"]
+  assert main(base + ["--runs", paths[0], paths[1]]) == 2  # a calibration run is missing
+  assert "give every calibration run" in capsys.readouterr().err
+  assert main(base + ["--runs", *paths[:3]]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["fit_orders"] == 3 + len(orders.FAMILIES) and out["fidelity"]["orders"] == 8
+  assert load(tmp_path / "sim").analytic is not None
+  ask = ["what-if", "--sim", str(tmp_path / "sim"), "--orders", paths[3], paths[4], "--json",
+         "--quiet"]
+  assert main(ask + ["--tier", "analytic"]) == 0
+  got = json.loads(capsys.readouterr().out)
+  assert got["tier"] == "analytic" and len(got["ranking"]) == 2
+  assert main(ask) == 0
+  got = json.loads(capsys.readouterr().out)
+  assert got["tier"] == ("analytic" if out["trusted"] else "transformer")
