@@ -13,12 +13,14 @@ analytic tier on many, and prints orders per minute and the ratio (medians of `-
   python benchmarks/analytic.py --task lm-dev --cache /tmp/analytic-lm-dev   # reuse them
 
 `--cache DIR` keeps the calibrated simulator and the transformer's simulations, so a second
-run (another k, another fit setting) costs seconds.
+run (another k, another fit setting) costs seconds. `--validate` also scores the tier fitted
+on the most orders on the set's held-out real runs, beside the transformer (`validate`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import time
@@ -34,6 +36,7 @@ from calibrate.fitting import analytic as tier_lib  # noqa: E402
 from calibrate.fitting.calibration import predict, schedule  # noqa: E402
 from calibrate.fitting.fit import FitConfig, fit  # noqa: E402
 from calibrate.fitting.saved import load, save  # noqa: E402
+from calibrate.fitting.validate import validate  # noqa: E402
 from calibrate.io.runlog import order_from_runlog, read_runlog  # noqa: E402
 from surrogate import analytic  # noqa: E402
 from surrogate import orders as orders_lib  # noqa: E402
@@ -48,6 +51,8 @@ def _simulator(task: str, cache: str | None):
   frags = read_fragments(os.path.join(folder, "fragments.jsonl"))
   runs = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs",
                                                                        "shuffled-s*.jsonl")))]
+  held = [read_runlog(p, frags) for p in sorted(glob.glob(os.path.join(folder, "runs", "*.jsonl")))
+          if not os.path.basename(p).startswith("shuffled-s")]
   path = None if cache is None else os.path.join(cache, "sim")
   if path is not None and os.path.exists(os.path.join(path, "simulator.json")):
     sim = load(path)
@@ -55,7 +60,7 @@ def _simulator(task: str, cache: str | None):
     sim = fit(frags, runs, config=FitConfig(), key=jax.random.key(0), progress=False)
     if path is not None:
       save(sim, path)
-  return sim, [order_from_runlog(r, frags) for r in runs]
+  return sim, [order_from_runlog(r, frags) for r in runs], held
 
 
 def _targets(sim, every, cache: str | None) -> np.ndarray:
@@ -150,12 +155,14 @@ def main() -> None:
   p.add_argument("--transformer-orders", type=int, default=8)
   p.add_argument("--analytic-orders", type=int, default=65536)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--validate", action="store_true",
+                 help="score the tier on the set's held-out real runs beside the transformer")
   args = p.parse_args()
   per_family = [int(x) for x in args.per_family.split(",")]
   if args.cache:
     os.makedirs(args.cache, exist_ok=True)
   t0 = time.perf_counter()
-  sim, cal = _simulator(args.task, args.cache)
+  sim, cal, held = _simulator(args.task, args.cache)
   print(f"{args.task}: simulator ready in {time.perf_counter() - t0:.0f} s "
         f"({sim.num_seeds} seeds, {sim.model_cfg.length} tokens)")
   n_fam = len(orders_lib.FAMILIES)
@@ -165,6 +172,16 @@ def main() -> None:
   target = _targets(sim, every, args.cache)
   tier = fidelity(sim, every, len(cal), len(fit_orders), target, per_family, args.fit_steps,
                   args.form)
+  if args.validate:
+    report = validate(dataclasses.replace(sim, analytic=tier), held)
+    print(f"\non {len(report.run_ids)} held-out real runs (validate; the tier fitted on "
+          f"{tier.fit_orders} orders):")
+    keys = ("trajectory_mse_ratio", "kendall_tau", "decision_accuracy",
+            "order_decision_accuracy", "auroc_better_than_median", "coverage")
+    print(f"{'':>14}" + "".join(f"{k[:22]:>24}" for k in keys))
+    for m in ("simulator", "analytic_tier", "simfluence_linear"):
+      print(f"{m:>14}" + "".join(f"{report.methods[m].get(k, float('nan')):>24.3f}"
+                                  for k in keys))
   throughput(sim, tier, fresh, transformer_orders=args.transformer_orders,
              analytic_orders=args.analytic_orders, repeats=args.repeats)
 

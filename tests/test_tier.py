@@ -167,3 +167,16 @@ def test_cli_tier_fits_checks_saves_and_the_answers_say_which_tier(sim, world, t
   assert main(ask) == 0
   got = json.loads(capsys.readouterr().out)
   assert got["tier"] == ("analytic" if out["trusted"] else "transformer")
+
+
+def test_validate_scores_the_tier_beside_the_transformer(sim, world, checked):
+  from calibrate.fitting.validate import validate
+  frags, runs = world
+  plain = validate(sim, runs[3:])
+  assert "analytic_tier" not in plain.methods
+  report = validate(dataclasses.replace(sim, analytic=checked), runs[3:])
+  ana, sur = report.methods["analytic_tier"], report.methods["simulator"]
+  assert sur == plain.methods["simulator"]  # the transformer's column is the same
+  assert 0.0 <= ana["decision_accuracy"] <= 1.0 and 0.0 <= ana["coverage"] <= 1.0
+  assert np.isfinite(ana["trajectory_mse"]) and ana["trajectory_mse"] != sur["trajectory_mse"]
+  assert "analytic_tier" in report.format_table()

@@ -73,13 +73,13 @@ def check_compatible(sim: Simulator, runs: Sequence[RunLog]) -> None:
 
 
 def predict_runs(sim: Simulator, runs: Sequence[RunLog], *, progress: bool = False,
-                 chunk_size: int | None = None) -> Prediction:
+                 chunk_size: int | None = None, tier: str = "transformer") -> Prediction:
   """Predicts the real per-example losses of each run (or order file) at its eval steps.
 
   The runs must share their eval steps (see `wanted_eval_steps`: an order file is evaluated
   every 20 steps) and their shape. Evals present in `runs` are ignored except for which
   steps and which train examples they cover (those the calibration runs did not evaluate
-  are predicted too).
+  are predicted too). `tier` chooses the model (`calibration.resolve_tier`).
 
   Raises:
     CalibrationError: runs longer than the calibration runs, different eval steps or
@@ -110,7 +110,8 @@ def predict_runs(sim: Simulator, runs: Sequence[RunLog], *, progress: bool = Fal
           eval_ids.append(i)
   try:
     prediction, _ = predict(sim, np.stack(orders), np.stack([run_learning_rates(r) for r in runs]),
-                            steps, eval_ids=eval_ids, progress=progress, chunk_size=chunk_size)
+                            steps, eval_ids=eval_ids, progress=progress, chunk_size=chunk_size,
+                            tier=tier)
   except CalibrationError as e:
     raise CalibrationError(f"{where(runs[0])}: {e}") from None
   return prediction

@@ -28,7 +28,8 @@ from surrogate.errors import CalibrationError
 from surrogate.jsonl import json_safe
 from surrogate.orders import order_sha256
 
-METHODS = ("simulator", "order_agnostic", "simfluence_linear", "uncalibrated_surrogate")
+METHODS = ("simulator", "analytic_tier", "order_agnostic", "simfluence_linear",
+           "uncalibrated_surrogate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +256,13 @@ def validate(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
                          level=level)
   methods["simulator"]["coverage"] = metrics.coverage(lo[:, 1:], hi[:, 1:], real_f[:, 1:])
   methods["simulator"]["coverage_final"] = metrics.coverage(lo[:, -1], hi[:, -1], real_f[:, -1])
+  if sim.analytic is not None:  # scored beside the transformer, whatever its trust check said
+    ana = predict_runs(sim, held, tier="analytic")
+    methods["analytic_tier"] = _scores(_fragment_probe(sim, ana.mean_NxCxM, frag_M, probe_M),
+                                       real_f, base_mse)
+    lo, hi = ana.interval(lambda x: metrics.fragment_means(x, frag_M, probe_M, num_f),
+                          level=level)
+    methods["analytic_tier"]["coverage"] = metrics.coverage(lo[:, 1:], hi[:, 1:], real_f[:, 1:])
 
   ceiling: dict[str, float] = {}
   rerun_ids: list[tuple[str, str]] = []
