@@ -14,7 +14,7 @@ from calibrate.cli.main import main
 from calibrate.fitting import analytic as tier_lib
 from calibrate.fitting.calibration import fragment_means, predict, resolve_tier, schedule
 from calibrate.fitting.saved import SimulatorError, load, save
-from calibrate.io.runlog import order_from_runlog, write_runlog
+from calibrate.io.runlog import order_from_runlog, read_runlog, write_runlog
 from surrogate import orders
 from surrogate.errors import CalibrationError
 
@@ -167,6 +167,11 @@ def test_cli_tier_fits_checks_saves_and_the_answers_say_which_tier(sim, world, t
   assert main(ask) == 0
   got = json.loads(capsys.readouterr().out)
   assert got["tier"] == ("analytic" if out["trusted"] else "transformer")
+  assert main(["simulate", "--sim", str(tmp_path / "sim"), "--orders", paths[3], "--out",
+               str(tmp_path / "pred"), "--tier", "analytic", "--json", "--quiet"]) == 0
+  assert json.loads(capsys.readouterr().out)["tier"] == "analytic"
+  written = read_runlog(str(tmp_path / "pred" / "run3.jsonl"), frags)
+  assert written.header.extra["simulator"]["tier"] == "analytic"
 
 
 def test_validate_scores_the_tier_beside_the_transformer(sim, world, checked):

@@ -466,7 +466,9 @@ def _simulate_calibrated(args) -> int:
   written = []
   for members in groups.values():
     group = [runs[i] for i in members]
-    pred = predict_runs(sim, group, progress=not args.quiet, chunk_size=args.chunk_size)
+    pred = predict_runs(sim, group, progress=not args.quiet, chunk_size=args.chunk_size,
+                        tier=args.tier)
+    tier, reason = pred.tier, pred.tier_reason
     for i, log in zip(members, predicted_runlogs(sim, group, pred)):
       out = outs[i]
       write_runlog(out, log)
@@ -476,9 +478,11 @@ def _simulate_calibrated(args) -> int:
         print(f"wrote {out}" + (f" (surrogate seeds {bad} diverged)" if bad else ""))
   seconds = time.perf_counter() - t0
   if args.json:
-    _print_json({"runs": written, "seconds": seconds, "seeds": sim.num_seeds})
+    _print_json({"runs": written, "seconds": seconds, "seeds": sim.num_seeds,
+                 "tier": tier, "tier_reason": reason})
   else:
-    print(f"predicted {len(runs)} runs in {seconds:.1f} s ({sim.num_seeds} surrogate seeds each)")
+    print(f"predicted {len(runs)} runs in {seconds:.1f} s ({sim.num_seeds} surrogate seeds "
+          f"each); answered by the {reason}")
   return 0
 
 
@@ -487,6 +491,8 @@ def cmd_simulate(args) -> int:
 
   if args.sim:
     return _simulate_calibrated(args)
+  if args.tier != "auto":
+    raise UsageError("--tier needs --sim (without it the raw surrogate simulates)")
   if not args.data:
     raise UsageError("give --sim (a fitted simulator) or --data")
 
@@ -816,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="orders per compiled call (default: 2 per CPU device, 64 per accelerator)")
   s.add_argument("--json", action="store_true", help="print what was written as JSON")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
+  _tier_arg(s)
   _model_args(s)
   s.set_defaults(func=cmd_simulate)
 

@@ -122,8 +122,9 @@ def predicted_runlogs(sim: Simulator, runs: Sequence[RunLog], prediction: Predic
   """Predictions as RunLogs on the real scale: same run ids and steps, predicted evals.
 
   Each eval record carries the `level` interval per example in the extra keys
-  `losses_lo` and `losses_hi`; a header says `"simulated": true`, and `diverged_seeds`
-  when some of the ensemble diverged (their losses are left out of the mean).
+  `losses_lo` and `losses_hi`; a header says `"simulated": true`, which tier answered
+  (`simulator.tier`), and `diverged_seeds` when some of the ensemble diverged (their losses
+  are left out of the mean).
   """
   lo, hi = prediction.interval(level=level, draws=8)
   mean = prediction.mean_NxCxM
@@ -131,7 +132,8 @@ def predicted_runlogs(sim: Simulator, runs: Sequence[RunLog], prediction: Predic
   out = []
   for n, run in enumerate(runs):
     extra = {"simulated": True, "source_run": run.header.run_id,
-             "simulator": {"interval": level, "seeds": sim.num_seeds}}
+             "simulator": {"interval": level, "seeds": sim.num_seeds,
+                           "tier": prediction.tier}}
     bad = [s for s, d in enumerate(prediction.diverged_NxS[n]) if d >= 0]
     if bad:
       extra["diverged_seeds"] = bad
