@@ -116,17 +116,7 @@ def load(path: str | os.PathLike) -> Simulator:
                          path=meta_path, field="sha256")
   try:
     files = meta["files"]
-    blobs = {}
-    for name in _FILES:
-      p = os.path.join(path, name)
-      try:
-        with open(p, "rb") as f:
-          blobs[name] = f.read()
-      except FileNotFoundError:
-        raise SimulatorError("missing from the saved simulator", path=p) from None
-      if hashlib.sha256(blobs[name]).hexdigest() != files[name]:
-        raise SimulatorError("its sha256 differs from simulator.json's: the file was "
-                             "truncated or changed after saving", path=p)
+    blobs = {name: _read_checked(path, name, files) for name in _FILES}
     fragments = read_fragments(os.path.join(path, "fragments.jsonl"))
     with np.load(os.path.join(path, "arrays.npz"), allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
@@ -158,6 +148,20 @@ def load(path: str | os.PathLike) -> Simulator:
     raise SimulatorError(f"inconsistent saved simulator ({e!r})", path=meta_path) from None
 
 
+def _read_checked(path: str, name: str, files: dict) -> bytes:
+  """A saved file's bytes, checked against simulator.json's sha256 of it."""
+  p = os.path.join(path, name)
+  try:
+    with open(p, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise SimulatorError("missing from the saved simulator", path=p) from None
+  if hashlib.sha256(data).hexdigest() != files[name]:
+    raise SimulatorError("its sha256 differs from simulator.json's: the file was "
+                         "truncated or changed after saving", path=p)
+  return data
+
+
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
@@ -183,16 +187,7 @@ def _load_tier(path: str, meta: dict, files: dict) -> AnalyticTier | None:
   info = meta.get("analytic")
   if info is None:
     return None
-  p = os.path.join(path, "analytic.npz")
-  try:
-    with open(p, "rb") as f:
-      data = f.read()
-  except FileNotFoundError:
-    raise SimulatorError("missing from the saved simulator (simulator.json has an analytic "
-                         "tier)", path=p) from None
-  if hashlib.sha256(data).hexdigest() != files.get("analytic.npz"):
-    raise SimulatorError("its sha256 differs from simulator.json's: the file was truncated "
-                         "or changed after saving", path=p)
+  data = _read_checked(path, "analytic.npz", files)
   with np.load(io.BytesIO(data), allow_pickle=False) as z:
     arrays = {k: z[k] for k in z.files}
   params = analytic.Params(**{name: jnp.asarray(arrays[f"params/{name}"])
