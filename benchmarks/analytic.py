@@ -79,7 +79,7 @@ def _targets(sim, every, cache: str | None) -> np.ndarray:
 
 
 def fidelity(sim, every, n_cal: int, n_fit: int, target, per_family: list[int],
-             steps: int, form: str = "adam") -> tier_lib.AnalyticTier:
+             steps: int, form: str = "plain") -> tier_lib.AnalyticTier:
   """Prints the fidelity table; `every` holds the calibration, fit and fresh orders in that
   order. Returns the tier fitted on the most orders."""
   n_fam = len(orders_lib.FAMILIES)
@@ -149,7 +149,7 @@ def main() -> None:
                  help="fit orders of each family, comma-separated (the largest is simulated)")
   p.add_argument("--fresh", type=int, default=48, help="fresh orders for the fidelity figures")
   p.add_argument("--fit-steps", type=int, default=2000)
-  p.add_argument("--form", default="adam", choices=["plain", "adam"],
+  p.add_argument("--form", default="plain", choices=["plain", "adam"],
                  help="the recurrence's form: plain, or following Adam's normalised steps")
   p.add_argument("--cache", help="folder keeping the simulator and the transformer's runs")
   p.add_argument("--transformer-orders", type=int, default=8)
