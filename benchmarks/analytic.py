@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import glob
 import os
+import resource
 import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -32,6 +33,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from calibrate.answers.outcomes import what_if  # noqa: E402
+from calibrate.answers.screen import screen  # noqa: E402
 from calibrate.fitting import analytic as tier_lib  # noqa: E402
 from calibrate.fitting.calibration import predict, schedule  # noqa: E402
 from calibrate.fitting.fit import FitConfig, fit  # noqa: E402
@@ -142,6 +145,34 @@ def throughput(sim, tier, fresh, *, transformer_orders: int, analytic_orders: in
         "(numpy; not in the figure above)")
 
 
+def answers(sim, tier, fresh, *, screen_orders: int, repeats: int) -> None:
+  """The answers through the tier in this warm process: `what_if` of one order (median of
+  `repeats`, beside one transformer what-if), and a screen of `screen_orders` orders."""
+  with_tier = dataclasses.replace(sim, analytic=tier)
+  key = jax.random.key(0)
+  what_if(with_tier, fresh[0], key=key, tier="analytic")  # compiles
+  t_ana = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    what_if(with_tier, fresh[0], key=key, tier="analytic")
+    t_ana.append(time.perf_counter() - t0)
+  t0 = time.perf_counter()
+  what_if(with_tier, fresh[0], key=key, tier="transformer")
+  t_sur = time.perf_counter() - t0
+  print(f"\nwhat_if of one order (it and a counterfactual per fed fragment, every seed; warm):"
+        f"\n  analytic:    {np.median(t_ana) * 1e3:.0f} ms (median of {repeats})"
+        f"\n  transformer: {t_sur:.1f} s (once, compilation included)")
+  if screen_orders:
+    t0 = time.perf_counter()
+    sc = screen(with_tier, key=key, n_orders=screen_orders, tier="analytic")
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    print(f"\nscreen of {screen_orders:,} orders ({len(sc.specs):,} and their counterfactuals) "
+          f"through the analytic tier: {took:.0f} s in all, {sc.seconds_per_order * 1e6:.0f} us "
+          f"an order simulated and mapped (the rest draws the orders); peak memory of this "
+          f"process {peak:.1f} GiB")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--task", default="lm-dev")
@@ -155,6 +186,8 @@ def main() -> None:
   p.add_argument("--transformer-orders", type=int, default=8)
   p.add_argument("--analytic-orders", type=int, default=65536)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--screen", type=int, default=0,
+                 help="also time a screen of this many orders through the tier (e.g. 100000)")
   p.add_argument("--validate", action="store_true",
                  help="score the tier on the set's held-out real runs beside the transformer")
   args = p.parse_args()
@@ -184,6 +217,7 @@ def main() -> None:
                                   for k in keys))
   throughput(sim, tier, fresh, transformer_orders=args.transformer_orders,
              analytic_orders=args.analytic_orders, repeats=args.repeats)
+  answers(sim, tier, fresh, screen_orders=args.screen, repeats=args.repeats)
 
 
 if __name__ == "__main__":

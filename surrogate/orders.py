@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "interleaved",
     "mixture",
     "mutate",
+    "phase_lengths",
+    "phased_mixture",
     "random_orders",
     "random_spec",
     "repeated",
@@ -128,16 +132,38 @@ def _check_weights(name: str, values: Any, length: int) -> np.ndarray:
 # Sampling helpers.
 
 
+# The key operations are compiled: eager JAX random calls cost 0.1-0.25 ms each here, nearly
+# all dispatch, and a blocked order makes two dozen of them; compiled they cost 15-70 us and
+# give the very same keys and bits (tests/test_orders.py), so a screen of 10^5 orders draws
+# them in minutes rather than an hour.
+_fold_in = jax.jit(jax.random.fold_in)
+_split2 = jax.jit(lambda key: tuple(jax.random.split(key)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _raw_bits(key: jax.Array, padded: int) -> jax.Array:
+  return jax.random.bits(key, (padded, 2), dtype=jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _spec_draws(key: jax.Array, num_fragments: int):
+  """`random_spec`'s draws: (a permutation, Dirichlet weights, uniform scores)."""
+  k1, k2 = jax.random.split(key)
+  return (jax.random.permutation(k1, num_fragments),
+          jax.random.dirichlet(k2, jnp.ones(num_fragments, jnp.float32)),
+          jax.random.uniform(k2, (num_fragments,)))
+
+
 def _bits(n: int, *, key: jax.Array) -> np.ndarray:
   """n independent uniform 64-bit draws, as a uint64 array [n].
 
-  The draw is made at the next power of two and cut, so eager JAX compiles
-  one kernel per size bucket rather than one per order shape: screening
+  The draw is made at the next power of two and cut, so JAX compiles one
+  kernel per size bucket rather than one per order shape: screening
   thousands of blocked orders with different block lengths would otherwise
   pay a compilation (about 0.5 s here) for nearly every order.
   """
   padded = 1 << max(0, n - 1).bit_length()
-  words_Nx2 = np.asarray(jax.random.bits(key, (padded, 2), dtype=np.uint32))
+  words_Nx2 = np.asarray(_raw_bits(key, padded))
   words_Nx2 = words_Nx2[:n].astype(np.uint64)
   return (words_Nx2[:, 0] << np.uint64(32)) | words_Nx2[:, 1]
 
@@ -263,7 +289,7 @@ def blocked(pools: Sequence[np.ndarray], sequence: Sequence[int], *,
               else _check_weights("shares", shares, seq_K.size))
   steps_K = _round_shares(shares_K, steps)
   blocks = [
-      _epochs(pools[f], int(n) * batch_size, key=jax.random.fold_in(key, i))
+      _epochs(pools[f], int(n) * batch_size, key=_fold_in(key, i))
       for i, (f, n) in enumerate(zip(seq_K, steps_K))
   ]
   return _as_order(np.concatenate(blocks), steps, batch_size)
@@ -304,7 +330,7 @@ def interleaved(pools: Sequence[np.ndarray],
     # Key by fragment number, so a fragment's stream does not depend on which
     # other fragments share the rotation.
     stream = _epochs(pools[f], rows.size * batch_size,
-                     key=jax.random.fold_in(key, int(f)))
+                     key=_fold_in(key, int(f)))
     order_TxB[rows] = stream.reshape(rows.size, batch_size)
   return np.asarray(order_TxB, dtype=np.int32)
 
@@ -334,7 +360,7 @@ def mixture(pools: Sequence[np.ndarray], weights: Sequence[float], *,
   steps = _check_count("steps", steps)
   batch_size = _check_count("batch_size", batch_size)
   w_F = _check_weights("weights", weights, len(pools))
-  key_frag, key_example = jax.random.split(key)
+  key_frag, key_example = _split2(key)
   # Inverse-CDF sampling with side="right": a zero-weight fragment has an empty
   # interval and so can never be chosen. The last positive-weight fragment's
   # bound is infinite so float round-off cannot push a draw past it.
@@ -766,21 +792,42 @@ def _parse_kind(value: Any) -> OrderKind:
 FAMILIES = tuple(k.value for k in OrderKind)
 
 
+def phase_lengths(steps: int, phases: int) -> np.ndarray:
+  """`steps` split into `phases` near-equal phases (largest remainders): [P] lengths."""
+  return _round_shares(np.ones(_check_count("phases", phases)), _check_count("steps", steps))
+
+
+def phased_mixture(pools: Sequence[np.ndarray], weights_PxF: Any, *, key: jax.Array,
+                   steps: int, batch_size: int) -> np.ndarray:
+  """A mixture whose weights change by phase: phase p (`phase_lengths`) is `mixture` with
+  weights `weights_PxF[p]` (drawn with `fold_in(key, p)`); gradient search's orders.
+
+  Returns:
+    int32 array [T, B] of example positions.
+  """
+  w = np.asarray(weights_PxF, np.float64)
+  if w.ndim != 2 or w.shape[1] != len(pools):
+    raise ValueError(f"weights_PxF must have shape [phases, {len(pools)}], got {w.shape}")
+  key = _check_key(key)
+  return np.concatenate([mixture(pools, w[p], key=_fold_in(key, p), steps=int(n),
+                                 batch_size=batch_size)
+                         for p, n in enumerate(phase_lengths(steps, len(w))) if n])
+
+
 def random_spec(family: str | OrderKind, num_fragments: int, *, key: jax.Array) -> OrderSpec:
   """A random member of an order family: a random sequence (blocked, interleaved),
   Dirichlet mixture weights, uniform curriculum scores, or a random two-thirds subset."""
   kind = _parse_kind(family)
-  k1, k2 = jax.random.split(key)
-  perm = [int(i) for i in jax.random.permutation(k1, num_fragments)]
   if kind is OrderKind.SHUFFLED:
     return OrderSpec(kind)
+  perm_F, weights_F, scores_F = (np.asarray(a) for a in _spec_draws(key, num_fragments))
+  perm = [int(i) for i in perm_F]
   if kind in (OrderKind.BLOCKED, OrderKind.INTERLEAVED):
     return OrderSpec(kind, sequence=perm)
   if kind is OrderKind.MIXTURE:
-    w = jax.random.dirichlet(k2, np.ones(num_fragments, np.float32))
-    return OrderSpec(kind, weights=[float(x) for x in w])
+    return OrderSpec(kind, weights=[float(x) for x in weights_F])
   if kind is OrderKind.CURRICULUM:
-    return OrderSpec(kind, scores=[float(x) for x in jax.random.uniform(k2, (num_fragments,))])
+    return OrderSpec(kind, scores=[float(x) for x in scores_F])
   return OrderSpec(kind, keep=sorted(perm[: max(1, (2 * num_fragments) // 3)]))
 
 
@@ -794,7 +841,7 @@ def random_orders(pools: Sequence[np.ndarray], n: int, *, key: jax.Array, steps:
   """
   specs, out = [], []
   for i, k in enumerate(jax.random.split(key, n)):
-    ks, kg = jax.random.split(k)
+    ks, kg = _split2(k)
     spec = random_spec(families[i % len(families)], len(pools), key=ks)
     specs.append(spec)
     out.append(spec.generate(pools, key=kg, steps=steps, batch_size=batch_size))

@@ -416,3 +416,23 @@ def test_random_specs_and_their_mutations_generate_valid_orders(family):
       assert sorted(child.sequence) == sorted(spec.sequence) and child != spec
     if family == "mixture":
       assert abs(sum(child.weights) - 1) < 1e-9
+
+
+def test_compiled_key_operations_draw_what_eager_jax_draws():
+  # The generators' key operations are compiled for speed; the keys and bits must be the
+  # ones eager JAX gives, or every order drawn from a key would change.
+  key = jax.random.key(7)
+  words = np.asarray(jax.random.bits(key, (64, 2), dtype=np.uint32)).astype(np.uint64)
+  np.testing.assert_array_equal(orders._bits(64, key=key), (words[:, 0] << np.uint64(32))
+                                | words[:, 1])
+  np.testing.assert_array_equal(jax.random.key_data(orders._fold_in(key, 3)),
+                                jax.random.key_data(jax.random.fold_in(key, 3)))
+  for got, want in zip(orders._split2(key), jax.random.split(key)):
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+  k1, k2 = jax.random.split(key)
+  mix = orders.random_spec("mixture", 5, key=key)
+  np.testing.assert_array_equal(
+      np.asarray(mix.weights, np.float32),
+      np.asarray(jax.random.dirichlet(k2, np.ones(5, np.float32))))
+  blocked = orders.random_spec("blocked", 5, key=key)
+  assert list(blocked.sequence) == [int(i) for i in jax.random.permutation(k1, 5)]

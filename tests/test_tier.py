@@ -9,10 +9,13 @@ import jax
 import numpy as np
 import pytest
 
+from calibrate.answers import screen as screen_lib
+from calibrate.answers.families import failure_points
 from calibrate.answers.outcomes import compare, what_if
 from calibrate.cli.main import main
 from calibrate.fitting import analytic as tier_lib
-from calibrate.fitting.calibration import fragment_means, predict, resolve_tier, schedule
+from calibrate.fitting.calibration import (fragment_means, predict, predict_fragments,
+                                           resolve_tier, schedule)
 from calibrate.fitting.saved import SimulatorError, load, save
 from calibrate.io.runlog import order_from_runlog, read_runlog, write_runlog
 from surrogate import orders
@@ -185,3 +188,41 @@ def test_validate_scores_the_tier_beside_the_transformer(sim, world, checked):
   assert 0.0 <= ana["decision_accuracy"] <= 1.0 and 0.0 <= ana["coverage"] <= 1.0
   assert np.isfinite(ana["trajectory_mse"]) and ana["trajectory_mse"] != sur["trajectory_mse"]
   assert "analytic_tier" in report.format_table()
+
+
+def test_fragment_predictions_are_the_fragment_means_of_the_example_predictions(sim, world,
+                                                                                checked):
+  frags, runs = world
+  with_tier = dataclasses.replace(sim, analytic=checked)
+  some = np.stack([order_from_runlog(r, frags) for r in runs[:4]])
+  steps = np.array([0, sim.steps_C[1], sim.steps_C[-1]])
+  for tier, seed_n in (("analytic", None), ("analytic", np.array([0, 1, 1, 0])),
+                       ("transformer", np.array([1, 0, 1, 0]))):
+    pred, _ = predict(with_tier, some, schedule(sim), steps, seed_N=seed_n, tier=tier)
+    frag, traj = predict_fragments(with_tier, some, schedule(sim), steps, seed_N=seed_n,
+                                   tier=tier)
+    assert frag.tier == pred.tier == tier and frag.tier_reason == pred.tier_reason
+    want = np.stack([fragment_means(sim, pred.members_NxKxCxM),
+                     fragment_means(sim, pred.members_NxKxCxM, probe=False)], -2)
+    np.testing.assert_allclose(frag.members_NxKxCx2xF, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_screen_through_the_tier_runs_in_blocks_and_leaves_starvation_unknown(
+    sim, checked, monkeypatch):
+  monkeypatch.setattr(screen_lib, "BLOCK_PAIRS", 4)  # 11 pairs: blocks of 4, 4 and 3
+  with_tier = dataclasses.replace(sim, analytic=checked)
+  sc = screen_lib.screen(with_tier, n_orders=22, key=jax.random.key(3), tier="analytic")
+  num_f = len(sim.fragments.names)
+  assert sc.tier == "analytic" and len(sc.specs) == 11 and sc.diagnostics == {}
+  # Families and left-out fragments keep their turns across blocks.
+  fams = list(orders.FAMILIES)
+  assert list(sc.families_P) == [fams[p % len(fams)] for p in range(11)]
+  for p, f in enumerate(sc.left_out_P):
+    turn = np.roll(np.arange(num_f), -(p % num_f))
+    assert f == next(g for g in turn if sc.fed_PxF[p, g])
+  assert sc.pairs_F.sum() == 11 and sc.probe_PxCxF.shape == (11, len(sim.steps_C), num_f)
+  judged = sc.pairs_F > 0
+  np.testing.assert_allclose(sc.outcome_FxO[judged].sum(1), 1.0, atol=1e-9)
+  assert np.isnan(sc.starved_F).all() and np.isnan(sc.starved_PxF).all()
+  assert not [p for p in failure_points(sc) if p.kind == "starvation"]
+  assert "unknown" in sc.table() and "nan%" not in sc.table()

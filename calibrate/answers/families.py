@@ -122,7 +122,7 @@ def _measure_values(sc: Screen) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out[f"P({outcome.value})"] = (np.broadcast_to(sc.outcome_PxO[:, o:o + 1], (num_p, num_f)),
                                   pair_PxF)
   out["P(forgotten at the end)"] = (sc.forgotten_PxF, every)
-  out["starved"] = (sc.starved_PxF.astype(float), sc.fed_PxF > 0)
+  out["starved"] = (sc.starved_PxF, sc.fed_PxF > 0)
   for name in DIAGNOSTICS:
     if name in sc.diagnostics:
       out[name] = (np.asarray(sc.diagnostics[name], float)[:, -1], every)
@@ -271,8 +271,8 @@ def failure_points(sc: Screen, *, min_share: float = 0.0) -> list[FailurePoint]:
   keep_P[list(sc.diverged)] = False
   out = []
   for kind, step_PxF, use_PxF in (
-      ("forgetting", sc.forget_step_PxF, np.ones_like(sc.starved_PxF, bool)),
-      ("starvation", sc.starve_step_PxF, sc.fed_PxF > 0)):
+      ("forgetting", sc.forget_step_PxF, np.ones(sc.fed_PxF.shape, bool)),
+      ("starvation", sc.starve_step_PxF, (sc.fed_PxF > 0) & np.isfinite(sc.starved_PxF))):
     for f, name in enumerate(sc.fragments):
       use = keep_P & use_PxF[:, f]
       hit = use & np.isfinite(step_PxF[:, f])

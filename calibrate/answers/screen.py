@@ -30,15 +30,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from calibrate.answers.outcomes import OUTCOMES, Thresholds, label_outcomes, outcome_shares
-from calibrate.fitting.calibration import (Simulator, fragment_means, predict, resolve_tier,
-                                           schedule)
+from calibrate.fitting.calibration import Simulator, predict_fragments, resolve_tier, schedule
 from surrogate import orders as orders_lib
 from surrogate.jsonl import json_safe
 
@@ -62,12 +62,7 @@ def draw_orders(sim: Simulator, n: int, *, family: str | Sequence[str] = "all",
   Returns:
     (specs, orders_NxTxB).
   """
-  families = list(orders_lib.FAMILIES) if family == "all" else (
-      [family] if isinstance(family, str) else list(family))
-  for f in families:
-    if f not in orders_lib.FAMILIES:
-      raise ValueError(f"unknown order family {f!r}; expected 'all' or some of "
-                       f"{list(orders_lib.FAMILIES)}")
+  families = _families(family)
   return orders_lib.random_orders(sim.fragments.train_pools(), n, key=key, steps=sim.num_steps,
                                   batch_size=sim.batch_size, families=families)
 
@@ -113,8 +108,9 @@ class Screen:
     forgotten_PxF: share of the gains under which the fragment ends forgotten.
     forget_step_PxF: the forgetting onset (module docstring) of the ensemble-mean probe
       loss, NaN where it does not end forgotten.
-    starved_PxF, starve_step_PxF: whether the fragment is starved in the order, and the
-      onset step (NaN where it is not).
+    starved_PxF, starve_step_PxF: whether the fragment is starved in the order (1 or 0;
+      NaN where the tier that answered cannot tell), and the onset step (NaN where it is
+      not starved or that is unknown).
   """
   fragments: tuple[str, ...]
   steps: np.ndarray
@@ -162,7 +158,7 @@ class Screen:
                else f"{'(no pair left it out)':>52}")
       lines.append(f"{name.ljust(w)}{probs}  {self.gain_F[f]:6.1%} [{self.gain_lo_F[f]:5.1%}, "
                    f"{self.gain_hi_F[f]:5.1%}] {self.own_probe_F[f]:+6.1%}"
-                   f"{self.starved_F[f]:9.0%}{self.collapsed_F[f]:10.0%}")
+                   f"{_share(self.starved_F[f], 9)}{_share(self.collapsed_F[f], 10)}")
     if self.diverged:
       lines.append(f"{len(self.diverged)} simulated orders diverged: {list(self.diverged)[:10]}")
     lines.append(f"answered by the {self.tier_reason}")
@@ -187,6 +183,30 @@ class Screen:
     }
 
 
+BLOCK_PAIRS = 4096  # pairs drawn, simulated and summarised together: memory stays bounded
+
+
+class _Block(NamedTuple):
+  """One block's pairs, summarised (axes: P pairs, G gain members, C, F, O outcomes)."""
+  specs: list[orders_lib.OrderSpec]
+  left_out_P: np.ndarray
+  fed_PxF: np.ndarray
+  own_PxGxF: np.ndarray        # relative own contribution of the left-out one to every j
+  own_abs_PxG: np.ndarray      # the left-out fragment's absolute own contribution
+  label_PxG: np.ndarray
+  valid_PxG: np.ndarray
+  drop_PxF: np.ndarray
+  probe_PxCxF: np.ndarray
+  forgotten_PxF: np.ndarray
+  starved_PxF: np.ndarray
+  starve_step_PxF: np.ndarray
+  diagnostics: dict[str, np.ndarray]
+  diverged_P: np.ndarray
+  seconds: float               # the simulations' wall time
+  tier: str
+  tier_reason: str
+
+
 def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
            family: str | Sequence[str] = "all", thresholds: Thresholds = Thresholds(),
            failures: ScreenThresholds = ScreenThresholds(), diagnostics: bool = True,
@@ -194,6 +214,10 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
            folder: str | os.PathLike | None = None,
            resume: bool = False, tier: str = "auto") -> Screen:
   """Simulates `n_orders` runs (`n_orders // 2` random orders and their counterfactuals).
+
+  Pairs are drawn, simulated and summarised in blocks of `BLOCK_PAIRS` (block b draws with
+  `fold_in(key, b)`), and only fragment means are kept, so a screen of 10^5 orders through
+  the analytic tier needs a few hundred MB.
 
   Args:
     sim: a calibrated simulator.
@@ -207,104 +231,153 @@ def screen(sim: Simulator, *, key: jax.Array, n_orders: int = 256,
     progress: show a progress bar.
     chunk_size: orders per compiled call (default: `simulate.default_chunk_size`).
     folder: stream the simulations' results into this folder, chunk by chunk (subfolders
-      `orders` and `counterfactuals`), so a killed screen can be resumed.
+      `orders` and `counterfactuals`, suffixed `-b` for block b > 0), so a killed screen
+      can be resumed.
     resume: continue the screen whose results are in `folder` (same inputs and key).
     tier: "auto" (default: the analytic tier where it passed its trust check, else the
       transformer), "analytic" or "transformer".
       The analytic tier has no diagnostics and no gradient push: where it answers, they
-      are skipped and `starved_F` is NaN.
+      are skipped and starvation is unknown (`starved_F` and `starved_PxF` NaN).
   """
+  from tqdm.auto import tqdm
   if n_orders < 2:
     raise ValueError(f"screen needs n_orders >= 2 (pairs of runs), got {n_orders}")
+  families = _families(family)
+  analytic = resolve_tier(sim, tier)[0] is not None
+  n_p = n_orders // 2
+  starts = range(0, n_p, BLOCK_PAIRS)
+  blocks = []
+  for b, start in enumerate(tqdm(starts, desc="screening", unit="block",
+                                 disable=not progress or len(starts) < 2, leave=False)):
+    sub = None if folder is None else (lambda name, b=b: os.path.join(
+        folder, name if b == 0 else f"{name}-{b}"))
+    blocks.append(_screen_block(
+        sim, jax.random.fold_in(key, b), start, min(BLOCK_PAIRS, n_p - start), families,
+        thresholds, failures, diagnostics=diagnostics and not analytic,
+        run={"progress": progress and len(starts) < 2, "chunk_size": chunk_size,
+             "resume": resume, "tier": tier}, sub=sub))
+  cat = lambda name: np.concatenate([getattr(k, name) for k in blocks])  # noqa: E731
+  num_f = len(sim.fragments.names)
+  left_out, own_p, label, valid = (cat("left_out_P"), cat("own_PxGxF"), cat("label_PxG"),
+                                   cat("valid_PxG"))
+  own_abs = cat("own_abs_PxG")
+  outcome = np.full((num_f, len(OUTCOMES)), np.nan)
+  interference = np.full((num_f, num_f), np.nan)
+  own_abs_F = np.full(num_f, np.nan)
+  with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: diverged members
+    for f in range(num_f):
+      sel = left_out == f
+      v = valid[sel]
+      if v.any():
+        outcome[f] = [((label[sel] == o) & v).sum() / v.sum() for o in range(len(OUTCOMES))]
+        interference[f] = np.nanmean(own_p[sel].reshape(-1, num_f), 0)
+        own_abs_F[f] = np.nanmean(own_abs[sel])
+    outcome_PxO = np.where(valid.any(1)[:, None], outcome_shares(label, valid, axis=1), np.nan)
+    drop_P, fed_PxF, starved_PxF = cat("drop_PxF"), cat("fed_PxF"), cat("starved_PxF")
+    fed_any = (fed_PxF > 0).sum(0)
+    starved = np.where(fed_any > 0, np.nansum(starved_PxF, 0) / np.maximum(fed_any, 1), np.nan)
+    starved = np.where(np.isnan(starved_PxF).all(0), np.nan, starved)
+    probe_PxCxF = cat("probe_PxCxF")
+    diags = {name: np.concatenate([k.diagnostics[name] for k in blocks])
+             for name in blocks[0].diagnostics}
+    gain = (np.nanmean(drop_P, 0), np.nanquantile(drop_P, 0.1, 0),
+            np.nanquantile(drop_P, 0.9, 0))
+    own_PxF = np.nanmean(own_p, 1)
+    collapsed = np.full(num_f, np.nan)
+    if diags:
+      ent = diags["entropy"]                                       # P C F
+      collapsed = np.nanmean(ent[:, -1] < failures.collapse * ent[:, 0], 0)
+  diverged = tuple(int(p) for p in np.nonzero(cat("diverged_P"))[0])
+  return Screen(
+      fragments=sim.fragments.names, steps=np.asarray(sim.steps_C),
+      specs=tuple(s for k in blocks for s in k.specs), left_out_P=left_out,
+      outcome_FxO=outcome, pairs_F=np.bincount(left_out, minlength=num_f),
+      own_probe_F=np.diag(interference).copy(), own_probe_abs_F=own_abs_F,
+      gain_F=gain[0], gain_lo_F=gain[1], gain_hi_F=gain[2], interference_FxF=interference,
+      probe_PxCxF=probe_PxCxF, diagnostics=diags, starved_F=starved, collapsed_F=collapsed,
+      diverged=diverged, seconds_per_order=sum(k.seconds for k in blocks) / (2 * n_p),
+      fed_PxF=fed_PxF, drop_PxF=drop_P, own_PxF=own_PxF,
+      outcome_PxO=outcome_PxO, forgotten_PxF=cat("forgotten_PxF"),
+      forget_step_PxF=forgetting_onset(probe_PxCxF, sim.steps_C, thresholds.forgotten),
+      starved_PxF=starved_PxF, starve_step_PxF=cat("starve_step_PxF"), tier=blocks[0].tier,
+      tier_reason=blocks[0].tier_reason)
+
+
+def _families(family: str | Sequence[str]) -> list[str]:
+  families = list(orders_lib.FAMILIES) if family == "all" else (
+      [family] if isinstance(family, str) else list(family))
+  for f in families:
+    if f not in orders_lib.FAMILIES:
+      raise ValueError(f"unknown order family {f!r}; expected 'all' or some of "
+                       f"{list(orders_lib.FAMILIES)}")
+  return families
+
+
+def _screen_block(sim: Simulator, key: jax.Array, start: int, n_p: int, families: list[str],
+                  thresholds: Thresholds, failures: ScreenThresholds, *, diagnostics: bool,
+                  run: dict, sub) -> _Block:
+  """Draws pairs `start .. start + n_p` (families and left-out fragments keep turning across
+  blocks), simulates them and summarises each pair."""
   k_draw, k_cf = jax.random.split(key)
   frags = sim.fragments
   num_f, pools = len(frags.names), frags.train_pools()
-  specs, orders = draw_orders(sim, n_orders // 2, family=family, key=k_draw)
-  n_p = len(specs)
+  turn = start % len(families)
+  specs, orders = draw_orders(sim, n_p, family=families[turn:] + families[:turn], key=k_draw)
   fed_PxF = np.stack([orders_lib.fragment_counts(o, frags.fragment_of, num_f) for o in orders])
   left_out = np.empty(n_p, np.int64)
   counterfactuals = []
   for p in range(n_p):
     # Fragments take turns; one the order does not feed passes to the next it feeds.
-    left_out[p] = next(f for f in np.roll(np.arange(num_f), -(p % num_f)) if fed_PxF[p, f])
+    left_out[p] = next(f for f in np.roll(np.arange(num_f), -((start + p) % num_f))
+                       if fed_PxF[p, f])
     counterfactuals.append(orders_lib.without_fragment(orders[p], pools, int(left_out[p]),
                                                        key=jax.random.fold_in(k_cf, p)))
-  seed_P = np.arange(n_p) % sim.num_seeds
+  seed_P = (start + np.arange(n_p)) % sim.num_seeds
   t0 = time.perf_counter()
-  run = {"progress": progress, "chunk_size": chunk_size, "resume": resume}
-  sub = (lambda name: None) if folder is None else (
-      lambda name: os.path.join(folder, name))
   lr_T, steps = schedule(sim), sim.steps_C
-  analytic = resolve_tier(sim, tier)[0] is not None
-  diagnostics = diagnostics and not analytic
-  run["tier"] = tier
-  pred, traj = predict(sim, orders, lr_T, steps, seed_N=seed_P, diagnostics=diagnostics,
-                       folder=sub("orders"), **run)
+  sub = sub or (lambda name: None)
+  pred, traj = predict_fragments(sim, orders, lr_T, steps, seed_N=seed_P,
+                                 diagnostics=diagnostics, folder=sub("orders"), **run)
   # Counterfactuals only need their losses: no diagnostics (the same compiled simulation
   # as `calibrate.answers.search`'s).
-  pred_cf, traj_cf = predict(sim, np.stack(counterfactuals), lr_T, steps, seed_N=seed_P,
-                             folder=sub("counterfactuals"), **run)
-  members = np.concatenate([pred.members_NxKxCxM, pred_cf.members_NxKxCxM])
-  per_order = (time.perf_counter() - t0) / (2 * n_p)
-  probe = fragment_means(sim, members)                             # 2P G C F
-  train = fragment_means(sim, members, probe=False)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    main, cf = probe[:n_p], probe[n_p:]
-    own_p = (cf[:, :, -1] - main[:, :, -1]) / cf[:, :, -1]          # P G F
-    own_t = (train[n_p:, :, -1] - train[:n_p, :, -1]) / train[n_p:, :, -1]
-    idx = np.arange(n_p)
-    f_p = left_out
+  pred_cf, traj_cf = predict_fragments(sim, np.stack(counterfactuals), lr_T, steps,
+                                       seed_N=seed_P, folder=sub("counterfactuals"), **run)
+  seconds = time.perf_counter() - t0
+  main, cf = pred.members_NxKxCx2xF[..., 0, :], pred_cf.members_NxKxCx2xF[..., 0, :]  # P G C F
+  train, train_cf = pred.members_NxKxCx2xF[..., 1, :], pred_cf.members_NxKxCx2xF[..., 1, :]
+  idx, f_p = np.arange(n_p), left_out
+  with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: diverged members
+    own_p = (cf[:, :, -1] - main[:, :, -1]) / cf[:, :, -1]           # P G F
+    own_t = (train_cf[:, :, -1] - train[:, :, -1]) / train_cf[:, :, -1]
     label = label_outcomes(main[idx, :, -1, f_p], np.nanmin(main[idx, :, :, f_p], axis=-1),
                            own_p[idx, :, f_p], own_t[idx, :, f_p], thresholds)   # P G
     valid = np.isfinite(main[idx, :, -1, f_p]) & np.isfinite(cf[idx, :, -1, f_p])
-    outcome = np.zeros((num_f, len(OUTCOMES)))
-    pairs = np.bincount(f_p, minlength=num_f)
-    interference = np.full((num_f, num_f), np.nan)
-    own_abs = np.full(num_f, np.nan)
-    for f in range(num_f):
-      sel = f_p == f
-      v = valid[sel]
-      if v.any():
-        outcome[f] = [((label[sel] == o) & v).sum() / v.sum() for o in range(len(OUTCOMES))]
-        interference[f] = np.nanmean(own_p[sel].reshape(-1, num_f), 0)
-        own_abs[f] = np.nanmean((cf - main)[sel][:, :, -1, f])
-      else:
-        outcome[f] = np.nan
-    drop = (main[:, :, 0] - main[:, :, -1]) / main[:, :, 0]         # P G F
-    drop_P = np.nanmean(drop, 1)
-    own_PxF = np.nanmean(own_p, 1)
-    outcome_PxO = np.where(valid.any(1)[:, None], outcome_shares(label, valid, axis=1), np.nan)
-    forgotten_PxF = np.nanmean(main[:, :, -1] >= (1 + thresholds.forgotten)
-                               * np.nanmin(main, axis=2), 1)
-  diags = {}
-  if traj.diagnostics is not None:
-    diags = {name: np.asarray(v) for name, v in traj.diagnostics._asdict().items()}
-  collapsed = np.full(num_f, np.nan)
-  fed_CxF = np.stack([_fed_by_checkpoint(o, frags.fragment_of, num_f, steps) for o in orders])
-  is_starved, starve_step = _starvation(np.asarray(traj.grad_push_CxF[:n_p], np.float64),
-                                        fed_CxF, steps, failures.starved)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    fed_any = (fed_PxF > 0).sum(0)
-    starved = np.where((fed_any > 0) & (pred.tier == "transformer"),
-                       is_starved.sum(0) / np.maximum(fed_any, 1), np.nan)
-    if traj.diagnostics is not None:
-      ent = diags["entropy"]                                     # P C F
-      collapsed = np.nanmean(ent[:, -1] < failures.collapse * ent[:, 0], 0)
-  diverged = tuple(int(p) for p in np.nonzero((traj.diverged_step >= 0)
-                                              | (traj_cf.diverged_step >= 0))[0])
-  return Screen(
-      fragments=frags.names, steps=np.asarray(sim.steps_C), specs=tuple(specs),
-      left_out_P=left_out, outcome_FxO=outcome, pairs_F=pairs,
-      own_probe_F=np.diag(interference).copy(), own_probe_abs_F=own_abs,
-      gain_F=np.nanmean(drop_P, 0), gain_lo_F=np.nanquantile(drop_P, 0.1, 0),
-      gain_hi_F=np.nanquantile(drop_P, 0.9, 0), interference_FxF=interference,
-      probe_PxCxF=np.nanmean(main, 1), diagnostics=diags, starved_F=starved,
-      collapsed_F=collapsed, diverged=diverged, seconds_per_order=per_order,
-      fed_PxF=fed_PxF, drop_PxF=drop_P, own_PxF=own_PxF, outcome_PxO=outcome_PxO,
-      forgotten_PxF=forgotten_PxF,
-      forget_step_PxF=forgetting_onset(np.nanmean(main, 1), steps, thresholds.forgotten),
-      starved_PxF=is_starved, starve_step_PxF=starve_step, tier=pred.tier,
-      tier_reason=pred.tier_reason)
+    drop = (main[:, :, 0] - main[:, :, -1]) / main[:, :, 0]          # P G F
+    forgotten = np.nanmean(main[:, :, -1] >= (1 + thresholds.forgotten)
+                           * np.nanmin(main, axis=2), 1)
+    probe_PxCxF = np.nanmean(main, 1)
+    drop_PxF = np.nanmean(drop, 1)
+  if pred.tier == "transformer":
+    fed_CxF = np.stack([_fed_by_checkpoint(o, frags.fragment_of, num_f, steps) for o in orders])
+    is_starved, starve_step = _starvation(np.asarray(traj.grad_push_CxF, np.float64), fed_CxF,
+                                          steps, failures.starved)
+    starved = is_starved.astype(np.float64)
+  else:  # the analytic tier has no gradient push: unknown, not "never"
+    starved = starve_step = np.full((n_p, num_f), np.nan)
+  diags = ({} if traj.diagnostics is None else
+           {name: np.asarray(v) for name, v in traj.diagnostics._asdict().items()})
+  return _Block(specs, left_out, fed_PxF, own_p.astype(np.float32),
+                (cf - main)[idx, :, -1, f_p], label, valid, drop_PxF, probe_PxCxF,
+                forgotten, starved, starve_step, diags,
+                (traj.diverged_step >= 0) | (traj_cf.diverged_step >= 0), seconds, pred.tier,
+                pred.tier_reason)
+
+
+def _share(x: float, width: int) -> str:
+  """A share as a percentage, or "unknown" where the tier that answered cannot tell."""
+  return f"{x:{width}.0%}" if np.isfinite(x) else f"{'unknown':>{width}}"
 
 
 def _fed_by_checkpoint(order_TxB: np.ndarray, fragment_of: np.ndarray, num_f: int,

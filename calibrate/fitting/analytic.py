@@ -32,8 +32,8 @@ from surrogate import analytic, optim
 from surrogate import orders as orders_lib
 
 __all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "adam_betas", "agreement",
-           "check_fidelity", "draw", "fit_on", "fit_tier", "tier_features", "tier_losses",
-           "transformer_losses"]
+           "check_fidelity", "draw", "fit_on", "fit_tier", "phase_inputs", "tier_features",
+           "tier_losses", "transformer_losses"]
 
 TRUST_RATIO = 0.95
 
@@ -151,6 +151,18 @@ def tier_features(sim: Simulator, orders_NxTxB: np.ndarray,
     orders = np.concatenate([orders, np.full((n, pad, orders.shape[2]), -1, orders.dtype)], 1)
     lr = np.concatenate([lr, np.zeros((n, pad))], 1)
   return analytic.features(orders, sim.fragments.fragment_of, _train_weight_FxE(sim), lr)
+
+
+def phase_inputs(sim: Simulator, phases: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`surrogate.analytic.soft_features`' inputs for `phases` phases of `sim`'s runs at the
+  calibration runs' rates: (phase_T, seen_per_share_F, lr_T)."""
+  lengths = orders_lib.phase_lengths(sim.num_steps, phases)
+  phase_T = np.repeat(np.arange(phases), lengths)
+  has_train = _train_weight_FxE(sim).sum(1) > 0
+  pool_F = np.array([len(p) for p in sim.fragments.train_pools()], np.float64)
+  seen_F = np.where(has_train, sim.batch_size / np.maximum(pool_F, 1), 0.0)
+  lr = schedule(sim)
+  return phase_T, seen_F.astype(np.float32), (lr / max(float(lr.max()), 1e-30)).astype(np.float32)
 
 
 def _fragment_rows(sim: Simulator, raw_xM: np.ndarray) -> np.ndarray:

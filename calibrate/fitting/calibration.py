@@ -424,6 +424,8 @@ def to_real(sim: Simulator, dev_NxCxM: np.ndarray, anchor_CxM: np.ndarray,
 
 def interp_steps(x: np.ndarray, from_steps: np.ndarray, to_steps: np.ndarray) -> np.ndarray:
   """Linear interpolation along axis -2 ([..., C_from, M] -> [..., C_to, M])."""
+  if np.array_equal(from_steps, to_steps):
+    return x
   moved = np.moveaxis(x, -2, -1)
   flat = moved.reshape(-1, moved.shape[-1])
   res = np.stack([np.interp(to_steps, from_steps, row) for row in flat])
@@ -544,6 +546,53 @@ def _sim_setup(sim: Simulator, eval_ids: Sequence[str], num_steps: int, steps: n
   return data, plan, col, rows
 
 
+class _Runs(NamedTuple):
+  """`predict`'s checked inputs: one row per simulated run (an order x a seed)."""
+  orders: np.ndarray     # N T B
+  lrs: np.ndarray        # [T] shared, or one row per run [R, T]
+  steps: np.ndarray      # the asked eval steps, sorted
+  seed_R: np.ndarray     # each run's seed
+  sel: np.ndarray        # each run's order
+  cal_steps: np.ndarray  # the calibration steps the orders reach
+  all_steps: np.ndarray  # both
+  at_steps: np.ndarray   # where the asked steps are in all_steps
+  at_cal: np.ndarray     # where the calibration steps are
+
+
+def _runs(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int],
+          seed_N: np.ndarray | None) -> _Runs:
+  """Checks `predict`'s inputs and lays out its runs (an order per seed, or per `seed_N`)."""
+  cal, cfg = sim.calibration, sim.config
+  orders = np.asarray(orders_NxTxB, np.int32)
+  if orders.ndim != 3 or 0 in orders.shape:
+    raise CalibrationError(f"orders must have shape [N >= 1, T >= 1, B >= 1], got {orders.shape}")
+  n, num_steps = orders.shape[0], orders.shape[1]
+  if num_steps > cfg.num_steps:
+    raise CalibrationError(f"orders of {num_steps} steps: the simulator was calibrated on "
+                           f"{cfg.num_steps}-step runs and cannot predict beyond them")
+  steps = np.unique(np.asarray(eval_steps, np.int64))
+  if steps.size == 0 or steps.min() < 0 or steps.max() > num_steps:
+    raise CalibrationError(f"eval steps {steps.tolist()} are not within 0..{num_steps}")
+  if steps.max() > cal.steps_C[-1]:
+    raise CalibrationError(f"step {int(steps.max())} is after the calibration runs' last eval "
+                           f"({int(cal.steps_C[-1])}); the real trajectory is unknown there")
+  lrs = np.asarray(lr_NxT, np.float32)
+  if lrs.shape not in ((num_steps,), (n, num_steps)):
+    raise CalibrationError(f"learning rates of shape {lrs.shape} for {n} orders of {num_steps} "
+                           f"steps: give [T] or [N, T] (e.g. schedule(sim)[:{num_steps}])")
+  if seed_N is not None and np.shape(seed_N) != (n,):
+    raise CalibrationError(f"seed_N of shape {np.shape(seed_N)}: one seed per order ({n},)")
+  n_s = sim.num_seeds
+  if seed_N is None:
+    seed_R, sel = np.tile(np.arange(n_s), n), np.repeat(np.arange(n), n_s)
+  else:
+    seed_R, sel = np.asarray(seed_N, np.int64) % n_s, np.arange(n)
+  cal_steps = cal.steps_C[cal.steps_C <= num_steps]
+  all_steps = np.union1d(steps, cal_steps)
+  return _Runs(orders, lrs if lrs.ndim == 1 else lrs[sel], steps, seed_R, sel, cal_steps,
+               all_steps, np.searchsorted(all_steps, steps), np.searchsorted(all_steps, cal_steps))
+
+
 def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
             seed_N: np.ndarray | None = None, eval_ids: Sequence[str] | None = None,
             diagnostics: bool = False, progress: bool = False, chunk_size: int | None = None,
@@ -586,37 +635,12 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
     CalibrationError: orders longer than the calibration runs, or steps it cannot predict.
   """
   cal, cfg = sim.calibration, sim.config
-  orders = np.asarray(orders_NxTxB, np.int32)
-  if orders.ndim != 3 or 0 in orders.shape:
-    raise CalibrationError(f"orders must have shape [N >= 1, T >= 1, B >= 1], got {orders.shape}")
-  n, num_steps = orders.shape[0], orders.shape[1]
-  if num_steps > cfg.num_steps:
-    raise CalibrationError(f"orders of {num_steps} steps: the simulator was calibrated on "
-                           f"{cfg.num_steps}-step runs and cannot predict beyond them")
-  steps = np.unique(np.asarray(eval_steps, np.int64))
-  if steps.size == 0 or steps.min() < 0 or steps.max() > num_steps:
-    raise CalibrationError(f"eval steps {steps.tolist()} are not within 0..{num_steps}")
-  if steps.max() > cal.steps_C[-1]:
-    raise CalibrationError(f"step {int(steps.max())} is after the calibration runs' last eval "
-                           f"({int(cal.steps_C[-1])}); the real trajectory is unknown there")
-  lrs = np.asarray(lr_NxT, np.float32)
-  if lrs.shape not in ((num_steps,), (n, num_steps)):
-    raise CalibrationError(f"learning rates of shape {lrs.shape} for {n} orders of {num_steps} "
-                           f"steps: give [T] or [N, T] (e.g. schedule(sim)[:{num_steps}])")
-  if seed_N is not None and np.shape(seed_N) != (n,):
-    raise CalibrationError(f"seed_N of shape {np.shape(seed_N)}: one seed per order ({n},)")
+  run = _runs(sim, orders_NxTxB, lr_NxT, eval_steps, seed_N)
+  orders, lrs, steps, seed_R, sel = run.orders, run.lrs, run.steps, run.seed_R, run.sel
+  n, all_steps, at_steps, cal_steps = len(orders), run.all_steps, run.at_steps, run.cal_steps
+  at_cal = run.at_cal
   eval_ids = tuple(cfg.eval_ids if eval_ids is None else eval_ids)
-  n_s = sim.num_seeds
-  if seed_N is None:
-    seed_R, sel = np.tile(np.arange(n_s), n), np.repeat(np.arange(n), n_s)
-  else:
-    seed_R, sel = np.asarray(seed_N, np.int64) % n_s, np.arange(n)
-  cal_steps = cal.steps_C[cal.steps_C <= num_steps]
-  all_steps = np.union1d(steps, cal_steps)
   ana, reason = resolve_tier(sim, tier, diagnostics=diagnostics)
-  lrs = lrs if lrs.ndim == 1 else lrs[sel]
-  at_steps = np.searchsorted(all_steps, steps)
-  at_cal = np.searchsorted(all_steps, cal_steps)
   if ana is None:
     raw_all, traj, sur_cal_at = _transformer_run(
         sim, orders[sel], lrs, seed_R, eval_ids, all_steps, at_steps, cal_steps,
@@ -651,6 +675,58 @@ def predict(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
                           tier="transformer" if ana is None else "analytic",
                           tier_reason=reason)
   return prediction, traj
+
+
+class FragmentPrediction(NamedTuple):
+  """Predicted fragment means of N orders on the real scale (`predict_fragments`).
+
+  Attributes:
+    steps: the C eval steps.
+    members_NxKxCx2xF: each ensemble member's fragment means, row 0 over the fragment's
+      probes, row 1 over its evaluated train examples (NaN where it has none).
+    tier, tier_reason: which model simulated the orders, and why (`resolve_tier`).
+  """
+  steps: np.ndarray
+  members_NxKxCx2xF: np.ndarray
+  tier: str
+  tier_reason: str
+
+
+def predict_fragments(sim: Simulator, orders_NxTxB, lr_NxT, eval_steps: Sequence[int], *,
+                      seed_N: np.ndarray | None = None, diagnostics: bool = False,
+                      progress: bool = False, chunk_size: int | None = None,
+                      folder: str | os.PathLike | None = None, resume: bool = False,
+                      tier: str = "transformer") -> tuple[FragmentPrediction, Trajectory]:
+  """`predict`, reduced to fragment means of `sim.eval_ids`: what screens of many orders
+  need. The analytic tier answers at fragment level directly, without a [N, K, C, M] array
+  of examples (about 100 times smaller for the bundled sets); the transformer's examples
+  are reduced after `predict`. Arguments as `predict`'s.
+  """
+  ana, reason = resolve_tier(sim, tier, diagnostics=diagnostics)
+  if ana is None:
+    pred, traj = predict(sim, orders_NxTxB, lr_NxT, eval_steps, seed_N=seed_N,
+                         diagnostics=diagnostics, progress=progress, chunk_size=chunk_size,
+                         folder=folder, resume=resume, tier=tier)
+    members = np.stack([fragment_means(sim, pred.members_NxKxCxM),
+                        fragment_means(sim, pred.members_NxKxCxM, probe=False)], -2)
+    return FragmentPrediction(pred.steps, members, pred.tier, pred.tier_reason), traj
+  run = _runs(sim, orders_NxTxB, lr_NxT, eval_steps, seed_N)
+  num_r, num_f = len(run.seed_R), len(sim.fragments.names)
+  rows_RxCx2xF = ana.fragment_rows(sim, run.orders[run.sel], run.lrs, run.all_steps, run.seed_R)
+  cal_rows = ana.cal_SxCx2xF[run.seed_R][:, : len(run.cal_steps)]
+  dev_cal = (rows_RxCx2xF[:, run.at_cal] - cal_rows).reshape(num_r, len(run.cal_steps), -1)
+  dev = interp_steps(dev_cal, run.cal_steps, run.steps).reshape(num_r, -1, 2, num_f)
+  anchor_CxM = maps_at(sim, run.steps, sim.eval_ids).anchor_CxM
+  anchor_Cx2xF = np.stack([fragment_means(sim, anchor_CxM),
+                           fragment_means(sim, anchor_CxM, probe=False)], -2)
+  gain_GxF = gains_GxF(sim.calibration, sim.config.gain_quantiles)
+  members = anchor_Cx2xF[None, None] + gain_GxF[None, :, None, None] * dev[:, None]
+  traj = Trajectory(eval_loss_CxM=np.zeros((num_r, len(run.steps), 0), np.float32),
+                    train_loss_T=np.full((num_r, run.orders.shape[1]), np.nan), diagnostics=None,
+                    diverged_step=np.full(num_r, -1),
+                    grad_push_CxF=np.full((num_r, len(run.steps), num_f), np.nan))
+  return FragmentPrediction(run.steps, members.reshape(len(run.orders), -1, *members.shape[2:]),
+                            "analytic", reason), traj
 
 
 def _transformer_run(sim: Simulator, orders_RxTxB: np.ndarray, lrs: np.ndarray,
