@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from calibrate.answers.outcomes import what_if  # noqa: E402
 from calibrate.answers.screen import screen  # noqa: E402
+from calibrate.answers.search import evaluate, gradient_search, search  # noqa: E402
 from calibrate.fitting import analytic as tier_lib  # noqa: E402
 from calibrate.fitting.calibration import predict, schedule  # noqa: E402
 from calibrate.fitting.fit import FitConfig, fit  # noqa: E402
@@ -142,7 +143,7 @@ def throughput(sim, tier, fresh, *, transformer_orders: int, analytic_orders: in
   print(f"  analytic:    {a * 1e6:.1f} us an order ({60 / a:,.0f} orders a minute; "
         f"{analytic_orders} orders a call); ratio {s / a:,.0f}x")
   print(f"  the analytic tier's features from concrete orders: {t_feat * 1e6:.0f} us an order "
-        "(numpy; not in the figure above)")
+        "(compiled; not in the figure above)")
 
 
 def answers(sim, tier, fresh, *, screen_orders: int, repeats: int) -> None:
@@ -173,6 +174,45 @@ def answers(sim, tier, fresh, *, screen_orders: int, repeats: int) -> None:
           f"process {peak:.1f} GiB")
 
 
+def design(sim, tier, *, verify: int) -> None:
+  """Gradient search against the greedy local search at equal wall time, both through the
+  tier, for two objectives fixed in advance (every fragment; the file's first two): each
+  method's `verify` best orders and a shuffle are then simulated by the transformer."""
+  with_tier = dataclasses.replace(sim, analytic=tier)
+  names = sim.fragments.names
+  key = jax.random.key(0)
+  gradient_search(with_tier, key=key, tier="analytic", verify=0, steps=10)  # compiles
+  search(with_tier, key=key, tier="analytic", budget=8)
+  print(f"\norder design through the tier, then checked by the transformer ({sim.num_seeds} "
+        "seeds; objective: predicted final probe loss, lower is better):")
+  for label, objective in (("mean", "mean"), (f"{names[0]} + {names[1]}",
+                                               {names[0]: 1.0, names[1]: 1.0})):
+    t0 = time.perf_counter()
+    grad = gradient_search(with_tier, objective=objective, key=key, tier="analytic", verify=0)
+    t_grad = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    search(with_tier, objective=objective, key=key, tier="analytic", budget=16)
+    per = (time.perf_counter() - t0) / 16
+    budget = max(16, int(t_grad / per))
+    t0 = time.perf_counter()
+    greedy = search(with_tier, objective=objective, key=jax.random.fold_in(key, 1),
+                    tier="analytic", budget=budget, rounds=4)
+    t_greedy = time.perf_counter() - t0
+    check = {"shuffled": orders_lib.OrderSpec("shuffled")}
+    for method, res in (("gradient", grad), ("greedy", greedy)):
+      top = [i for i, n in enumerate(res.ranked.names) if n != "shuffled"][:verify]
+      check.update({f"{method}:{res.ranked.names[i]}": res.ranked.orders_NxTxB[i] for i in top})
+    ver = evaluate(sim, check, objective=objective, key=key, tier="transformer")
+    by = dict(zip(ver.names, ver.score_N))
+    print(f"  objective {label}: shuffled {by['shuffled']:.4f} (transformer)")
+    for method, res, took in (("gradient", grad, t_grad), ("greedy", greedy, t_greedy)):
+      mine = {n: v for n, v in by.items() if n.startswith(method + ":")}
+      best = min(mine, key=mine.get)
+      print(f"    {method:<9}{took:6.1f} s, {len(res.ranked.names):>5} candidates on the tier; "
+            f"tier's best {float(np.nanmin(res.ranked.score_N)):.4f}; transformer's best of its "
+            f"top {len(mine)}: {mine[best]:.4f} ({best.split(':', 1)[1]})")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--task", default="lm-dev")
@@ -186,6 +226,9 @@ def main() -> None:
   p.add_argument("--transformer-orders", type=int, default=8)
   p.add_argument("--analytic-orders", type=int, default=65536)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--search", type=int, default=0, metavar="VERIFY",
+                 help="also compare gradient and greedy search at equal wall time, the "
+                      "transformer checking each one's VERIFY best orders")
   p.add_argument("--screen", type=int, default=0,
                  help="also time a screen of this many orders through the tier (e.g. 100000)")
   p.add_argument("--validate", action="store_true",
@@ -218,6 +261,8 @@ def main() -> None:
   throughput(sim, tier, fresh, transformer_orders=args.transformer_orders,
              analytic_orders=args.analytic_orders, repeats=args.repeats)
   answers(sim, tier, fresh, screen_orders=args.screen, repeats=args.repeats)
+  if args.search:
+    design(sim, tier, verify=args.search)
 
 
 if __name__ == "__main__":

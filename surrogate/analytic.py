@@ -141,15 +141,23 @@ def soft_features(logits_PxF: jax.Array, phase_T: jax.Array, seen_per_share_F: j
 
 def phase_objective(logits_PxF: jax.Array, params_S: Params, x0_Sx2xF: jax.Array,
                     phase_T: jax.Array, seen_per_share_F: jax.Array, lr_T: jax.Array,
-                    weight_SxF: jax.Array, betas: tuple[float, float] | None = None) -> jax.Array:
+                    weight_SxF: jax.Array, betas: tuple[float, float] | None = None,
+                    max_kl: float = np.inf, penalty: float = 0.0) -> jax.Array:
   """The mean over seeds of sum_j weight_sj x fragment j's final probe loss under the
   per-phase mixture `logits_PxF` (`soft_features`): the quantity gradient search lowers.
-  `params_S` and `x0_Sx2xF` have a leading seed axis; `betas` as for `rollout`."""
+  `params_S` and `x0_Sx2xF` have a leading seed axis; `betas` as for `rollout`.
+
+  A phase whose weights are further than `max_kl` (nats) from uniform adds `penalty` x the
+  squared excess: the trust region that keeps the search where the tier was fitted.
+  """
   feats = soft_features(logits_PxF, phase_T, seen_per_share_F, lr_T)
   last = jnp.array([phase_T.shape[0]])
   final_SxF = jax.vmap(lambda p, x0: rollout(p, x0, feats, last, betas)[0, 0])(params_S,
                                                                                 x0_Sx2xF)
-  return jnp.mean(jnp.sum(weight_SxF * final_SxF, -1))
+  logw_PxF = jax.nn.log_softmax(logits_PxF, -1)
+  kl_P = jnp.sum(jnp.exp(logw_PxF) * logw_PxF, -1) + jnp.log(logits_PxF.shape[-1])
+  excess = jnp.sum(jnp.maximum(kl_P - max_kl, 0.0) ** 2)
+  return jnp.mean(jnp.sum(weight_SxF * final_SxF, -1)) + penalty * excess
 
 
 def rollout(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints_C: jax.Array,

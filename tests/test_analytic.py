@@ -146,3 +146,54 @@ def test_fit_ignores_missing_targets():
 def test_features_of_an_empty_order_are_zero_shares(bad):
   feats = analytic.features(bad.astype(int), FRAGMENT_E, TRAIN_W_FxE, np.ones(T))
   assert float(feats.share_TxF.sum()) == 0.0
+
+
+def _random_params(key):
+  """Coefficients away from the start, so every term shapes the gradient."""
+  p = analytic.init_params(F)
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape)
+                                   for a, k in zip(leaves, keys)])
+
+
+def test_soft_features_are_the_expected_features_of_phased_mixtures():
+  weights = np.array([[0.6, 0.4, 0.0], [0.1, 0.2, 0.7]])
+  lengths = orders.phase_lengths(T, 2)
+  phase_T = np.repeat(np.arange(2), lengths)
+  seen_F = np.array([B / len(p) for p in POOLS])  # every fragment has evaluated examples
+  soft = analytic.soft_features(jnp.log(jnp.asarray(weights) + 1e-30), phase_T, seen_F,
+                                jnp.ones(T))
+  drawn = np.stack([orders.phased_mixture(POOLS, weights, key=jax.random.key(i), steps=T,
+                                          batch_size=B) for i in range(400)])
+  got = analytic.features(drawn, FRAGMENT_E, TRAIN_W_FxE, np.ones(T))
+  np.testing.assert_allclose(np.mean(got.share_TxF, (0, 1)), np.mean(soft.share_TxF, 0),
+                             atol=0.01)
+  for p in range(2):
+    sel = phase_T == p
+    np.testing.assert_allclose(np.mean(got.seen_TxF[:, sel], (0, 1)),
+                               np.mean(soft.seen_TxF[sel], 0), atol=0.02)
+    assert not np.asarray(got.share_TxF)[:, sel][..., weights[p] == 0].any()
+
+
+def test_the_phase_objective_has_the_gradient_finite_differences_give():
+  params = jax.tree.map(lambda a: jnp.stack([a, a * 0.9]), _random_params(jax.random.key(4)))
+  x0 = jnp.stack([X0, X0 * 1.1])
+  phase_T = jnp.asarray(np.repeat(np.arange(2), orders.phase_lengths(T, 2)))
+  seen_F = jnp.asarray([B / len(p) for p in POOLS], jnp.float32)
+  lr = jnp.ones(T)
+  weight = jnp.asarray([[1.0, 0.5, 2.0]] * 2)
+  logits = jnp.asarray([[0.3, -0.2, 0.1], [-0.5, 0.4, 0.0]])
+  # Checked with and without the trust region's penalty (its radius inside the start).
+  for max_kl, penalty in ((np.inf, 0.0), (0.01, 5.0)):
+    f = lambda z: analytic.phase_objective(z, params, x0, phase_T, seen_F, lr, weight,  # noqa
+                                           None, max_kl, penalty)
+    grad = np.asarray(jax.grad(f)(logits), np.float64)
+    eps = 1e-2
+    fd = np.zeros_like(grad)
+    for idx in np.ndindex(grad.shape):
+      step = np.zeros(grad.shape, np.float32)
+      step[idx] = eps
+      fd[idx] = (float(f(logits + step)) - float(f(logits - step))) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=0.03, atol=2e-4)
+    assert np.abs(grad).max() > 1e-3  # not a trivially flat objective

@@ -12,6 +12,7 @@ import pytest
 from calibrate.answers import screen as screen_lib
 from calibrate.answers.families import failure_points
 from calibrate.answers.outcomes import compare, what_if
+from calibrate.answers.search import gradient_search
 from calibrate.cli.main import main
 from calibrate.fitting import analytic as tier_lib
 from calibrate.fitting.calibration import (fragment_means, predict, predict_fragments,
@@ -175,6 +176,16 @@ def test_cli_tier_fits_checks_saves_and_the_answers_say_which_tier(sim, world, t
   assert json.loads(capsys.readouterr().out)["tier"] == "analytic"
   written = read_runlog(str(tmp_path / "pred" / "run3.jsonl"), frags)
   assert written.header.extra["simulator"]["tier"] == "analytic"
+  design = ["search", "--sim", str(tmp_path / "sim"), "--method", "gradient", "--phases", "2",
+            "--restarts", "2", "--verify", "1", "--json", "--quiet"]
+  assert main(design + ["--tier", "analytic", "--out", str(tmp_path / "designed.jsonl")]) == 0
+  got = json.loads(capsys.readouterr().out)
+  assert got["method"] == "gradient" and got["tier"] == "transformer"  # it verified
+  assert len(got["ranked"]) == 2 and len(got["phase_weights"]) == 1
+  assert (tmp_path / "designed.jsonl").exists()
+  if not out["trusted"]:
+    assert main(design) == 2
+    assert "gradient search needs the analytic tier" in capsys.readouterr().err
 
 
 def test_validate_scores_the_tier_beside_the_transformer(sim, world, checked):
@@ -226,3 +237,30 @@ def test_a_screen_through_the_tier_runs_in_blocks_and_leaves_starvation_unknown(
   assert np.isnan(sc.starved_F).all() and np.isnan(sc.starved_PxF).all()
   assert not [p for p in failure_points(sc) if p.kind == "starvation"]
   assert "unknown" in sc.table() and "nan%" not in sc.table()
+
+
+def test_gradient_search_designs_phase_mixtures_and_the_transformer_ranks_them(sim, checked,
+                                                                               tmp_path):
+  with_tier = dataclasses.replace(sim, analytic=checked)
+  names = sim.fragments.names
+  res = gradient_search(with_tier, objective={names[0]: 1.0}, phases=2, restarts=3, steps=40,
+                        draws=2, verify=2, key=jax.random.key(5), tier="analytic")
+  ranked = res.ranked
+  assert ranked.tier == "transformer" and set(ranked.names) >= {"shuffled"}
+  assert len(ranked.names) == 3 and np.all(np.diff(ranked.score_N) >= 0)  # best first
+  assert res.start_best == ranked.score_N[ranked.names.index("shuffled")]
+  assert res.p_best.sum() == pytest.approx(1.0)
+  for name, w in res.phase_weights.items():
+    assert w.shape == (2, len(names)) and np.allclose(w.sum(1), 1.0)
+  # The target fragment is fed more than a shuffle feeds it (1 / F of the slots).
+  winner = next(n for n in ranked.names if n != "shuffled")
+  fed = orders.fragment_counts(ranked.orders_NxTxB[ranked.names.index(winner)],
+                               sim.fragments.fragment_of, len(names))
+  assert fed[0] / fed.sum() > 1 / len(names)
+  assert "1: " in res.table() and "shuffled reference" in res.table()
+  res.save_order(with_tier, tmp_path / "designed.jsonl")
+  unverified = gradient_search(with_tier, phases=2, restarts=2, steps=10, verify=0,
+                               key=jax.random.key(5), tier="analytic")
+  assert unverified.ranked.tier == "analytic"
+  with pytest.raises(CalibrationError, match="gradient search needs the analytic tier"):
+    gradient_search(sim, key=jax.random.key(5))

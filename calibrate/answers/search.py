@@ -19,20 +19,27 @@ members is the simulator's uncertainty about that candidate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from calibrate.fitting.calibration import Simulator, fragment_means, predict, schedule
+from calibrate.fitting import analytic as tier_lib
+from calibrate.fitting.calibration import (Simulator, fragment_means, predict, resolve_tier,
+                                           schedule)
 from calibrate.fitting.runs import order_file
 from calibrate.io.runlog import write_runlog
+from surrogate import analytic
 from surrogate import orders as orders_lib
+from surrogate.errors import CalibrationError
 
-__all__ = ["Candidates", "NextRun", "SearchResult", "evaluate", "next_run", "objective_weights",
-           "search"]
+__all__ = ["Candidates", "NextRun", "SearchResult", "evaluate", "gradient_search", "next_run",
+           "objective_weights", "search"]
 
 SEARCH_FAMILIES = ("blocked", "interleaved", "mixture", "curriculum", "subset")
 
@@ -143,13 +150,19 @@ class SearchResult:
     ranked: every candidate seen, best first.
     p_best: for the top `len(p_best)`: the share of ensemble members under which each is
       the best of them.
-    start_best: the best score in the start set (the winner's is at most this).
+    start_best: the best score in the start set (the winner's is at most this); for
+      `gradient_search`, the shuffled reference order's (the winner's may be worse).
     level: the interval level of `interval`.
+    phase_weights: for `gradient_search`'s candidates, name -> their per-phase mixture
+      weights [P, F].
+    fragments: the fragment names (to describe phase weights).
   """
   ranked: Candidates
   p_best: np.ndarray
   start_best: float
   level: float = 0.8
+  phase_weights: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  fragments: tuple[str, ...] = ()
 
   @property
   def best_order(self) -> np.ndarray:
@@ -170,11 +183,15 @@ class SearchResult:
     for n in range(min(top, len(self.ranked.names))):
       lo, hi = self.interval(n)
       spec = self.ranked.specs[n]
-      desc = _describe(spec) if spec is not None else "(given order)"
+      name = self.ranked.names[n]
+      desc = (_describe(spec) if spec is not None else
+              _describe_phases(self.phase_weights[name], self.fragments)
+              if name in self.phase_weights else "(given order)")
       pb = f"{self.p_best[n]:7.0%}" if n < len(self.p_best) else "      -"
       lines.append(f"{n + 1:4d}  {self.ranked.names[n]:<22}{self.ranked.score_N[n]:19.4f}  "
                    f"[{lo:.4f}, {hi:.4f}]  {pb}  {desc}")
-    lines.append(f"best of the start set: {self.start_best:.4f}; candidates simulated: "
+    start = "shuffled reference" if self.phase_weights else "best of the start set"
+    lines.append(f"{start}: {self.start_best:.4f}; candidates simulated: "
                  f"{len(self.ranked.names)}")
     return "\n".join(lines)
 
@@ -199,6 +216,13 @@ def _describe(spec: orders_lib.OrderSpec) -> str:
       v = "[" + ", ".join(f"{x:.2f}" for x in v) + "]"
     parts.append(f"{k}={v}")
   return " ".join(str(p) for p in parts)
+
+
+def _describe_phases(weights_PxF: np.ndarray, fragments: Sequence[str], top: int = 3) -> str:
+  """Each phase's largest mixture weights, e.g. "1: perl 41% love 20% | 2: ..."."""
+  name = lambda f: fragments[f] if f < len(fragments) else str(f)  # noqa: E731
+  return " | ".join(f"{p + 1}: " + " ".join(f"{name(f)} {w[f]:.0%}" for f in np.argsort(-w)[:top])
+                    for p, w in enumerate(weights_PxF))
 
 
 def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", budget: int = 32,
@@ -260,6 +284,130 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
   best = np.argmin(np.where(np.isfinite(m), m, np.inf), axis=0)
   p_best = np.bincount(best, minlength=top_k) / m.shape[1]
   return SearchResult(ranked, p_best, start_best, level)
+
+
+def gradient_search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean",
+                    phases: int = 4, restarts: int = 8, steps: int = 300,
+                    learning_rate: float = 0.1, draws: int = 2, verify: int = 4,
+                    trust_region: bool = True, key: jax.Array, level: float = 0.8, chunk_size: int | None = None,
+                    progress: bool = False, tier: str = "auto") -> SearchResult:
+  """Order design by gradient: per-phase mixture weights optimised through the analytic tier.
+
+  The objective (`search`'s, on the real scale through the calibration's gain map) is
+  differentiable in the logits of `phases` x F mixture weights
+  (`surrogate.analytic.soft_features`: a weight near 0 is a subset without that fragment, a
+  large weight on a small pool repeats its examples). Adam (optax) lowers it from
+  `restarts` starts, the first uniform (a shuffle, in expectation), for `steps` steps, every
+  restart in one compiled, vmapped call. Each restart's weights are projected to `draws`
+  concrete orders (`surrogate.orders.phased_mixture`), which the analytic tier scores with
+  a shuffled order for reference; the best `verify` of them and that reference are then
+  simulated by the transformer ensemble, whose ranking is the result's (the winner is the
+  transformer's best; with `verify=0` the result is the tier's ranking, unverified).
+
+  Args:
+    sim: a calibrated simulator with an analytic tier.
+    objective: "mean" or fragment -> weight, as for `search`.
+    phases, restarts, steps, learning_rate: the relaxation and its optimisation.
+    draws: concrete orders drawn from each restart's weights.
+    verify: how many of the tier's best orders the transformer checks (0: none).
+    trust_region: keep every phase's weights within the spread of the mixtures the tier
+      was fitted on (`surrogate.analytic.phase_objective`'s `max_kl`).
+    key: draws the random starts and the concrete orders.
+    level, chunk_size, progress: as for `search`.
+    tier: "auto" (the analytic tier only where it passed its trust check) or "analytic"
+      (whatever its check said); the transformer cannot be differentiated here.
+
+  Raises:
+    CalibrationError: no analytic tier may answer (the message says why).
+  """
+  ana, reason = resolve_tier(sim, tier)
+  if ana is None:
+    raise CalibrationError(f"gradient search needs the analytic tier, and here the "
+                           f"{reason}; pass tier='analytic' to use it anyway")
+  k_start, k_draw, k_eval = jax.random.split(key, 3)
+  num_f = len(sim.fragments.names)
+  w_F = objective_weights(sim, objective)
+  phase_T, seen_F, lr_T = tier_lib.phase_inputs(sim, phases)
+  gain_F = np.asarray(sim.calibration.gain_F, np.float32)
+  weight_SxF = np.broadcast_to(w_F * gain_F, (sim.num_seeds, num_f)).astype(np.float32)
+  starts = np.array(jax.random.normal(k_start, (restarts, phases, num_f)), np.float32)
+  starts[0] = 0.0
+  # The trust region: no phase further from uniform than 9 in 10 of the Dirichlet(1)
+  # mixtures the tier was fitted on (`surrogate.orders.random_spec`); beyond it the tier
+  # extrapolates, and on lm-dev it then ranked orders against the transformer.
+  max_kl = _fitted_mixture_kl(num_f) if trust_region else np.inf
+  penalty = 100.0 * float(np.abs(weight_SxF).sum(-1).mean()) * max(float(ana.x0_Sx2xF.max()), 1.0)
+  logits = _descend(ana.params, jnp.asarray(ana.x0_Sx2xF, jnp.float32), jnp.asarray(phase_T),
+                    jnp.asarray(seen_F), jnp.asarray(lr_T), jnp.asarray(weight_SxF),
+                    jnp.asarray(starts), steps, learning_rate, ana.betas, float(max_kl),
+                    penalty)
+  weights = np.asarray(jax.nn.softmax(logits, -1), np.float64)       # R P F
+  weights = _drop_tiny(weights, orders_lib.phase_lengths(sim.num_steps, phases),
+                       sim.batch_size)
+  pools = sim.fragments.train_pools()
+  drawn, made = {}, {}
+  for r in range(restarts):
+    for d in range(draws):
+      name = f"gradient-{r}.{d}"
+      made[name] = weights[r]
+      drawn[name] = orders_lib.phased_mixture(
+          pools, weights[r], key=jax.random.fold_in(k_draw, r * draws + d),
+          steps=sim.num_steps, batch_size=sim.batch_size)
+  drawn["shuffled"] = orders_lib.OrderSpec("shuffled")
+  screened = evaluate(sim, drawn, objective=objective, key=k_eval, tier=tier)
+  if verify > 0:
+    best = np.argsort(_finite(screened.score_N[:-1]), kind="stable")[:verify]
+    check = {screened.names[i]: screened.orders_NxTxB[i] for i in [*best, len(drawn) - 1]}
+    screened = evaluate(sim, check, objective=objective, key=k_eval, chunk_size=chunk_size,
+                        progress=progress, tier="transformer")
+  ranked = screened.take(np.argsort(_finite(screened.score_N), kind="stable"))
+  m = ranked.members_NxK[:5]
+  top = np.argmin(np.where(np.isfinite(m), m, np.inf), axis=0)
+  p_best = np.bincount(top, minlength=len(m)) / m.shape[1]
+  shuffled = screened.score_N[screened.names.index("shuffled")]
+  return SearchResult(ranked, p_best, float(shuffled), level,
+                      phase_weights={n: made[n] for n in ranked.names if n in made},
+                      fragments=sim.fragments.names)
+
+
+def _finite(score_N: np.ndarray) -> np.ndarray:
+  return np.where(np.isfinite(score_N), score_N, np.inf)
+
+
+def _drop_tiny(weights_RxPxF: np.ndarray, lengths_P: np.ndarray, batch: int) -> np.ndarray:
+  """Weights worth less than half a slot of their phase become 0 (the projection of the
+  relaxed subset), the rest renormalised."""
+  slots_P = (np.asarray(lengths_P) * batch).astype(np.float64)
+  keep = weights_RxPxF * slots_P[None, :, None] >= 0.5
+  w = np.where(keep, weights_RxPxF, 0.0)
+  return w / w.sum(-1, keepdims=True)
+
+
+def _fitted_mixture_kl(num_f: int, quantile: float = 0.9) -> float:
+  """The `quantile` of KL(w || uniform) over Dirichlet(1) weights of `num_f` fragments."""
+  w = np.random.default_rng(0).dirichlet(np.ones(num_f), 4096)
+  kl = np.sum(w * np.log(np.maximum(w, 1e-30)), -1) + np.log(num_f)
+  return float(np.quantile(kl, quantile))
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _descend(params_S, x0_Sx2xF, phase_T, seen_F, lr_T, weight_SxF, starts_RxPxF, steps: int,
+             learning_rate: float, betas, max_kl, penalty):
+  """Adam on every restart's logits at once: [R, P, F] after `steps` steps."""
+  opt = optax.adam(learning_rate)
+  loss = lambda z: analytic.phase_objective(z, params_S, x0_Sx2xF, phase_T,  # noqa: E731
+                                            seen_F, lr_T, weight_SxF, betas, max_kl, penalty)
+
+  def one(z0):
+    def update(carry, _):
+      z, state = carry
+      g = jax.grad(loss)(z)
+      upd, state = opt.update(g, state, z)
+      return (optax.apply_updates(z, upd), state), None
+    (z, _), _ = jax.lax.scan(update, (z0, opt.init(z0)), None, length=steps)
+    return z
+
+  return jax.vmap(one)(starts_RxPxF)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -620,9 +620,18 @@ def cmd_search(args) -> int:
   from calibrate.fitting.saved import load
   sim = load(args.sim)
   start = _named_orders(args.start, sim)
-  from calibrate.answers.search import search
-  result = search(sim, objective=_objective(args.objective, sim), budget=args.budget,
-                  start=start, key=_key(args.seed), progress=not args.quiet, tier=args.tier)
+  from calibrate.answers.search import gradient_search, search
+  from surrogate.errors import CalibrationError
+  if args.method == "gradient":
+    if start:
+      raise CalibrationError("--start is for the greedy search; gradient search starts from "
+                             "uniform and random phase weights (--restarts)")
+    result = gradient_search(sim, objective=_objective(args.objective, sim),
+                             phases=args.phases, restarts=args.restarts, verify=args.verify,
+                             key=_key(args.seed), progress=not args.quiet, tier=args.tier)
+  else:
+    result = search(sim, objective=_objective(args.objective, sim), budget=args.budget,
+                    start=start, key=_key(args.seed), progress=not args.quiet, tier=args.tier)
   if args.out:
     result.save_order(sim, args.out, run_id=args.run_id)
   if args.json:
@@ -632,6 +641,8 @@ def cmd_search(args) -> int:
         for i, (n, sc, spec) in enumerate(zip(result.ranked.names, result.ranked.score_N,
                                               result.ranked.specs))],
         "p_best_top": result.p_best.tolist(), "start_best": result.start_best,
+        "method": args.method,
+        "phase_weights": {n: w.tolist() for n, w in result.phase_weights.items()},
         "tier": result.ranked.tier, "tier_reason": result.ranked.tier_reason})
   else:
     print(result.table())
@@ -856,7 +867,17 @@ def build_parser() -> argparse.ArgumentParser:
                   help="candidate orders to simulate, each from every seed (default 32)")
   se.add_argument("--objective", default="mean",
                   help="'mean' (all fragments' final probe loss) or NAME=WEIGHT,...")
-  se.add_argument("--start", nargs="+", help="order files or runs to start from")
+  se.add_argument("--method", choices=("greedy", "gradient"), default="greedy",
+                  help="greedy: local search over order families (default); gradient: per-phase "
+                       "mixture weights optimised through the analytic tier, the best checked "
+                       "by the transformer (needs a tier: `surrogate tier`)")
+  se.add_argument("--phases", type=_int_from(1, 1000), default=4,
+                  help="gradient: phases with their own mixture weights (default 4)")
+  se.add_argument("--restarts", type=_int_from(1, 10_000), default=8,
+                  help="gradient: optimisations from different starts (default 8)")
+  se.add_argument("--verify", type=_int_from(0, 1000), default=4,
+                  help="gradient: the tier's best orders the transformer checks (default 4)")
+  se.add_argument("--start", nargs="+", help="order files or runs to start from (greedy)")
   se.add_argument("--out", help="write the best order here (an order file)")
   se.add_argument("--run-id", default="searched", help="run id of the written order")
   se.add_argument("--seed", type=_SEED, default=0,
