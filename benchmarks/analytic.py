@@ -15,6 +15,10 @@ analytic tier on many, and prints orders per minute and the ratio (medians of `-
 `--cache DIR` keeps the calibrated simulator and the transformer's simulations, so a second
 run (another k, another fit setting) costs seconds. `--validate` also scores the tier fitted
 on the most orders on the set's held-out real runs, beside the transformer (`validate`).
+Then it times `what_if` in this warm process through each tier; `--screen N` times a screen
+of N orders through the tier (forced: the figures are of speed and memory), and `--search K`
+compares gradient search with the greedy local search at equal wall time, both through the
+tier, the transformer checking each one's K best orders.
 """
 
 from __future__ import annotations

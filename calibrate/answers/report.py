@@ -350,7 +350,7 @@ def write_report(path: str | os.PathLike, sim: Simulator, *, screen: Screen | No
     pct = lambda x, fmt=".0%": "-" if not np.isfinite(x) else format(x, fmt)
     rows = [[name, *(pct(p) for p in screen.outcome_FxO[f]),
              pct(screen.gain_F[f], ".1%"), pct(screen.own_probe_F[f], "+.1%"),
-             f"{screen.starved_F[f]:.0%}", f"{screen.collapsed_F[f]:.0%}", int(screen.pairs_F[f])]
+             pct(screen.starved_F[f]), pct(screen.collapsed_F[f]), int(screen.pairs_F[f])]
             for f, name in enumerate(screen.fragments)]
     sections.append(
         f"<h2>Screen: {len(screen.specs)} orders, each with a counterfactual</h2>"
