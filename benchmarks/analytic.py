@@ -179,29 +179,37 @@ def answers(sim, tier, fresh, *, screen_orders: int, repeats: int) -> None:
 
 
 def design(sim, tier, *, verify: int) -> None:
-  """Gradient search against the greedy local search at equal wall time, both through the
-  tier, for two objectives fixed in advance (every fragment; the file's first two): each
-  method's `verify` best orders and a shuffle are then simulated by the transformer."""
+  """Gradient search against the greedy local search at equal wall time (the greedy one at
+  least the gradient one's), both through the tier, for two objectives fixed in advance
+  (every fragment; the file's first two): each method's `verify` best orders and a shuffle
+  are then simulated by the transformer."""
   with_tier = dataclasses.replace(sim, analytic=tier)
   names = sim.fragments.names
   key = jax.random.key(0)
-  gradient_search(with_tier, key=key, tier="analytic", verify=0, steps=10)  # compiles
-  search(with_tier, key=key, tier="analytic", budget=8)
   print(f"\norder design through the tier, then checked by the transformer ({sim.num_seeds} "
         "seeds; objective: predicted final probe loss, lower is better):")
   for label, objective in (("mean", "mean"), (f"{names[0]} + {names[1]}",
                                                {names[0]: 1.0, names[1]: 1.0})):
+    # Both timed warm (a run with the same shapes first compiles); the greedy search's
+    # budget doubles until it has had at least the gradient search's time.
+    run_grad = lambda: gradient_search(with_tier, objective=objective, key=key,  # noqa: E731
+                                       tier="analytic", verify=0)
+    run_grad()
     t0 = time.perf_counter()
-    grad = gradient_search(with_tier, objective=objective, key=key, tier="analytic", verify=0)
+    grad = run_grad()
     t_grad = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    search(with_tier, objective=objective, key=key, tier="analytic", budget=16)
-    per = (time.perf_counter() - t0) / 16
-    budget = max(16, int(t_grad / per))
-    t0 = time.perf_counter()
-    greedy = search(with_tier, objective=objective, key=jax.random.fold_in(key, 1),
-                    tier="analytic", budget=budget, rounds=4)
-    t_greedy = time.perf_counter() - t0
+    budget = 16
+    while True:
+      run_greedy = lambda b=budget: search(with_tier, objective=objective,  # noqa: E731
+                                           key=jax.random.fold_in(key, 1), tier="analytic",
+                                           budget=b, rounds=4)
+      run_greedy()
+      t0 = time.perf_counter()
+      greedy = run_greedy()
+      t_greedy = time.perf_counter() - t0
+      if t_greedy >= t_grad or budget >= 1 << 14:
+        break
+      budget *= 2
     check = {"shuffled": orders_lib.OrderSpec("shuffled")}
     for method, res in (("gradient", grad), ("greedy", greedy)):
       top = [i for i, n in enumerate(res.ranked.names) if n != "shuffled"][:verify]

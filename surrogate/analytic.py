@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["Features", "FitResult", "Params", "features", "fit", "init_params",
+__all__ = ["Features", "FitResult", "Params", "features", "fit", "init_params", "minimize",
            "phase_objective", "rollout", "rollout_many", "soft_features"]
 
 
@@ -220,6 +220,18 @@ def rollout_many(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints
   return jax.vmap(one, in_axes=(None, None, 0, None))(params, x0_2xF, feats, checkpoints_C)
 
 
+def minimize(loss, start, opt: optax.GradientTransformation, steps: int):
+  """`steps` full-batch steps of `opt` on `loss` from the pytree `start` (traceable: one
+  `lax.scan`, to be compiled by the caller)."""
+  def update(carry, _):
+    p, state = carry
+    upd, state = opt.update(jax.grad(loss)(p), state, p)
+    return (optax.apply_updates(p, upd), state), None
+
+  (out, _), _ = jax.lax.scan(update, (start, opt.init(start)), None, length=steps)
+  return out
+
+
 class FitResult(NamedTuple):
   """`fit`'s answer: the coefficients and the fit's mean squared error (over the finite
   targets), each with a leading S axis when fitted per seed."""
@@ -245,13 +257,7 @@ def _fit_one(x0_2xF, feats, checkpoints_C, target_NxCx2xF, *, steps: int, learni
     return (_mse(p, x0_2xF, feats, checkpoints_C, target_NxCx2xF, betas)
             + l2 * shrink / num_f ** 2)
 
-  def update(carry, _):
-    p, state = carry
-    grad = jax.grad(objective)(p)
-    upd, state = opt.update(grad, state, p)
-    return (optax.apply_updates(p, upd), state), None
-
-  (params, _), _ = jax.lax.scan(update, (start, opt.init(start)), None, length=steps)
+  params = minimize(objective, start, opt, steps)
   return FitResult(params, _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF, betas))
 
 

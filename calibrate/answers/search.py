@@ -398,16 +398,7 @@ def _descend(params_S, x0_Sx2xF, phase_T, seen_F, lr_T, weight_SxF, starts_RxPxF
   loss = lambda z: analytic.phase_objective(z, params_S, x0_Sx2xF, phase_T,  # noqa: E731
                                             seen_F, lr_T, weight_SxF, betas, max_kl, penalty)
 
-  def one(z0):
-    def update(carry, _):
-      z, state = carry
-      g = jax.grad(loss)(z)
-      upd, state = opt.update(g, state, z)
-      return (optax.apply_updates(z, upd), state), None
-    (z, _), _ = jax.lax.scan(update, (z0, opt.init(z0)), None, length=steps)
-    return z
-
-  return jax.vmap(one)(starts_RxPxF)
+  return jax.vmap(lambda z0: analytic.minimize(loss, z0, opt, steps))(starts_RxPxF)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
