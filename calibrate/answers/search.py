@@ -336,7 +336,9 @@ def gradient_search(sim: Simulator, *, objective: str | Mapping[str, float] = "m
   # mixtures the tier was fitted on (`surrogate.orders.random_spec`); beyond it the tier
   # extrapolates, and on lm-dev it then ranked orders against the transformer.
   max_kl = _fitted_mixture_kl(num_f) if trust_region else np.inf
-  penalty = 100.0 * float(np.abs(weight_SxF).sum(-1).mean()) * max(float(ana.x0_Sx2xF.max()), 1.0)
+  # In the objective's own units (weights x losses), large enough that the region binds.
+  scale = float(np.abs(weight_SxF).sum(-1).mean()) * max(float(ana.x0_Sx2xF.max()), 1.0)
+  penalty = 100.0 * scale
   logits = _descend(ana.params, jnp.asarray(ana.x0_Sx2xF, jnp.float32), jnp.asarray(phase_T),
                     jnp.asarray(seen_F), jnp.asarray(lr_T), jnp.asarray(weight_SxF),
                     jnp.asarray(starts), steps, learning_rate, ana.betas, float(max_kl),
