@@ -289,8 +289,9 @@ def search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean", bud
 def gradient_search(sim: Simulator, *, objective: str | Mapping[str, float] = "mean",
                     phases: int = 4, restarts: int = 8, steps: int = 300,
                     learning_rate: float = 0.1, draws: int = 2, verify: int = 4,
-                    trust_region: bool = True, key: jax.Array, level: float = 0.8, chunk_size: int | None = None,
-                    progress: bool = False, tier: str = "auto") -> SearchResult:
+                    trust_region: bool = True, key: jax.Array, level: float = 0.8,
+                    chunk_size: int | None = None, progress: bool = False,
+                    tier: str = "auto") -> SearchResult:
   """Order design by gradient: per-phase mixture weights optimised through the analytic tier.
 
   The objective (`search`'s, on the real scale through the calibration's gain map) is
