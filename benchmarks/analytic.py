@@ -87,7 +87,7 @@ def _targets(sim, every, cache: str | None) -> np.ndarray:
 
 
 def fidelity(sim, every, n_cal: int, n_fit: int, target, per_family: list[int],
-             steps: int, form: str = "plain") -> tier_lib.AnalyticTier:
+             steps: int, form: str = tier_lib.FORM) -> tier_lib.AnalyticTier:
   """Prints the fidelity table; `every` holds the calibration, fit and fresh orders in that
   order. Returns the tier fitted on the most orders."""
   n_fam = len(orders_lib.FAMILIES)
@@ -232,8 +232,8 @@ def main() -> None:
                  help="fit orders of each family, comma-separated (the largest is simulated)")
   p.add_argument("--fresh", type=int, default=48, help="fresh orders for the fidelity figures")
   p.add_argument("--fit-steps", type=int, default=2000)
-  p.add_argument("--form", default="plain", choices=["plain", "adam"],
-                 help="the recurrence's form: plain, or following Adam's normalised steps")
+  p.add_argument("--form", default=tier_lib.FORM, choices=tier_lib.FORMS,
+                 help="the tier's form: plain, following Adam's normalised steps, or latent")
   p.add_argument("--cache", help="folder keeping the simulator and the transformer's runs")
   p.add_argument("--transformer-orders", type=int, default=8)
   p.add_argument("--analytic-orders", type=int, default=65536)

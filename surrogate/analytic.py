@@ -28,8 +28,22 @@ tier"). With F fragments it has 4 F^2 + 9 F coefficients (684 for 12; the Adam f
 `rollout` adds F), fitted with optax on simulations of random orders of every family
 (`fit`); `rollout_many` is one `vmap` over orders.
 
-Axis legend: T steps, C checkpoints, F fragments, N orders, S surrogate seeds, E examples,
-M evaluated examples, B batch slots; the 2 is (probe, train).
+**The latent form** (`LatentParams`, `init_latent`) models the cause of those effects
+instead: a point theta in a fitted K-dimensional space trained by Adam (or SGD), where
+fragment j's probe and train losses are quadratics with their own centre c_rj and
+curvature h_rj,
+
+    loss_rj(theta) = floor_rj + 1/2 sum_k h_rjk (theta_k - c_rjk)^2      (loss_rj(0) = x0_rj),
+
+the batch's gradient is the share-weighted sum of the fed fragments' train-loss gradients,
+Adam's second moment also carries a fitted gradient noise per fed fragment, and weight
+decay pulls theta back to 0 (the base model). Transfer (near centres), interference (far
+ones), saturation, forgetting, recency and mixing (a pure batch pulls theta towards one
+centre, a mixed one towards their compromise) then come from one mechanism. The fast part
+and the memorised train examples are as above. `rollout` takes either kind of params.
+
+Axis legend: T steps, C checkpoints, F fragments, K latent coordinates, N orders, S
+surrogate seeds, E examples, M evaluated examples, B batch slots; the 2 is (probe, train).
 """
 
 from __future__ import annotations
@@ -42,8 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["Features", "FitResult", "Params", "features", "fit", "init_params", "minimize",
-           "phase_objective", "rollout", "rollout_many", "soft_features"]
+__all__ = ["Features", "FitResult", "LatentParams", "Params", "features", "fit", "init_latent",
+           "init_params", "minimize", "phase_objective", "rollout", "rollout_many",
+           "soft_features"]
 
 
 class Features(NamedTuple):
@@ -75,6 +90,48 @@ class Params(NamedTuple):
   fast_rate_2xF: jax.Array
   diversity_2xF: jax.Array
   shared_F: jax.Array
+
+
+class LatentParams(NamedTuple):
+  """Unconstrained coefficients of the latent form (a leading S axis for one per seed).
+
+  centre_2xFxK: c, each (probe, train) loss's minimum in the latent space.
+  curvature_2xFxK: the curvature's shape per coordinate before softplus (its scale is set
+    by the floor: every loss starts at its x0 at theta = 0).
+  floor_2xF: the floor as a share of the slow part's start, before a sigmoid.
+  noise_FxK: before softplus, the gradient noise a fed fragment adds to Adam's second
+    moment per unit share.
+  rate_K: before softplus, the step size per coordinate.
+  decay: before softplus, weight decay towards theta = 0.
+  memorize_F, fast_2xF, fast_rate_2xF: as in `Params`; memorising scales the train loss's
+    excess over its floor down while its evaluated examples are fed.
+  diversity_F: how much a batch mixing many fragments raises the gradient, by the
+    fragments it holds.
+  """
+  centre_2xFxK: jax.Array
+  curvature_2xFxK: jax.Array
+  floor_2xF: jax.Array
+  noise_FxK: jax.Array
+  rate_K: jax.Array
+  decay: jax.Array
+  memorize_F: jax.Array
+  fast_2xF: jax.Array
+  fast_rate_2xF: jax.Array
+  diversity_F: jax.Array
+
+
+def init_latent(num_f: int, num_k: int | None = None, *, seed: int = 0) -> LatentParams:
+  """A start where coordinate f belongs to fragment f (K >= F; K = F by default) with a
+  little shared by all, probes and train examples at the same centre; the centres are
+  jittered (fixed `seed`) so that no two fragments start exactly alike."""
+  num_k = num_f if num_k is None else num_k
+  rng = np.random.default_rng(seed)
+  own = np.eye(num_f, num_k, dtype=np.float32) + 0.3 / np.sqrt(num_k)
+  centre = np.stack([own, own]) + 0.05 * rng.standard_normal((2, num_f, num_k))
+  zeros = jnp.zeros((2, num_f), jnp.float32)
+  return LatentParams(jnp.asarray(centre, jnp.float32), jnp.zeros((2, num_f, num_k)), zeros,
+                      jnp.full((num_f, num_k), -1.0), jnp.zeros((num_k,)), jnp.asarray(-4.0),
+                      jnp.full((num_f,), -2.0), zeros - 1.0, zeros, jnp.zeros((num_f,)))
 
 
 def init_params(num_f: int) -> Params:
@@ -160,10 +217,10 @@ def phase_objective(logits_PxF: jax.Array, params_S: Params, x0_Sx2xF: jax.Array
   return jnp.mean(jnp.sum(weight_SxF * final_SxF, -1)) + penalty * excess
 
 
-def rollout(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints_C: jax.Array,
-            betas: tuple[float, float] | None = None) -> jax.Array:
+def rollout(params: Params | LatentParams, x0_2xF: jax.Array, feats: Features,
+            checkpoints_C: jax.Array, betas: tuple[float, float] | None = None) -> jax.Array:
   """The losses after each checkpoint's step (0 = before training; steps within 0..T):
-  [C, 2, F].
+  [C, 2, F]. `LatentParams` roll out the latent form (Adam with `betas`, SGD without).
 
   With `betas` (Adam's b1, b2; static), fed fragment i's share is replaced by Adam's
   normalised step at fragment level, m_i / sqrt(v_i) / F: m_i the b1-average of its share,
@@ -171,6 +228,8 @@ def rollout(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints_C: j
   corrected). A fragment fed after a long absence then takes large steps (its v is small),
   and a mixed batch, whose sum of squared shares is small, teaches more than a pure one.
   """
+  if isinstance(params, LatentParams):
+    return _rollout_latent(params, x0_2xF, feats, checkpoints_C, betas)
   num_f, steps = x0_2xF.shape[-1], feats.lr_T.shape[-1]
   scale = num_f / steps  # a fragment fed a 1/F share all along moves O(1) with O(1) coefficients
   transfer = params.transfer_2xFxF * scale
@@ -213,8 +272,61 @@ def rollout(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints_C: j
   return out_Cx2xF
 
 
-def rollout_many(params: Params, x0_2xF: jax.Array, feats: Features, checkpoints_C: jax.Array,
-                 betas: tuple[float, float] | None = None) -> jax.Array:
+def _rollout_latent(p: LatentParams, x0_2xF: jax.Array, feats: Features,
+                    checkpoints_C: jax.Array, betas: tuple[float, float] | None) -> jax.Array:
+  num_f, steps = x0_2xF.shape[-1], feats.lr_T.shape[-1]
+  num_k = p.centre_2xFxK.shape[-1]
+  scale = num_f / steps
+  floor = x0_2xF * jax.nn.sigmoid(p.floor_2xF)
+  z0_2xF = 0.15 * x0_2xF * jax.nn.sigmoid(p.fast_2xF)
+  slow0_2xF = x0_2xF - z0_2xF
+  centre = p.centre_2xFxK
+  shape = jax.nn.softplus(p.curvature_2xFxK) + 1e-3
+  # Scaled so that every loss starts at its slow part: 1/2 sum_k h c^2 = slow0 - floor.
+  curv = shape * (2 * (slow0_2xF - floor) / jnp.sum(shape * centre * centre, -1))[..., None]
+  noise_FxK = jax.nn.softplus(p.noise_FxK)
+  rate_K = jax.nn.softplus(p.rate_K) * 4.0 / steps  # O(1) latent distance over a run
+  decay = jax.nn.softplus(p.decay) * scale
+  memorize = jax.nn.softplus(p.memorize_F) * scale
+  fast_rate = jax.nn.softplus(p.fast_rate_2xF) * scale
+
+  def losses(theta_K, mem_F):
+    d = theta_K[None, None] - centre
+    excess = 0.5 * jnp.sum(curv * d * d, -1)
+    return floor + excess.at[1].multiply(mem_F)
+
+  def step(carry, inp):
+    theta, m, v, mem, z, theta_C, mem_C, z_C = carry
+    share_F, seen_F, lr, t = inp
+    mixed = jnp.exp(share_F @ p.diversity_F * (1.0 - jnp.sum(share_F * share_F)))
+    grad_K = mixed * (share_F @ (curv[1] * (theta[None] - centre[1])))
+    if betas is None:
+      move = rate_K * grad_K
+    else:
+      b1, b2 = betas
+      m = b1 * m + (1 - b1) * grad_K
+      v = b2 * v + (1 - b2) * (grad_K * grad_K + share_F @ noise_FxK)
+      move = rate_K * (m / (1 - b1 ** (t + 1.0))) / jnp.sqrt(v / (1 - b2 ** (t + 1.0)) + 1e-8)
+    theta = theta - lr * (move + decay * theta)
+    mem = mem * (1 - lr * memorize * seen_F)
+    z = z - lr * fast_rate * z
+    # Only the checkpoints' states are kept; their losses are read off after the scan.
+    hit = (checkpoints_C == t + 1)[:, None]
+    return (theta, m, v, mem, z, jnp.where(hit, theta[None], theta_C),
+            jnp.where(hit, mem[None], mem_C), jnp.where(hit[..., None], z[None], z_C)), None
+
+  n_c = checkpoints_C.shape[0]
+  zero_K = jnp.zeros((num_k,), x0_2xF.dtype)
+  start = (zero_K, zero_K, zero_K, jnp.ones((num_f,), x0_2xF.dtype), z0_2xF,
+           jnp.zeros((n_c, num_k), x0_2xF.dtype), jnp.ones((n_c, num_f), x0_2xF.dtype),
+           jnp.broadcast_to(z0_2xF, (n_c, *z0_2xF.shape)))
+  (*_, theta_C, mem_C, z_C), _ = jax.lax.scan(step, start, (*feats, jnp.arange(steps)))
+  return jax.vmap(losses)(theta_C, mem_C) + z_C
+
+
+def rollout_many(params: Params | LatentParams, x0_2xF: jax.Array, feats: Features,
+                 checkpoints_C: jax.Array, betas: tuple[float, float] | None = None
+                 ) -> jax.Array:
   """`rollout` over orders: features with a leading N axis -> [N, C, 2, F]."""
   one = lambda p, x0, f, c: rollout(p, x0, f, c, betas)  # noqa: E731 (betas stays static)
   return jax.vmap(one, in_axes=(None, None, 0, None))(params, x0_2xF, feats, checkpoints_C)
@@ -247,9 +359,8 @@ def _mse(params, x0_2xF, feats, checkpoints_C, target_NxCx2xF, betas=None):
 
 
 def _fit_one(x0_2xF, feats, checkpoints_C, target_NxCx2xF, *, steps: int, learning_rate: float,
-             l2: float, betas: tuple[float, float] | None):
+             l2: float, betas: tuple[float, float] | None, start: Params | LatentParams):
   num_f = x0_2xF.shape[-1]
-  start = init_params(num_f)
   opt = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05))
 
   def objective(p):
@@ -263,7 +374,8 @@ def _fit_one(x0_2xF, feats, checkpoints_C, target_NxCx2xF, *, steps: int, learni
 
 def fit(x0_Sx2xF: jax.Array, feats: Features, checkpoints_C: np.ndarray,
         target_SxNxCx2xF: jax.Array, *, steps: int = 2000, learning_rate: float = 0.05,
-        l2: float = 1e-4, betas: tuple[float, float] | None = None) -> FitResult:
+        l2: float = 1e-4, betas: tuple[float, float] | None = None,
+        start: Params | LatentParams | None = None) -> FitResult:
   """Fits one recurrence per surrogate seed to that seed's simulations of N orders.
 
   Args:
@@ -275,12 +387,17 @@ def fit(x0_Sx2xF: jax.Array, feats: Features, checkpoints_C: np.ndarray,
     steps, learning_rate: Adam's steps (full batch) and peak rate (cosine decay).
     l2: pull of the coefficients towards the start, per coefficient: a fragment that the
       orders never vary keeps sensible coefficients instead of arbitrary ones.
-    betas: Adam's (b1, b2) for the Adam form of `rollout`; None for the plain one.
+    betas: Adam's (b1, b2) for the Adam form of `rollout` or the latent form's Adam; None
+      for the plain form (or the latent form under SGD).
+    start: where the fit starts, and the form it fits: `init_params(F)` (the default) or
+      `init_latent(F, K)`.
 
   Returns:
     `FitResult` with a leading S axis.
   """
+  start = init_params(x0_Sx2xF.shape[-1]) if start is None else start
   one = jax.jit(lambda x0, tgt: _fit_one(x0, feats, jnp.asarray(checkpoints_C), tgt, steps=steps,
-                                         learning_rate=learning_rate, l2=l2, betas=betas))
+                                         learning_rate=learning_rate, l2=l2, betas=betas,
+                                         start=start))
   return jax.vmap(one)(jnp.asarray(x0_Sx2xF, jnp.float32),
                        jnp.asarray(target_SxNxCx2xF, jnp.float32))

@@ -147,6 +147,30 @@ def test_the_tier_is_saved_in_the_simulator_folder(sim, world, checked, tmp_path
     load(tmp_path / "sim")
 
 
+def test_a_latent_tier_is_saved_with_its_form_and_answers_through_predict(sim, world,
+                                                                           tmp_path):
+  frags, runs = world
+  cal = [order_from_runlog(r, frags) for r in runs[:3]]
+  latent = tier_lib.fit_tier(sim, cal, key=jax.random.key(1), orders_per_family=1, steps=100,
+                             form="latent")
+  assert latent.form == "latent" and latent.betas == tier_lib.adam_betas(sim)
+  assert latent.params.centre_2xFxK.shape == (sim.num_seeds, 2, len(frags.names),
+                                              len(frags.names))
+  with_tier = dataclasses.replace(sim, analytic=latent)
+  save(with_tier, tmp_path / "sim")
+  back = load(tmp_path / "sim").analytic
+  assert back.form == "latent" and type(back.params) is type(latent.params)
+  order = np.stack([order_from_runlog(runs[3], frags)])
+  a, _ = predict(with_tier, order, schedule(sim), sim.steps_C, tier="analytic")
+  b, _ = predict(dataclasses.replace(sim, analytic=back), order, schedule(sim), sim.steps_C,
+                 tier="analytic")
+  assert np.isfinite(a.members_NxKxCxM).all()
+  np.testing.assert_allclose(a.members_NxKxCxM, b.members_NxKxCxM, rtol=1e-6)
+  with pytest.raises(ValueError, match="form must be one of"):
+    tier_lib.fit_on(sim, np.stack(cal), np.zeros((sim.num_seeds, 3, 1, 2, 1)), calibration=3,
+                    form="cubic")
+
+
 def test_cli_tier_fits_checks_saves_and_the_answers_say_which_tier(sim, world, tmp_path,
                                                                    capsys):
   frags, runs = world

@@ -375,16 +375,18 @@ def cmd_tier(args) -> int:
   k_fit, k_check = jax.random.split(_key(args.seed))
   progress = not args.quiet and not args.json
   tier = tier_lib.fit_tier(sim, cal, key=k_fit, orders_per_family=args.orders_per_family,
-                           steps=args.fit_steps, progress=progress)
+                           steps=args.fit_steps, form=args.form or tier_lib.FORM,
+                           progress=progress)
   tier = tier_lib.check_fidelity(sim, tier, key=k_check, orders=args.fresh, progress=progress)
   save(dataclasses.replace(sim, analytic=tier), args.sim)
   fid = tier.fidelity
   if args.json:
     _print_json({"wrote": args.sim, "fit_orders": tier.fit_orders, "seconds": tier.seconds,
-                 "form": "plain" if tier.betas is None else "adam",
+                 "form": tier.form,
                  "fidelity": fid.to_json(), "trusted": tier.trusted})
     return 0
-  print(f"analytic tier fitted on {tier.fit_orders} simulated orders ({sim.num_seeds} seeds) "
+  print(f"analytic tier ({tier.form} form) fitted on {tier.fit_orders} simulated orders "
+        f"({sim.num_seeds} seeds) "
         f"in {tier.seconds:.0f} s; checked on {fid.orders} fresh ones")
   print(f"  per-fragment Spearman {np.nanmean(fid.spearman_F):.3f} (transformer seeds "
         f"{np.nanmean(fid.seed_spearman_F):.3f})")
@@ -795,6 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="fresh orders of the trust check (default 64)")
   ti.add_argument("--fit-steps", type=_int_from(1, 1_000_000), default=2000,
                   help="optimizer steps of the fit (default 2000)")
+  ti.add_argument("--form", choices=("plain", "adam", "latent"),
+                  help="the tier's form (default: the library's, `calibrate.fitting.analytic."
+                       "FORM`; docs/concepts.md)")
   ti.add_argument("--seed", type=_SEED, default=0, help="draws the fit's and the check's orders")
   ti.add_argument("--json", action="store_true", help="print the fit and its check as JSON")
   ti.add_argument("--quiet", action="store_true", help="no progress bar")

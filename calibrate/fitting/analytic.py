@@ -31,11 +31,13 @@ from calibrate.fitting.calibration import (Simulator, example_positions, is_prob
 from surrogate import analytic, optim
 from surrogate import orders as orders_lib
 
-__all__ = ["AnalyticTier", "Fidelity", "TRUST_RATIO", "adam_betas", "agreement",
+__all__ = ["AnalyticTier", "FORM", "FORMS", "Fidelity", "TRUST_RATIO", "adam_betas", "agreement",
            "check_fidelity", "draw", "fit_on", "fit_tier", "phase_inputs", "tier_features",
            "tier_losses", "transformer_losses"]
 
 TRUST_RATIO = 0.95
+FORMS = ("plain", "adam", "latent")
+FORM = "plain"  # the default form (docs/experiments.md: chosen on every development set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +98,11 @@ class AnalyticTier:
     fidelity: the check on fresh orders, or None before it is made.
     seconds: wall time of the fit (the transformer's simulations included).
     betas: Adam's (b1, b2) when the recurrence follows Adam's normalised steps
-      (`surrogate.analytic.rollout`), None for the plain form.
+      (`surrogate.analytic.rollout`; the Adam and latent forms), None for the plain form
+      (and the latent form when the runs trained with SGD).
+    form: "plain", "adam" or "latent" (`fit_on`).
   """
-  params: analytic.Params
+  params: analytic.Params | analytic.LatentParams
   x0_Sx2xF: np.ndarray
   cal_SxCx2xF: np.ndarray
   fit_orders: int
@@ -106,6 +110,7 @@ class AnalyticTier:
   fidelity: Fidelity | None = None
   seconds: float = 0.0
   betas: tuple[float, float] | None = None
+  form: str = "plain"
 
   @property
   def trusted(self) -> bool:
@@ -221,28 +226,33 @@ def draw(sim: Simulator, n: int, *, key: jax.Array) -> np.ndarray:
 
 
 def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarray, *,
-           calibration: int, steps: int = 2000, form: str = "plain") -> AnalyticTier:
+           calibration: int, steps: int = 2000, form: str = FORM) -> AnalyticTier:
   """Fits the tier on the transformer's simulations of orders whose first `calibration`
-  are the calibration runs' (their mean is the tier's reference point). `form` "plain" (the
-  default) is linear in the batch's shares; "adam" follows Adam's normalised steps when the
-  runs trained with Adam or AdamW (`adam_betas`; with SGD it is the plain form). Neither is
-  better on every development set (docs/experiments.md)."""
-  if form not in ("plain", "adam"):
-    raise ValueError(f"form must be 'plain' or 'adam', got {form!r}")
-  betas = adam_betas(sim) if form == "adam" else None
+  are the calibration runs' (their mean is the tier's reference point). `form` "plain" is
+  linear in the batch's shares; "adam" follows Adam's normalised steps when the runs
+  trained with Adam or AdamW (`adam_betas`; with SGD it is the plain form); "latent" is the
+  runs' optimizer training a point in a fitted space of K = F coordinates
+  (`surrogate.analytic.LatentParams`). docs/experiments.md compares them on every
+  development set."""
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+  betas = adam_betas(sim) if form != "plain" else None
   t0 = time.perf_counter()
   x0 = np.nan_to_num(np.nanmean(target_SxNxCx2xF[:, :, 0], 1))      # S 2 F
   feats = tier_features(sim, orders_NxTxB)
-  res = analytic.fit(x0, feats, sim.steps_C, target_SxNxCx2xF, steps=steps, betas=betas)
+  num_f = x0.shape[-1]
+  start = analytic.init_latent(num_f) if form == "latent" else analytic.init_params(num_f)
+  res = analytic.fit(x0, feats, sim.steps_C, target_SxNxCx2xF, steps=steps, betas=betas,
+                     start=start)
   tier = AnalyticTier(res.params, x0, np.zeros((0,)), len(orders_NxTxB), np.asarray(res.mse),
-                      betas=betas)
+                      betas=betas, form=form)
   cal = analytic.Features(*(np.asarray(a)[:calibration] for a in feats))
   return dataclasses.replace(tier, cal_SxCx2xF=tier_losses(tier, cal, sim.steps_C).mean(0),
                              seconds=time.perf_counter() - t0)
 
 
 def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: jax.Array,
-             orders_per_family: int = 8, steps: int = 2000, form: str = "plain",
+             orders_per_family: int = 8, steps: int = 2000, form: str = FORM,
              progress: bool = False, chunk_size: int | None = None) -> AnalyticTier:
   """Fits the analytic tier on the transformer's simulations of random orders.
 

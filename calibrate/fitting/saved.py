@@ -177,7 +177,7 @@ def _tier_arrays(tier: AnalyticTier) -> dict[str, np.ndarray]:
 
 def _tier_meta(tier: AnalyticTier) -> dict:
   return {"fit_orders": tier.fit_orders, "seconds": tier.seconds,
-          "betas": None if tier.betas is None else list(tier.betas),
+          "betas": None if tier.betas is None else list(tier.betas), "form": tier.form,
           "fidelity": None if tier.fidelity is None else tier.fidelity.to_json()}
 
 
@@ -190,15 +190,18 @@ def _load_tier(path: str, meta: dict, files: dict) -> AnalyticTier | None:
   data = _read_checked(path, "analytic.npz", files)
   with np.load(io.BytesIO(data), allow_pickle=False) as z:
     arrays = {k: z[k] for k in z.files}
-  params = analytic.Params(**{name: jnp.asarray(arrays[f"params/{name}"])
-                              for name in analytic.Params._fields})
+  # Folders saved before the latent form name no form: theirs follows from the betas.
+  form = info.get("form", "plain" if info["betas"] is None else "adam")
+  kind = analytic.LatentParams if form == "latent" else analytic.Params
+  params = kind(**{name: jnp.asarray(arrays[f"params/{name}"]) for name in kind._fields})
   fid = info["fidelity"]
   return AnalyticTier(params=params, x0_Sx2xF=arrays["x0_Sx2xF"],
                       cal_SxCx2xF=arrays["cal_SxCx2xF"], fit_orders=int(info["fit_orders"]),
                       fit_mse_S=arrays["fit_mse_S"],
                       fidelity=None if fid is None else Fidelity.from_json(fid),
                       seconds=float(info["seconds"]),
-                      betas=None if info["betas"] is None else tuple(map(float, info["betas"])))
+                      betas=None if info["betas"] is None else tuple(map(float, info["betas"])),
+                      form=form)
 
 
 def _self_sha256(meta: dict) -> str:
