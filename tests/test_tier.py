@@ -19,7 +19,7 @@ from calibrate.fitting.calibration import (fragment_means, predict, predict_frag
                                            resolve_tier, schedule)
 from calibrate.fitting.saved import SimulatorError, load, save
 from calibrate.io.runlog import order_from_runlog, read_runlog, write_runlog
-from surrogate import orders
+from surrogate import analytic, orders
 from surrogate.errors import CalibrationError
 
 
@@ -97,9 +97,15 @@ def test_resolve_tier_falls_back_to_the_transformer_and_says_why(sim, fitted, ch
 
 def test_the_trust_check_rejects_a_wrong_tier_and_the_answers_fall_back(sim, world, fitted):
   # Fed fragments pushed up instead of down, every other coefficient as fitted: its final
-  # losses rank the orders against the transformer's.
+  # losses rank the orders against the transformer's. (The latent form: each probe's
+  # minimum moved to its train examples' reflected, so learning a fragment hurts its probes.)
   p = fitted.params
-  wrong = dataclasses.replace(fitted, params=p._replace(transfer_2xFxF=-3.0 * p.transfer_2xFxF))
+  if isinstance(p, analytic.LatentParams):
+    centre = p.centre_2xFxK
+    p = p._replace(centre_2xFxK=centre.at[:, 0].set(-3.0 * centre[:, 1]))
+  else:
+    p = p._replace(transfer_2xFxF=-3.0 * p.transfer_2xFxF)
+  wrong = dataclasses.replace(fitted, params=p)
   rejected = tier_lib.check_fidelity(sim, wrong, key=jax.random.key(2), orders=12)
   fid = rejected.fidelity
   assert not rejected.trusted and fid.reason.startswith("not trusted")
@@ -154,8 +160,8 @@ def test_a_latent_tier_is_saved_with_its_form_and_answers_through_predict(sim, w
   latent = tier_lib.fit_tier(sim, cal, key=jax.random.key(1), orders_per_family=1, steps=100,
                              form="latent")
   assert latent.form == "latent" and latent.betas == tier_lib.adam_betas(sim)
-  assert latent.params.centre_2xFxK.shape == (sim.num_seeds, 2, len(frags.names),
-                                              len(frags.names))
+  num_f = len(frags.names)
+  assert latent.params.centre_2xFxK.shape == (sim.num_seeds, 2, num_f, 2 * num_f)
   with_tier = dataclasses.replace(sim, analytic=latent)
   save(with_tier, tmp_path / "sim")
   back = load(tmp_path / "sim").analytic

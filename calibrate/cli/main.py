@@ -791,8 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
   ti.add_argument("--sim", required=True, help="folder written by `surrogate fit` (updated)")
   ti.add_argument("--runs", nargs="+", required=True,
                   help="the calibration runs (the tier is measured from their orders' mean)")
-  ti.add_argument("--orders-per-family", type=_int_from(1, 100_000), default=6,
-                  help="random orders of each family to fit on (default 6)")
+  ti.add_argument("--orders-per-family", type=_int_from(1, 100_000), default=12,
+                  help="random orders of each family to fit on (default 12, as measured in "
+                       "docs/results.md)")
   ti.add_argument("--fresh", type=_int_from(4, 100_000), default=64,
                   help="fresh orders of the trust check (default 64)")
   ti.add_argument("--fit-steps", type=_int_from(1, 1_000_000), default=2000,

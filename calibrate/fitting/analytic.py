@@ -37,7 +37,7 @@ __all__ = ["AnalyticTier", "FORM", "FORMS", "Fidelity", "TRUST_RATIO", "adam_bet
 
 TRUST_RATIO = 0.95
 FORMS = ("plain", "adam", "latent")
-FORM = "plain"  # the default form (docs/experiments.md: chosen on every development set)
+FORM = "latent"  # the default form (docs/experiments.md: chosen on every development set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +231,7 @@ def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarra
   are the calibration runs' (their mean is the tier's reference point). `form` "plain" is
   linear in the batch's shares; "adam" follows Adam's normalised steps when the runs
   trained with Adam or AdamW (`adam_betas`; with SGD it is the plain form); "latent" is the
-  runs' optimizer training a point in a fitted space of K = F coordinates
+  runs' optimizer training a point in a fitted space of K = 2F coordinates
   (`surrogate.analytic.LatentParams`). docs/experiments.md compares them on every
   development set."""
   if form not in FORMS:
@@ -252,7 +252,7 @@ def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarra
 
 
 def fit_tier(sim: Simulator, calibration_orders: Sequence[np.ndarray], *, key: jax.Array,
-             orders_per_family: int = 8, steps: int = 2000, form: str = FORM,
+             orders_per_family: int = 12, steps: int = 2000, form: str = FORM,
              progress: bool = False, chunk_size: int | None = None) -> AnalyticTier:
   """Fits the analytic tier on the transformer's simulations of random orders.
 
