@@ -115,6 +115,13 @@ def test_adam_form_steps_hard_on_a_fragment_fed_after_an_absence():
   assert drop_ratio(p, (0.9, 0.999)) > 1.1 * drop_ratio(plain, None) > 0
 
 
+def _final_losses(truth, got, held_orders, betas):
+  """(the world's, the fit's) final losses of held-out orders; `got` a one-seed fit."""
+  params = jax.tree.map(lambda a: a[0], got.params)
+  return tuple(np.asarray(analytic.rollout_many(p, X0, _feats(held_orders), CHECKPOINTS,
+                                                betas))[:, -1] for p in (truth, params))
+
+
 def test_adam_form_fit_recovers_its_own_rollouts():
   betas = (0.9, 0.999)
   start = analytic.init_params(F)
@@ -125,11 +132,7 @@ def test_adam_form_fit_recovers_its_own_rollouts():
   target = analytic.rollout_many(truth, X0, _feats(fit_orders), CHECKPOINTS, betas)
   got = analytic.fit(X0[None], _feats(fit_orders), CHECKPOINTS, target[None], steps=800,
                      betas=betas)
-  params = jax.tree.map(lambda a: a[0], got.params)
-  want = np.asarray(analytic.rollout_many(truth, X0, _feats(held_orders), CHECKPOINTS,
-                                          betas))[:, -1]
-  pred = np.asarray(analytic.rollout_many(params, X0, _feats(held_orders), CHECKPOINTS,
-                                          betas))[:, -1]
+  want, pred = _final_losses(truth, got, held_orders, betas)
   assert np.sqrt(np.mean((pred - want) ** 2)) < 0.2 * want.std(0).mean()
 
 
@@ -259,11 +262,7 @@ def test_latent_form_fit_recovers_a_known_world_on_held_out_orders():
   got = analytic.fit(X0[None], _feats(fit_orders), CHECKPOINTS, target[None], steps=2000,
                      betas=betas, start=analytic.init_latent(F, 4))
   assert isinstance(got.params, analytic.LatentParams)
-  params = jax.tree.map(lambda a: a[0], got.params)
-  want = np.asarray(analytic.rollout_many(truth, X0, _feats(held_orders), CHECKPOINTS,
-                                          betas))[:, -1]
-  pred = np.asarray(analytic.rollout_many(params, X0, _feats(held_orders), CHECKPOINTS,
-                                          betas))[:, -1]
+  want, pred = _final_losses(truth, got, held_orders, betas)
   assert np.sqrt(np.mean((pred - want) ** 2)) < 0.2 * want.std(0).mean()
   for f in range(F):
     r = np.corrcoef(np.argsort(np.argsort(pred[:, 0, f])), np.argsort(np.argsort(want[:, 0, f])))
