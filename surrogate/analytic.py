@@ -98,7 +98,9 @@ class LatentParams(NamedTuple):
   centre_2xFxK: c, each (probe, train) loss's minimum in the latent space.
   curvature_2xFxK: the curvature's shape per coordinate before softplus (its scale is set
     by the floor: every loss starts at its x0 at theta = 0).
-  floor_2xF: the floor as a share of the slow part's start, before a sigmoid.
+  floor_2xF: the floor as a share of the starting loss x0, before a sigmoid (a floor above
+    the slow part's start, x0 less the fast part, would make the quadratic concave; nothing
+    stops a fit from going there yet, and the fitted tiers were not checked for it).
   noise_FxK: before softplus, the gradient noise a fed fragment adds to Adam's second
     moment per unit share.
   rate_K: before softplus, the step size per coordinate.
