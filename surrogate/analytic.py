@@ -56,9 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["Features", "FitResult", "LatentParams", "Params", "features", "fit", "init_latent",
-           "init_params", "minimize", "phase_objective", "rollout", "rollout_many",
-           "soft_features"]
+__all__ = ["BLOCK", "Features", "FitResult", "LatentParams", "Params", "features", "fit",
+           "init_latent", "init_params", "minimize", "phase_objective", "rollout",
+           "rollout_blocks", "rollout_many", "soft_features"]
 
 
 class Features(NamedTuple):
@@ -298,25 +298,34 @@ def _rollout_latent(p: LatentParams, x0_2xF: jax.Array, feats: Features,
     excess = 0.5 * jnp.sum(curv * d * d, -1)
     return floor + excess.at[1].multiply(mem_F)
 
+  # The batch's gradient, sum_i share_i h_ik (theta_k - c_ik), is theta_k (share @ h)_k -
+  # (share @ h c)_k: one matrix product per step with the noise's, no [F, K] temporary.
+  per_share_Fx3K = jnp.concatenate([curv[1], curv[1] * centre[1], noise_FxK], -1)
+
   def step(carry, inp):
     theta, m, v, mem, z, theta_C, mem_C, z_C = carry
     share_F, seen_F, lr, t = inp
     mixed = jnp.exp(share_F @ p.diversity_F * (1.0 - jnp.sum(share_F * share_F)))
-    grad_K = mixed * (share_F @ (curv[1] * (theta[None] - centre[1])))
+    a_3K = share_F @ per_share_Fx3K
+    grad_K = mixed * (a_3K[:num_k] * theta - a_3K[num_k:2 * num_k])
     if betas is None:
       move = rate_K * grad_K
     else:
       b1, b2 = betas
       m = b1 * m + (1 - b1) * grad_K
-      v = b2 * v + (1 - b2) * (grad_K * grad_K + share_F @ noise_FxK)
+      v = b2 * v + (1 - b2) * (grad_K * grad_K + a_3K[2 * num_k:])
       move = rate_K * (m / (1 - b1 ** (t + 1.0))) / jnp.sqrt(v / (1 - b2 ** (t + 1.0)) + 1e-8)
     theta = theta - lr * (move + decay * theta)
     mem = mem * (1 - lr * memorize * seen_F)
     z = z - lr * fast_rate * z
-    # Only the checkpoints' states are kept; their losses are read off after the scan.
-    hit = (checkpoints_C == t + 1)[:, None]
-    return (theta, m, v, mem, z, jnp.where(hit, theta[None], theta_C),
-            jnp.where(hit, mem[None], mem_C), jnp.where(hit[..., None], z[None], z_C)), None
+    # Only the checkpoints' states are kept, written in place (the step and the checkpoints
+    # are the same for every order, so under vmap this is one slice, not a select over all
+    # C); their losses are read off after the scan.
+    c = jnp.minimum(jnp.argmax(checkpoints_C == t + 1), n_c - 1)
+    hit = jnp.any(checkpoints_C == t + 1)
+    keep = lambda new, old_C: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+        old_C, jnp.where(hit, new, old_C[c]), c, 0)
+    return (theta, m, v, mem, z, keep(theta, theta_C), keep(mem, mem_C), keep(z, z_C)), None
 
   n_c = checkpoints_C.shape[0]
   zero_K = jnp.zeros((num_k,), x0_2xF.dtype)
@@ -333,6 +342,43 @@ def rollout_many(params: Params | LatentParams, x0_2xF: jax.Array, feats: Featur
   """`rollout` over orders: features with a leading N axis -> [N, C, 2, F]."""
   one = lambda p, x0, f, c: rollout(p, x0, f, c, betas)  # noqa: E731 (betas stays static)
   return jax.vmap(one, in_axes=(None, None, 0, None))(params, x0_2xF, feats, checkpoints_C)
+
+
+BLOCK = 2048  # orders a compiled call in `rollout_blocks` (docs/results.md, stop 36)
+
+
+def rollout_blocks(params: Params | LatentParams, x0_2xF: jax.Array, feats: Features,
+                   checkpoints_C: jax.Array, betas: tuple[float, float] | None = None, *,
+                   block: int = BLOCK) -> np.ndarray:
+  """`rollout_many` for any number of orders, in compiled calls of `block` orders each split
+  over the host's devices: [N, C, 2, F] (numpy).
+
+  A block of about a thousand orders a device keeps the recurrence's state in the CPU's
+  caches: 65,536 orders in one call ran 3 times slower per order on this project's 2-core
+  machine than 2,048 split over its two cores (`benchmarks/analytic.py`). With one XLA
+  host device per core (the CLI sets that up) the blocks' halves run side by side.
+  """
+  devices = jax.local_devices()
+  n, nd = feats.lr_T.shape[0], len(devices)
+  size = -(-min(block, max(n, 1)) // nd) * nd  # a multiple of the devices
+  mesh = jax.sharding.Mesh(np.array(devices), ("orders",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("orders"))
+  copy = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params, x0_2xF, checkpoints_C = jax.device_put((params, x0_2xF, checkpoints_C), copy)
+  pending = []
+  for start in range(0, n, size):
+    part = [np.asarray(a[start:start + size]) for a in feats]
+    got = part[0].shape[0]
+    # The last block is padded with copies of its last order, so every call has one shape.
+    part = [np.concatenate([a, np.repeat(a[-1:], size - got, 0)]) for a in part]
+    pending.append((got, _rollout_many_jit(params, x0_2xF, jax.device_put(Features(*part), split),
+                                           checkpoints_C, betas)))
+  if not pending:
+    return np.empty((0, checkpoints_C.shape[0], *x0_2xF.shape), np.float32)
+  return np.concatenate([np.asarray(out)[:got] for got, out in pending])
+
+
+_rollout_many_jit = jax.jit(rollout_many, static_argnums=4)
 
 
 def minimize(loss, start, opt: optax.GradientTransformation, steps: int):

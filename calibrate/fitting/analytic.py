@@ -16,7 +16,6 @@ the calibration orders to the real scale exactly as it maps the transformer's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import time
 from collections.abc import Sequence
@@ -197,26 +196,19 @@ def tier_losses(tier: AnalyticTier, feats: analytic.Features, steps_C: np.ndarra
   """The tier's fragment means at `steps_C`: [N, S, C, 2, F] (every seed), or [N, C, 2, F]
   with one seed per order (`seed_N`)."""
   steps = jnp.asarray(steps_C)
+  seed_of = lambda s: jax.tree.map(lambda a: a[s], tier.params)  # noqa: E731
   if seed_N is None:
-    every = _every_seed(tier.params, tier.x0_Sx2xF, feats, steps, tier.betas)
-    return np.moveaxis(np.asarray(every), 0, 1)
+    return np.stack([analytic.rollout_blocks(seed_of(s), tier.x0_Sx2xF[s], feats, steps,
+                                             tier.betas)
+                     for s in range(len(tier.x0_Sx2xF))], 1)
   seed_N = np.asarray(seed_N) % len(tier.x0_Sx2xF)
   out = np.empty((len(seed_N), len(steps), 2, tier.x0_Sx2xF.shape[-1]), np.float32)
   for s in np.unique(seed_N):  # one seed's orders share its coefficients: matrix products
     sel = np.nonzero(seed_N == s)[0]
-    out[sel] = _one_seed(jax.tree.map(lambda a: a[s], tier.params), tier.x0_Sx2xF[s],
-                         analytic.Features(*(np.asarray(a)[sel] for a in feats)), steps,
-                         tier.betas)
+    out[sel] = analytic.rollout_blocks(seed_of(s), tier.x0_Sx2xF[s],
+                                       analytic.Features(*(np.asarray(a)[sel] for a in feats)),
+                                       steps, tier.betas)
   return out
-
-
-@functools.partial(jax.jit, static_argnums=4)
-def _every_seed(params, x0_Sx2xF, feats, steps_C, betas):                      # S N C 2 F
-  one = lambda p, x0: analytic.rollout_many(p, x0, feats, steps_C, betas)  # noqa: E731
-  return jax.vmap(one)(params, x0_Sx2xF)
-
-
-_one_seed = jax.jit(analytic.rollout_many, static_argnums=4)                  # N C 2 F
 
 
 def draw(sim: Simulator, n: int, *, key: jax.Array) -> np.ndarray:
