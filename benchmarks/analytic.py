@@ -145,7 +145,7 @@ def throughput(sim, tier, fresh, *, transformer_orders: int, analytic_orders: in
   print(f"  transformer: {s * 1e3:.0f} ms an order ({60 / s:,.0f} orders a minute; "
         f"{transformer_orders} orders a call)")
   print(f"  analytic:    {a * 1e6:.1f} us an order ({60 / a:,.0f} orders a minute; "
-        f"{analytic_orders} orders a call); ratio {s / a:,.0f}x")
+        f"{analytic_orders} orders in blocks of {analytic.BLOCK}); ratio {s / a:,.0f}x")
   print(f"  the analytic tier's features from concrete orders: {t_feat * 1e6:.0f} us an order "
         "(compiled; not in the figure above)")
 

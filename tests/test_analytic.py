@@ -267,3 +267,20 @@ def test_latent_form_fit_recovers_a_known_world_on_held_out_orders():
   for f in range(F):
     r = np.corrcoef(np.argsort(np.argsort(pred[:, 0, f])), np.argsort(np.argsort(want[:, 0, f])))
     assert r[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("n", [1, 7, 13])
+def test_rollout_blocks_equals_one_vmapped_call_for_any_count(n):
+  # Blocks of 4 orders, the last one padded: the same losses as one call over all n, in
+  # order, for either form (with Adam's betas, where the state is largest).
+  order_NxTxB = _orders(n, jax.random.key(n))
+  feats = _feats(order_NxTxB)
+  for p in (analytic.init_params(F), analytic.init_latent(F)):
+    one = np.asarray(analytic.rollout_many(p, X0, feats, jnp.asarray(CHECKPOINTS), (0.9, 0.99)))
+    blocks = analytic.rollout_blocks(p, X0, feats, jnp.asarray(CHECKPOINTS), (0.9, 0.99),
+                                     block=4)
+    assert blocks.shape == (n, len(CHECKPOINTS), 2, F)
+    np.testing.assert_allclose(blocks, one, rtol=1e-5, atol=1e-6)
+  empty = analytic.Features(*(np.asarray(a)[:0] for a in feats))
+  assert analytic.rollout_blocks(p, X0, empty, jnp.asarray(CHECKPOINTS)).shape == (
+      0, len(CHECKPOINTS), 2, F)

@@ -49,12 +49,32 @@ def test_the_tier_fits_a_calibrated_simulator_and_is_checked_on_fresh_orders(sim
   assert 0.0 <= fid.order_decisions <= 1.0 and 0.0 <= fid.seed_order_decisions <= 1.0
   assert checked.trusted == fid.trusted and fid.reason.startswith(
       "trusted" if fid.trusted else "not trusted")
-  assert tier_lib.Fidelity.from_json(fid.to_json()).reason == fid.reason
+  back = tier_lib.Fidelity.from_json(json.loads(json.dumps(fid.to_json())))
+  assert back.reason == fid.reason and back.ratio_interval == fid.ratio_interval
+  (f_lo, f_hi), (o_lo, o_hi) = fid.ratio_interval
+  assert f_lo <= f_hi and o_lo <= o_hi and "90 % intervals" in fid.reason
   cal = np.stack([order_from_runlog(r, frags) for r in runs[:3]])
   feats = tier_lib.tier_features(sim, cal)
   one = tier_lib.tier_losses(checked, feats, sim.steps_C, seed_N=np.array([0, 1, 0]))
   every = tier_lib.tier_losses(checked, feats, sim.steps_C)
   np.testing.assert_allclose(one[1], every[1, 1], rtol=1e-5)
+
+
+def test_the_check_s_interval_narrows_with_more_orders_and_holds_the_ratio():
+  # Four seeds of one world: a common order effect plus seed noise; the tier is the world
+  # with less noise, so it agrees with each seed at least as well as two seeds agree.
+  rng = np.random.default_rng(0)
+  def world(n):
+    effect_NxF = rng.normal(size=(n, 5))
+    sur = effect_NxF[None] + 0.7 * rng.normal(size=(4, n, 5))
+    return effect_NxF[None] + 0.3 * rng.normal(size=(4, n, 5)), sur
+  few, many = tier_lib.ratio_interval(*world(8)), tier_lib.ratio_interval(*world(96))
+  for (lo, hi), (lo_m, hi_m) in zip(few, many):
+    assert lo <= hi and lo_m <= hi_m and hi - lo > 2 * (hi_m - lo_m)
+  ana, sur = world(96)
+  got = tier_lib.agreement(ana, sur)
+  ratio = np.nanmean(got["decisions_F"]) / np.nanmean(got["seed_decisions_F"])
+  assert many[0][0] <= ratio <= many[0][1] and ratio > 1.0
 
 
 def test_the_tier_follows_the_learning_rate_against_the_calibration_peak(sim, world, fitted):

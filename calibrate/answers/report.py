@@ -57,11 +57,13 @@ class TrajectoryPlot:
 
 
 def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.8,
-                    chunk_size: int | None = None, progress: bool = False) -> list[TrajectoryPlot]:
+                    chunk_size: int | None = None, progress: bool = False,
+                    tier: str = "transformer") -> list[TrajectoryPlot]:
   """Predicts `runs` (real runs with evals at the calibration steps) for the report.
 
   The interval is normal, from the members' spread and the calibration residual of each
-  fragment mean. `chunk_size` only matters for speed (see `calibrate.answers.search.evaluate`).
+  fragment mean. `chunk_size` only matters for speed (see `calibrate.answers.search.evaluate`);
+  `tier` picks the model that predicts (`calibrate.fitting.calibration.predict`).
   """
   check_not_empty(runs)
   check_compatible(sim, runs)
@@ -71,7 +73,7 @@ def trajectories_of(sim: Simulator, runs: Sequence[RunLog], *, level: float = 0.
                              f"as the calibration runs ({sim.num_steps} steps)")
   orders = np.stack([order_from_runlog(r, sim.fragments) for r in runs])
   prediction, _ = predict(sim, orders, schedule(sim), sim.steps_C, chunk_size=chunk_size,
-                          progress=progress)
+                          progress=progress, tier=tier)
   pred = fragment_means(sim, prediction.members_NxKxCxM)            # R K C F
   with np.errstate(invalid="ignore"):
     q = (1 - level) / 2

@@ -31,8 +31,8 @@ from surrogate import analytic, optim
 from surrogate import orders as orders_lib
 
 __all__ = ["AnalyticTier", "FORM", "FORMS", "Fidelity", "TRUST_RATIO", "adam_betas", "agreement",
-           "check_fidelity", "draw", "fit_on", "fit_tier", "phase_inputs", "tier_features",
-           "tier_losses", "transformer_losses"]
+           "check_fidelity", "draw", "fit_on", "fit_tier", "phase_inputs", "ratio_interval",
+           "tier_features", "tier_losses", "transformer_losses"]
 
 TRUST_RATIO = 0.95
 FORMS = ("plain", "adam", "latent")
@@ -55,6 +55,10 @@ class Fidelity:
     trusted: whether the mean of `decisions_F` and `order_decisions` are each at least
       `TRUST_RATIO` x the seeds' figure.
     reason: why it is or is not trusted, in words.
+    ratio_interval: the 90 % intervals of the two ratios the check compares with
+      `TRUST_RATIO` (mean per-fragment decisions, then order decisions, each over the
+      seeds' figure), from a bootstrap over the fresh orders: how far a check on few
+      orders can be from one on many. None for checks saved before it existed.
   """
   orders: int
   families: tuple[str, ...]
@@ -66,6 +70,7 @@ class Fidelity:
   seed_order_decisions: float
   trusted: bool
   reason: str
+  ratio_interval: tuple[tuple[float, float], tuple[float, float]] | None = None
 
   def to_json(self) -> dict:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else
@@ -79,7 +84,10 @@ class Fidelity:
     return cls(orders=int(d["orders"]), families=tuple(d["families"]),
                order_decisions=float(d["order_decisions"]),
                seed_order_decisions=float(d["seed_order_decisions"]),
-               trusted=bool(d["trusted"]), reason=str(d["reason"]), **arrays)
+               trusted=bool(d["trusted"]), reason=str(d["reason"]),
+               ratio_interval=(None if d.get("ratio_interval") is None else
+                               tuple(tuple(float(x) for x in r) for r in d["ratio_interval"])),
+               **arrays)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -295,6 +303,25 @@ def agreement(ana_SxNxF: np.ndarray, sur_SxNxF: np.ndarray) -> dict[str, np.ndar
           "seed_decisions_F": mean(seeds, 1), "seed_order_decisions": float(mean(seeds, 2))}
 
 
+def ratio_interval(ana_SxNxF: np.ndarray, sur_SxNxF: np.ndarray, *, draws: int = 200,
+                   level: float = 0.9, seed: int = 0
+                   ) -> tuple[tuple[float, float], tuple[float, float]]:
+  """The `level` intervals of the trust check's two ratios (the tier's mean per-fragment
+  decisions over the seeds', then its order decisions over the seeds'), from `draws`
+  bootstrap resamples of the orders. A resampled order's pair with itself is a real tie
+  and is left out of every decision (`metrics.decision_accuracy`)."""
+  rng = np.random.default_rng(seed)
+  n = sur_SxNxF.shape[1]
+  ratios = []
+  for _ in range(draws):
+    pick = rng.integers(0, n, n)
+    got = agreement(ana_SxNxF[:, pick], sur_SxNxF[:, pick])
+    ratios.append((np.nanmean(got["decisions_F"]) / np.nanmean(got["seed_decisions_F"]),
+                   got["order_decisions"] / got["seed_order_decisions"]))
+  lo, hi = np.nanquantile(np.asarray(ratios), [(1 - level) / 2, (1 + level) / 2], axis=0)
+  return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
+
+
 def check_fidelity(sim: Simulator, tier: AnalyticTier, *, key: jax.Array, orders: int = 64,
                    progress: bool = False, chunk_size: int | None = None) -> AnalyticTier:
   """Checks the tier on `orders` fresh orders of every family; returns it with `fidelity`.
@@ -310,9 +337,12 @@ def check_fidelity(sim: Simulator, tier: AnalyticTier, *, key: jax.Array, orders
   dec, seed_dec = np.nanmean(got["decisions_F"]), np.nanmean(got["seed_decisions_F"])
   order, seed_order = got["order_decisions"], got["seed_order_decisions"]
   ok = bool(dec >= TRUST_RATIO * seed_dec and order >= TRUST_RATIO * seed_order)
+  (f_lo, f_hi), (o_lo, o_hi) = interval = ratio_interval(ana[:, :, -1, 0], sur[:, :, -1, 0])
   reason = (f"per-fragment decisions {dec:.3f} vs the transformer seeds' {seed_dec:.3f} "
             f"(needs x{TRUST_RATIO}), order decisions {order:.3f} vs {seed_order:.3f}, on "
-            f"{orders} fresh orders")
+            f"{orders} fresh orders (the ratios' 90 % intervals {f_lo:.2f}-{f_hi:.2f} and "
+            f"{o_lo:.2f}-{o_hi:.2f})")
   fid = Fidelity(orders=orders, families=tuple(orders_lib.FAMILIES), trusted=ok,
-                 reason=("trusted: " if ok else "not trusted: ") + reason, **got)
+                 reason=("trusted: " if ok else "not trusted: ") + reason,
+                 ratio_interval=interval, **got)
   return dataclasses.replace(tier, fidelity=fid)
