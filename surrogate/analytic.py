@@ -123,11 +123,11 @@ class LatentParams(NamedTuple):
 
 
 def init_latent(num_f: int, num_k: int | None = None, *, seed: int = 0) -> LatentParams:
-  """A start where coordinate f belongs to fragment f and the others (K >= F; K = 2F by
+  """A start where coordinate f belongs to fragment f and the others (K >= F; K = 4F by
   default, docs/experiments.md) are shared, a little of every coordinate shared by all,
   probes and train examples at the same centre; the centres are jittered (fixed `seed`) so
   that no two fragments start exactly alike."""
-  num_k = 2 * num_f if num_k is None else num_k
+  num_k = 4 * num_f if num_k is None else num_k
   rng = np.random.default_rng(seed)
   own = np.eye(num_f, num_k, dtype=np.float32) + 0.3 / np.sqrt(num_k)
   centre = np.stack([own, own]) + 0.05 * rng.standard_normal((2, num_f, num_k))

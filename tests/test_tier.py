@@ -181,7 +181,7 @@ def test_a_latent_tier_is_saved_with_its_form_and_answers_through_predict(sim, w
                              form="latent")
   assert latent.form == "latent" and latent.betas == tier_lib.adam_betas(sim)
   num_f = len(frags.names)
-  assert latent.params.centre_2xFxK.shape == (sim.num_seeds, 2, num_f, 2 * num_f)
+  assert latent.params.centre_2xFxK.shape == (sim.num_seeds, 2, num_f, 4 * num_f)
   with_tier = dataclasses.replace(sim, analytic=latent)
   save(with_tier, tmp_path / "sim")
   back = load(tmp_path / "sim").analytic

@@ -3,22 +3,30 @@
 The bundled set (`calibrate/reference/data/lm`) holds 24 real fine-tunes of a small GPT-2
 on 12 fragments of text from Debian's `fortunes` (made by `calibrate.reference`). The demo:
 
-1. calibrates the surrogate ensemble on four of them (two shuffled runs, one blocked and one
-   subset run: structured runs pin the gain map);
-2. screens random feeding orders, each with its counterfactual, and prints per fragment the
-   probability of each outcome, the expected probe-loss drop and the failure points;
-3. searches for the best order, starting from the best screened ones;
-4. shows predicted against real probe losses for real runs it never saw;
-5. writes the report (HTML and PNGs) and a JSON summary.
+1. loads the bundled simulator: the surrogate ensemble calibrated on four of them (two
+   shuffled runs, one blocked and one subset run: structured runs pin the gain map) with
+   its analytic tier fitted on the transformer's simulations and checked on 64 fresh
+   orders (`surrogate demo --calibrate --save-sim calibrate/reference/data/lm/demo-simulator`
+   remakes it from the real runs: about 20 minutes here);
+2. checks the analytic tier again on a few fresh orders of its own (`check`), printing the
+   interval so few orders leave; the stored check decides which tier answers unless
+   this one refutes it (a ratio's whole interval below the bar);
+3. screens random feeding orders, each with its counterfactual, through the tier that
+   passed (10,000 simulated runs through the analytic tier, 128 through the transformer),
+   and prints per fragment the probability of each outcome, the expected probe-loss drop
+   and the failure points;
+4. searches for the best order, starting from the best screened ones;
+5. shows predicted against real probe losses for real runs it never saw, and the
+   transformer's diagnostics against the real model's;
+6. writes the report (HTML and PNGs) and a JSON summary.
 
-The demo uses fit's default surrogate (64 tokens per example on this data, at three times the
-real rate), whose accuracy docs/results.md reports; to stay near ten minutes on a 2-core CPU it
-screens 128 simulated runs (64 orders and their counterfactuals), so its outcome probabilities
-are coarse.
+The surrogate is fit's default (64 tokens per example on this data, at three times the
+real rate), whose accuracy docs/results.md reports, as it does the tier's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -27,6 +35,9 @@ import numpy as np
 
 CALIBRATION = ("shuffled-s0", "shuffled-s1", "blocked-p1", "subset-1")
 HELD_OUT = ("blocked-p0", "interleaved", "mixture-skewed", "curriculum-easy-hard")
+SCREEN_RUNS = {"analytic": 10_000, "transformer": 128}  # the screen's default size by tier
+CHECK_ORDERS = 8  # the demo's own check of the tier; the bundled simulator's used 64
+BUNDLED_CHECK_ORDERS = 64
 
 
 def _data_dir() -> str:
@@ -34,29 +45,81 @@ def _data_dir() -> str:
   return os.path.join(os.path.dirname(calibrate.__file__), "reference", "data", "lm")
 
 
-def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
-             budget: int = 8, length: int | None = None, progress: bool = True) -> int:
+def bundled_simulator() -> str:
+  """The folder of the bundled calibrated simulator (it may be absent in a source tree that
+  has not made it)."""
+  return os.path.join(_data_dir(), "demo-simulator")
+
+
+def _calibrated(frags, cal, *, seed: int, length: int | None, progress: bool):
+  """The demo's simulator made from the real runs: calibrated, then its analytic tier fitted
+  and checked on `BUNDLED_CHECK_ORDERS` fresh orders."""
+  import jax
+
+  from calibrate.fitting import analytic as tier_lib
+  from calibrate.fitting.fit import FitConfig, fit
+  from calibrate.io.runlog import order_from_runlog
+  from surrogate.model import ModelConfig
+
+  k_sim, k_fit, k_check, _ = jax.random.split(jax.random.key(seed), 4)
+  model_cfg = None if length is None else ModelConfig(length=length)
+  sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), key=jax.random.key(seed),
+            progress=progress)
+  tier = tier_lib.fit_tier(sim, [order_from_runlog(r, frags) for r in cal], key=k_fit,
+                           progress=progress)
+  tier = tier_lib.check_fidelity(sim, tier, key=k_check, orders=BUNDLED_CHECK_ORDERS,
+                                 progress=progress)
+  return dataclasses.replace(sim, analytic=tier)
+
+
+def _decide(stored, again):
+  """The tier as the demo uses it after its own check `again` of the `stored` one.
+
+  A few orders can neither confirm nor overturn a check of 64 (their intervals are wide):
+  the stored check decides, unless the new one refutes it — a ratio whose whole 90 %
+  interval lies below `TRUST_RATIO` — or there is none."""
+  from calibrate.fitting import analytic as tier_lib
+  fid = again.fidelity
+  refuted = any(hi < tier_lib.TRUST_RATIO for _, hi in fid.ratio_interval or ())
+  if stored.fidelity is None or (stored.fidelity.trusted and refuted):
+    return again
+  print(f"      the stored check of {stored.fidelity.orders} orders decides (this one "
+        f"{'agrees' if fid.trusted == stored.fidelity.trusted else 'does not refute it'})")
+  return stored
+
+
+def run_demo(n_orders: int | None = None, out: str = "surrogate-demo", seed: int = 0,
+             budget: int = 8, length: int | None = None, progress: bool = True,
+             calibrate: bool = False, check: int = CHECK_ORDERS, save_sim: str | None = None,
+             tier: str = "auto") -> int:
   """Runs the demo; prints the fragment table, the best order and held-out checks.
 
   Args:
-    n_orders: simulated runs in the screen (half orders, half their counterfactuals).
+    n_orders: simulated runs in the screen (half orders, half their counterfactuals; default
+      `SCREEN_RUNS` of the tier that answers).
     out: folder for `report.html`, its PNGs, `summary.json` and the best order's file.
     seed: drives the surrogate seeds and every drawn order.
     budget: candidate orders the search simulates (each from every surrogate seed).
     length: the surrogate's context length in tokens (default: fit's, from the data).
     progress: show progress bars.
+    calibrate: make the simulator from the real runs instead of loading the bundled one
+      (also done whenever `seed` or `length` differ from the bundled simulator's).
+    check: fresh orders the demo checks the analytic tier on (0: keep the stored check).
+    save_sim: write the simulator used (with its tier) to this folder.
+    tier: "auto", "analytic" or "transformer" (`calibrate.fitting.calibration.resolve_tier`).
   """
   import jax
 
   from calibrate.answers.report import trajectories_of, write_report
   from calibrate.answers.screen import screen
   from calibrate.answers.search import search
-  from calibrate.fitting.fit import FitConfig, fit
+  from calibrate.fitting import analytic as tier_lib
+  from calibrate.fitting.calibration import resolve_tier
+  from calibrate.fitting.saved import load, save
   from calibrate.fitting.validate import validate_diagnostics
   from calibrate.io.runlog import read_runlog
   from surrogate.fragments import read_fragments
   from surrogate.jsonl import atomic_write, json_safe
-  from surrogate.model import ModelConfig
   from surrogate.orders import OrderSpec
 
   t_start = time.perf_counter()
@@ -67,23 +130,51 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
   print(f"data: {len(frags.examples)} examples in {len(frags.names)} fragments (Debian "
         f"fortunes); real runs: {cal[0].header.model}, {cal[0].num_steps} steps of "
         f"{cal[0].header.batch_size}")
-  model_cfg = None if length is None else ModelConfig(length=length)
-  sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), key=jax.random.key(seed),
-            progress=progress)
+  bundled = bundled_simulator()
+  use_bundled = (not calibrate and seed == 0 and length is None
+                 and os.path.exists(os.path.join(bundled, "simulator.json")))
+  if use_bundled:
+    sim = load(bundled)
+    how = f"loaded the bundled simulator ({os.path.relpath(bundled, os.path.dirname(data))})"
+  else:
+    t = time.perf_counter()
+    sim = _calibrated(frags, cal, seed=seed, length=length, progress=progress)
+    how = f"calibrated and fitted its analytic tier in {time.perf_counter() - t:.0f} s"
+  if save_sim:
+    save(sim, save_sim)
   info = sim.fit_info
   gain, loo = info.gain, info.leave_one_run_out
-  print(f"[1/4] calibrated on {', '.join(CALIBRATION)} in {info.seconds.total:.0f} s "
-        f"(surrogate: {sim.model_cfg.length} tokens, {info.lr_scale:g} x the real rate): "
+  print(f"[1/5] {how}: calibrated on {', '.join(CALIBRATION)} (surrogate: "
+        f"{sim.model_cfg.length} tokens, {info.lr_scale:g} x the real rate): "
         f"gain {gain.common_gain:.2f} +- {gain.common_gain_sd:.2f}; leave-one-run-out "
         f"MSE {loo.mse:.4f} (order-agnostic mean {loo.order_agnostic_mse:.4f})")
+  ana = sim.analytic
+  if ana is not None:
+    print(f"      analytic tier ({ana.form} form) fitted on {ana.fit_orders} simulated orders; "
+          f"its check then: {ana.fidelity.reason if ana.fidelity else 'none'}")
+  if ana is not None and check > 0 and tier != "transformer":
+    t = time.perf_counter()
+    # A key of its own: neither the tier's fit orders nor the stored check's.
+    again = tier_lib.check_fidelity(sim, ana, key=jax.random.split(jax.random.key(seed), 4)[3],
+                                    orders=check, progress=progress)
+    print(f"[2/5] checked the analytic tier again on {check} fresh orders x {sim.num_seeds} "
+          f"seeds in {time.perf_counter() - t:.0f} s: {again.fidelity.reason}")
+    ana = _decide(ana, again)
+    sim = dataclasses.replace(sim, analytic=ana)
+  else:
+    print("[2/5] the analytic tier was not checked again")
+  used, reason = resolve_tier(sim, tier)
+  answering = "transformer" if used is None else "analytic"
+  print(f"      answering: {reason}")
+  n_orders = SCREEN_RUNS[answering] if n_orders is None else n_orders
 
   key = jax.random.key(seed)
   t = time.perf_counter()
-  sc = screen(sim, n_orders=n_orders, key=key, progress=progress)
+  sc = screen(sim, n_orders=n_orders, key=key, progress=progress, tier=tier)
   screen_s = time.perf_counter() - t
-  print(f"\n[2/4] screened {len(sc.specs)} random orders and their counterfactuals "
-        f"({2 * len(sc.specs)} simulated runs) in {screen_s:.0f} s: "
-        f"{sc.seconds_per_order:.2f} s per simulated order, compilation included")
+  print(f"\n[3/5] screened {len(sc.specs)} random orders and their counterfactuals "
+        f"({2 * len(sc.specs)} simulated runs) through the {sc.tier} tier in {screen_s:.0f} s: "
+        f"{sc.seconds_per_order * 1e3:.3g} ms per simulated order, compilation included")
   print(sc.table())
 
   # The search starts from the best screened orders (one seed each there) and a shuffle.
@@ -94,18 +185,18 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
   start.update({f"screened-{p}": sc.specs[p] for p in best_screened})
   t = time.perf_counter()
   result = search(sim, budget=budget, start=start, rounds=1, keep=2, key=key,
-                  progress=progress)
-  print(f"\n[3/4] searched {len(result.ranked.names)} candidate orders in "
-        f"{time.perf_counter() - t:.0f} s (each from all {sim.num_seeds} surrogate seeds); "
-        "objective: mean final probe loss")
+                  progress=progress, tier=tier)
+  print(f"\n[4/5] searched {len(result.ranked.names)} candidate orders through the "
+        f"{result.ranked.tier} tier in {time.perf_counter() - t:.0f} s (each from all "
+        f"{sim.num_seeds} surrogate seeds); objective: mean final probe loss")
   print(result.table())
   os.makedirs(out, exist_ok=True)
   result.save_order(sim, os.path.join(out, "best-order.jsonl"), run_id="searched-best")
 
   t = time.perf_counter()
-  plots = trajectories_of(sim, cal + held, progress=progress)
-  print(f"\n[4/4] predicted against real, {len(held)} real runs never used in calibration "
-        f"({time.perf_counter() - t:.0f} s):")
+  plots = trajectories_of(sim, cal + held, progress=progress, tier=tier)
+  print(f"\n[5/5] predicted against real through the {answering} tier, {len(held)} real runs "
+        f"never used in calibration ({time.perf_counter() - t:.0f} s):")
   print(f"{'run':<24}{'predicted':>10}{'real':>8}{'MSE':>9}  inside 80% interval")
   rows = []
   for p in plots:
@@ -142,7 +233,10 @@ def run_demo(n_orders: int = 128, out: str = "surrogate-demo", seed: int = 0,
              "best_order": result.best_spec.to_dict() if result.best_spec else None,
              "search": [{"name": n, "score": float(s)} for n, s in
                         zip(result.ranked.names, result.ranked.score_N)],
-             "fit": info.to_json(), "seconds_total": time.perf_counter() - t_start}
+             "fit": info.to_json(), "tier": answering, "tier_reason": reason,
+             "tier_fidelity": (json_safe(sim.analytic.fidelity.to_json())
+                               if sim.analytic is not None and sim.analytic.fidelity else None),
+             "seconds_total": time.perf_counter() - t_start}
   atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
   print(f"\nwrote {report}, {out}/summary.json and {out}/best-order.jsonl "
         f"(run it for real: calibrate.io.hf.OrderedTrainer or OrderBatchSampler)")

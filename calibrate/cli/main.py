@@ -718,13 +718,15 @@ def cmd_demo(args) -> int:
   from calibrate.cli.demo import run_demo
   if not args.json:
     return run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
-                    length=args.length, progress=not args.quiet)
+                    length=args.length, progress=not args.quiet, calibrate=args.calibrate,
+                    check=args.check, save_sim=args.save_sim, tier=args.tier)
   import contextlib
   import io
   import json
   with contextlib.redirect_stdout(io.StringIO()):  # the narrative; the summary is the result
     code = run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
-                    length=args.length, progress=False)
+                    length=args.length, progress=False, calibrate=args.calibrate,
+                    check=args.check, save_sim=args.save_sim, tier=args.tier)
   with open(os.path.join(args.out, "summary.json"), encoding="utf-8") as f:
     _print_json(json.load(f))
   return code
@@ -942,10 +944,20 @@ def build_parser() -> argparse.ArgumentParser:
   te.add_argument("--quiet", action="store_true", help="no progress bar")
   te.set_defaults(func=cmd_teach)
 
-  d = sub.add_parser("demo", help="the main job on the bundled real runs: calibrate, screen, "
-                                   "search, check against held-out runs, report")
-  d.add_argument("--orders", type=_int_from(2, 100_000_000), default=128,
-                 help="simulated runs in the screen, counterfactuals included (default 128)")
+  d = sub.add_parser("demo", help="the main job on the bundled real runs: the calibrated "
+                                   "simulator, its analytic tier checked, screen, search, "
+                                   "check against held-out runs, report")
+  d.add_argument("--orders", type=_int_from(2, 100_000_000), default=None,
+                 help="simulated runs in the screen, counterfactuals included (default 10,000 "
+                      "through the analytic tier, 128 through the transformer)")
+  d.add_argument("--calibrate", action="store_true",
+                 help="calibrate on the real runs and fit the analytic tier here instead of "
+                      "loading the bundled simulator (about 20 minutes on 2 cores)")
+  d.add_argument("--check", type=_int_from(0, 100_000), default=8,
+                 help="fresh orders the demo checks the analytic tier on, with every seed "
+                      "(default 8; 0 keeps the stored check of 64)")
+  d.add_argument("--save-sim", default=None, metavar="DIR",
+                 help="also save the simulator used, analytic tier included, in DIR")
   d.add_argument("--budget", type=_int_from(1, 1_000_000), default=8,
                  help="candidate orders the search simulates, each from every seed (default 8)")
   d.add_argument("--length", type=_int_from(1, 4096), default=None,
@@ -953,7 +965,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "32 is about twice as fast and ranks worse)")
   d.add_argument("--out", default="surrogate-demo", help="folder for the report and results")
   d.add_argument("--seed", type=_SEED, default=0,
-                 help="drives the surrogate seeds and every drawn order (default 0)")
+                 help="drives the surrogate seeds and every drawn order (default 0; another "
+                      "seed calibrates here, as --calibrate)")
+  _tier_arg(d)
   d.add_argument("--json", action="store_true",
                  help="print the summary (summary.json) as JSON instead of the narrative")
   d.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -231,7 +231,7 @@ def fit_on(sim: Simulator, orders_NxTxB: np.ndarray, target_SxNxCx2xF: np.ndarra
   are the calibration runs' (their mean is the tier's reference point). `form` "plain" is
   linear in the batch's shares; "adam" follows Adam's normalised steps when the runs
   trained with Adam or AdamW (`adam_betas`; with SGD it is the plain form); "latent" is the
-  runs' optimizer training a point in a fitted space of K = 2F coordinates
+  runs' optimizer training a point in a fitted space of K = 4F coordinates
   (`surrogate.analytic.LatentParams`). docs/experiments.md compares them on every
   development set."""
   if form not in FORMS:
