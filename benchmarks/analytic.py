@@ -178,51 +178,67 @@ def answers(sim, tier, fresh, *, screen_orders: int, repeats: int) -> None:
           f"process {peak:.1f} GiB")
 
 
-def design(sim, tier, *, verify: int) -> None:
+def compare_designs(sim, objective, *, verify: int, key: jax.Array) -> dict:
   """Gradient search against the greedy local search at equal wall time (the greedy one at
-  least the gradient one's), both through the tier, for two objectives fixed in advance
-  (every fragment; the file's first two): each method's `verify` best orders and a shuffle
-  are then simulated by the transformer."""
+  least the gradient one's), both through `sim`'s tier (forced); each method's `verify` best
+  orders and a shuffle are then simulated by the transformer. Returns {"shuffled": score,
+  method: {"name", "order", "score", "tier_best", "seconds", "candidates"}}, scores the
+  transformer's predicted objective (lower is better)."""
+  # Both timed warm (a run with the same shapes first compiles); the greedy search's
+  # budget doubles until it has had at least the gradient search's time.
+  run_grad = lambda: gradient_search(sim, objective=objective, key=key,  # noqa: E731
+                                     tier="analytic", verify=0)
+  run_grad()
+  t0 = time.perf_counter()
+  grad = run_grad()
+  t_grad = time.perf_counter() - t0
+  budget = 16
+  while True:
+    run_greedy = lambda b=budget: search(sim, objective=objective,  # noqa: E731
+                                         key=jax.random.fold_in(key, 1), tier="analytic",
+                                         budget=b, rounds=4)
+    run_greedy()
+    t0 = time.perf_counter()
+    greedy = run_greedy()
+    t_greedy = time.perf_counter() - t0
+    if t_greedy >= t_grad or budget >= 1 << 14:
+      break
+    budget *= 2
+  check = {"shuffled": orders_lib.OrderSpec("shuffled")}
+  orders = {}
+  for method, res in (("gradient", grad), ("greedy", greedy)):
+    top = [i for i, n in enumerate(res.ranked.names) if n != "shuffled"][:verify]
+    for i in top:
+      check[f"{method}:{res.ranked.names[i]}"] = orders[f"{method}:{res.ranked.names[i]}"] = (
+          res.ranked.orders_NxTxB[i])
+  ver = evaluate(sim, check, objective=objective, key=key, tier="transformer")
+  by = dict(zip(ver.names, ver.score_N))
+  out = {"shuffled": float(by["shuffled"])}
+  for method, res, took in (("gradient", grad, t_grad), ("greedy", greedy, t_greedy)):
+    mine = {n: v for n, v in by.items() if n.startswith(method + ":")}
+    best = min(mine, key=mine.get)
+    out[method] = {"name": best.split(":", 1)[1], "order": orders[best],
+                   "score": float(mine[best]), "tier_best": float(np.nanmin(res.ranked.score_N)),
+                   "seconds": took, "candidates": len(res.ranked.names), "verified": len(mine)}
+  return out
+
+
+def design(sim, tier, *, verify: int) -> None:
+  """`compare_designs` for two objectives fixed in advance (every fragment; the file's first
+  two), printed."""
   with_tier = dataclasses.replace(sim, analytic=tier)
   names = sim.fragments.names
-  key = jax.random.key(0)
   print(f"\norder design through the tier, then checked by the transformer ({sim.num_seeds} "
         "seeds; objective: predicted final probe loss, lower is better):")
   for label, objective in (("mean", "mean"), (f"{names[0]} + {names[1]}",
                                                {names[0]: 1.0, names[1]: 1.0})):
-    # Both timed warm (a run with the same shapes first compiles); the greedy search's
-    # budget doubles until it has had at least the gradient search's time.
-    run_grad = lambda: gradient_search(with_tier, objective=objective, key=key,  # noqa: E731
-                                       tier="analytic", verify=0)
-    run_grad()
-    t0 = time.perf_counter()
-    grad = run_grad()
-    t_grad = time.perf_counter() - t0
-    budget = 16
-    while True:
-      run_greedy = lambda b=budget: search(with_tier, objective=objective,  # noqa: E731
-                                           key=jax.random.fold_in(key, 1), tier="analytic",
-                                           budget=b, rounds=4)
-      run_greedy()
-      t0 = time.perf_counter()
-      greedy = run_greedy()
-      t_greedy = time.perf_counter() - t0
-      if t_greedy >= t_grad or budget >= 1 << 14:
-        break
-      budget *= 2
-    check = {"shuffled": orders_lib.OrderSpec("shuffled")}
-    for method, res in (("gradient", grad), ("greedy", greedy)):
-      top = [i for i, n in enumerate(res.ranked.names) if n != "shuffled"][:verify]
-      check.update({f"{method}:{res.ranked.names[i]}": res.ranked.orders_NxTxB[i] for i in top})
-    ver = evaluate(sim, check, objective=objective, key=key, tier="transformer")
-    by = dict(zip(ver.names, ver.score_N))
-    print(f"  objective {label}: shuffled {by['shuffled']:.4f} (transformer)")
-    for method, res, took in (("gradient", grad, t_grad), ("greedy", greedy, t_greedy)):
-      mine = {n: v for n, v in by.items() if n.startswith(method + ":")}
-      best = min(mine, key=mine.get)
-      print(f"    {method:<9}{took:6.1f} s, {len(res.ranked.names):>5} candidates on the tier; "
-            f"tier's best {float(np.nanmin(res.ranked.score_N)):.4f}; transformer's best of its "
-            f"top {len(mine)}: {mine[best]:.4f} ({best.split(':', 1)[1]})")
+    got = compare_designs(with_tier, objective, verify=verify, key=jax.random.key(0))
+    print(f"  objective {label}: shuffled {got['shuffled']:.4f} (transformer)")
+    for method in ("gradient", "greedy"):
+      g = got[method]
+      print(f"    {method:<9}{g['seconds']:6.1f} s, {g['candidates']:>5} candidates on the tier; "
+            f"tier's best {g['tier_best']:.4f}; transformer's best of its top {g['verified']}: "
+            f"{g['score']:.4f} ({g['name']})")
 
 
 def main() -> None:
