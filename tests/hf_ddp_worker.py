@@ -45,6 +45,11 @@ def main(out: str) -> None:
   trainer.add_callback(RunLogCallback(trainer, os.path.join(out, "run.jsonl"), run_id="ddp",
                                       eval_every=2, eval_train=1))
   trainer.train()
+  if torch.distributed.is_initialized():
+    # The Trainer leaves the process group up; tearing gloo down at interpreter exit
+    # sometimes aborts a rank ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

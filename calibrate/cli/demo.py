@@ -84,7 +84,8 @@ def _decide(stored, again):
   if stored.fidelity is None or (stored.fidelity.trusted and refuted):
     return again
   print(f"      the stored check of {stored.fidelity.orders} orders decides (this one "
-        f"{'agrees' if fid.trusted == stored.fidelity.trusted else 'does not refute it'})")
+        f"{'agrees' if fid.trusted == stored.fidelity.trusted else 'does not refute it'}): "
+        f"{stored.fidelity.reason.split(':', 1)[0]}")
   return stored
 
 
@@ -157,8 +158,9 @@ def run_demo(n_orders: int | None = None, out: str = "surrogate-demo", seed: int
     # A key of its own: neither the tier's fit orders nor the stored check's.
     again = tier_lib.check_fidelity(sim, ana, key=jax.random.split(jax.random.key(seed), 4)[3],
                                     orders=check, progress=progress)
+    verdict, figures = again.fidelity.reason.split(": ", 1)
     print(f"[2/5] checked the analytic tier again on {check} fresh orders x {sim.num_seeds} "
-          f"seeds in {time.perf_counter() - t:.0f} s: {again.fidelity.reason}")
+          f"seeds in {time.perf_counter() - t:.0f} s: {figures} (alone: {verdict})")
     ana = _decide(ana, again)
     sim = dataclasses.replace(sim, analytic=ana)
   else:
