@@ -61,7 +61,8 @@ def _calibrated(frags, cal, *, seed: int, length: int | None, progress: bool):
   from calibrate.io.runlog import order_from_runlog
   from surrogate.model import ModelConfig
 
-  k_sim, k_fit, k_check, _ = jax.random.split(jax.random.key(seed), 4)
+  # Index 0 is unused (fit takes `key(seed)` itself, as before); 3 is the demo's re-check.
+  _, k_fit, k_check, _ = jax.random.split(jax.random.key(seed), 4)
   model_cfg = None if length is None else ModelConfig(length=length)
   sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), key=jax.random.key(seed),
             progress=progress)
@@ -83,9 +84,10 @@ def _decide(stored, again):
   refuted = any(hi < tier_lib.TRUST_RATIO for _, hi in fid.ratio_interval or ())
   if stored.fidelity is None or (stored.fidelity.trusted and refuted):
     return again
+  this_one = ("agrees" if fid.trusted == stored.fidelity.trusted else
+              "does not refute it" if stored.fidelity.trusted else "cannot overturn it")
   print(f"      the stored check of {stored.fidelity.orders} orders decides (this one "
-        f"{'agrees' if fid.trusted == stored.fidelity.trusted else 'does not refute it'}): "
-        f"{stored.fidelity.reason.split(':', 1)[0]}")
+        f"{this_one}): {stored.fidelity.reason.split(':', 1)[0]}")
   return stored
 
 
