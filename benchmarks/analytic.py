@@ -205,19 +205,16 @@ def compare_designs(sim, objective, *, verify: int, key: jax.Array) -> dict:
       break
     budget *= 2
   check = {"shuffled": orders_lib.OrderSpec("shuffled")}
-  orders = {}
   for method, res in (("gradient", grad), ("greedy", greedy)):
     top = [i for i, n in enumerate(res.ranked.names) if n != "shuffled"][:verify]
-    for i in top:
-      check[f"{method}:{res.ranked.names[i]}"] = orders[f"{method}:{res.ranked.names[i]}"] = (
-          res.ranked.orders_NxTxB[i])
+    check.update({f"{method}:{res.ranked.names[i]}": res.ranked.orders_NxTxB[i] for i in top})
   ver = evaluate(sim, check, objective=objective, key=key, tier="transformer")
   by = dict(zip(ver.names, ver.score_N))
   out = {"shuffled": float(by["shuffled"])}
   for method, res, took in (("gradient", grad, t_grad), ("greedy", greedy, t_greedy)):
     mine = {n: v for n, v in by.items() if n.startswith(method + ":")}
     best = min(mine, key=mine.get)
-    out[method] = {"name": best.split(":", 1)[1], "order": orders[best],
+    out[method] = {"name": best.split(":", 1)[1], "order": check[best],
                    "score": float(mine[best]), "tier_best": float(np.nanmin(res.ranked.score_N)),
                    "seconds": took, "candidates": len(res.ranked.names), "verified": len(mine)}
   return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
 import os
 import tempfile
@@ -76,10 +75,7 @@ def _rank(value: float, held: dict[str, float]) -> tuple[int, int]:
 
 def _design(sim, frags, held: dict[str, float], *, verify: int, key, path: str | None) -> None:
   """Gradient and greedy design through the tier at equal wall time, both winners real."""
-  spec = importlib.util.spec_from_file_location(
-      "analytic_benchmark", os.path.join(os.path.dirname(__file__), "analytic.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  import analytic as bench  # benchmarks/analytic.py: this script's folder is on sys.path
   print(f"tier: {sim.analytic.fidelity.reason if sim.analytic.fidelity else 'unchecked'}")
   got = bench.compare_designs(sim, "mean", verify=verify, key=key)
   print(f"objective mean final probe loss; shuffled {got['shuffled']:.4f} (transformer)")

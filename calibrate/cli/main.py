@@ -716,17 +716,16 @@ def _held_out_validation(sim, runs, *, quiet: bool):
 
 def cmd_demo(args) -> int:
   from calibrate.cli.demo import run_demo
+  kw = dict(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
+            length=args.length, calibrate=args.calibrate, check=args.check,
+            save_sim=args.save_sim, tier=args.tier)
   if not args.json:
-    return run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
-                    length=args.length, progress=not args.quiet, calibrate=args.calibrate,
-                    check=args.check, save_sim=args.save_sim, tier=args.tier)
+    return run_demo(progress=not args.quiet, **kw)
   import contextlib
   import io
   import json
   with contextlib.redirect_stdout(io.StringIO()):  # the narrative; the summary is the result
-    code = run_demo(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
-                    length=args.length, progress=False, calibrate=args.calibrate,
-                    check=args.check, save_sim=args.save_sim, tier=args.tier)
+    code = run_demo(progress=False, **kw)
   with open(os.path.join(args.out, "summary.json"), encoding="utf-8") as f:
     _print_json(json.load(f))
   return code
