@@ -11,6 +11,8 @@ from calibrate.cli import demo
 from calibrate.fitting.calibration import predict, resolve_tier, schedule
 from calibrate.fitting.saved import load
 from calibrate.io.runlog import order_from_runlog, read_runlog
+from calibrate.io.teacher import tokenizer_sha256
+from calibrate.reference import causal_base
 from surrogate.fragments import read_fragments
 from surrogate.orders import order_sha256
 
@@ -29,6 +31,11 @@ def test_the_bundled_simulator_was_calibrated_on_the_demo_s_runs(bundled):
   runs = [read_runlog(os.path.join(DATA, "runs", f"{n}.jsonl"), frags) for n in demo.CALIBRATION]
   assert bundled.fit_info.calibration_orders_sha256 == tuple(
       order_sha256(order_from_runlog(r, frags)) for r in runs)
+  # Distilled from the bundled real base model (the demo's default since round 4's rule).
+  with open(os.path.join(causal_base("lm"), "tokenizer.json"), encoding="utf-8") as f:
+    base_sha = tokenizer_sha256(f.read())
+  d = bundled.fit_info.distillation
+  assert d is not None and d.tokenizer_sha256 == base_sha and d.kl_after < d.kl_before
   tier = bundled.analytic
   assert tier is not None and tier.fidelity is not None
   assert tier.fidelity.orders == demo.BUNDLED_CHECK_ORDERS and tier.form == "latent"

@@ -3,11 +3,13 @@
 The bundled set (`calibrate/reference/data/lm`) holds 24 real fine-tunes of a small GPT-2
 on 12 fragments of text from Debian's `fortunes` (made by `calibrate.reference`). The demo:
 
-1. loads the bundled simulator: the surrogate ensemble calibrated on four of them (two
-   shuffled runs, one blocked and one subset run: structured runs pin the gain map) with
+1. loads the bundled simulator: the surrogate ensemble distilled from the runs' real base
+   model (a teacher: its next-token distributions, `surrogate teach`), then calibrated on
+   four of them (two shuffled runs, one blocked and one subset run: structured runs pin the
+   gain map) with
    its analytic tier fitted on the transformer's simulations and checked on 64 fresh
    orders (`surrogate demo --calibrate --save-sim calibrate/reference/data/lm/demo-simulator`
-   remakes it from the real runs: about 20 minutes here);
+   remakes it from the real runs: about 28 minutes here);
 2. checks the analytic tier again on a few fresh orders of its own (`check`), printing the
    interval so few orders leave; the stored check decides which tier answers unless
    this one refutes it (a ratio's whole interval below the bar);
@@ -20,8 +22,9 @@ on 12 fragments of text from Debian's `fortunes` (made by `calibrate.reference`)
    transformer's diagnostics against the real model's;
 6. writes the report (HTML and PNGs) and a JSON summary.
 
-The surrogate is fit's default (64 tokens per example on this data, at three times the
-real rate), whose accuracy docs/results.md reports, as it does the tier's.
+The surrogate is fit's default with a teacher (64 tokens per example on this data, at three
+times the real rate, reading the real model's tokens), whose accuracy docs/results.md
+reports, as it does the tier's; `--no-teacher` calibrates one without it here.
 """
 
 from __future__ import annotations
@@ -51,21 +54,40 @@ def bundled_simulator() -> str:
   return os.path.join(_data_dir(), "demo-simulator")
 
 
-def _calibrated(frags, cal, *, seed: int, length: int | None, progress: bool):
-  """The demo's simulator made from the real runs: calibrated, then its analytic tier fitted
-  and checked on `BUNDLED_CHECK_ORDERS` fresh orders."""
+def _bundled_teacher(frags, progress: bool):
+  """The bundled real base model's next-token distributions (`surrogate teach`)."""
+  from calibrate.reference import teacher_of
+  try:
+    return teacher_of("lm", frags, progress=progress)
+  except ImportError as e:
+    raise ImportError("surrogate demo --calibrate distils the bundled real base model into the "
+                      "surrogate, which runs it with torch: pip install 'surrogate-sim[torch]', "
+                      f"or add --no-teacher ({e})") from None
+
+
+def _calibrated(frags, cal, *, seed: int, length: int | None, teacher: bool, progress: bool):
+  """The demo's simulator made from the real runs: distilled from the bundled base model
+  (`teacher`), calibrated, then its analytic tier fitted and checked on
+  `BUNDLED_CHECK_ORDERS` fresh orders."""
   import jax
 
   from calibrate.fitting import analytic as tier_lib
   from calibrate.fitting.fit import FitConfig, fit
   from calibrate.io.runlog import order_from_runlog
+  from calibrate.reference import real_tokenizer
   from surrogate.model import ModelConfig
+  from surrogate.prepare import model_config_for
 
   # Index 0 is unused (fit takes `key(seed)` itself, as before); 3 is the demo's re-check.
   _, k_fit, k_check, _ = jax.random.split(jax.random.key(seed), 4)
   model_cfg = None if length is None else ModelConfig(length=length)
+  the_teacher = tokenizer = None
+  if teacher:
+    the_teacher = _bundled_teacher(frags, progress)
+    model_cfg, tokenizer = model_config_for(frags, length=length,
+                                            real_tokenizer=real_tokenizer("lm"))
   sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), key=jax.random.key(seed),
-            progress=progress)
+            tokenizer=tokenizer, teacher=the_teacher, progress=progress)
   tier = tier_lib.fit_tier(sim, [order_from_runlog(r, frags) for r in cal], key=k_fit,
                            progress=progress)
   tier = tier_lib.check_fidelity(sim, tier, key=k_check, orders=BUNDLED_CHECK_ORDERS,
@@ -94,7 +116,7 @@ def _decide(stored, again):
 def run_demo(n_orders: int | None = None, out: str = "surrogate-demo", seed: int = 0,
              budget: int = 8, length: int | None = None, progress: bool = True,
              calibrate: bool = False, check: int = CHECK_ORDERS, save_sim: str | None = None,
-             tier: str = "auto") -> int:
+             tier: str = "auto", teacher: bool = True) -> int:
   """Runs the demo; prints the fragment table, the best order and held-out checks.
 
   Args:
@@ -110,6 +132,8 @@ def run_demo(n_orders: int | None = None, out: str = "surrogate-demo", seed: int
     check: fresh orders the demo checks the analytic tier on (0: keep the stored check).
     save_sim: write the simulator used (with its tier) to this folder.
     tier: "auto", "analytic" or "transformer" (`calibrate.fitting.calibration.resolve_tier`).
+    teacher: the surrogate distilled from the real base model (the bundled simulator is);
+      False calibrates here without it. Calibrating with it needs torch.
   """
   import jax
 
@@ -134,14 +158,16 @@ def run_demo(n_orders: int | None = None, out: str = "surrogate-demo", seed: int
         f"fortunes); real runs: {cal[0].header.model}, {cal[0].num_steps} steps of "
         f"{cal[0].header.batch_size}")
   bundled = bundled_simulator()
-  use_bundled = (not calibrate and seed == 0 and length is None
-                 and os.path.exists(os.path.join(bundled, "simulator.json")))
-  if use_bundled:
+  sim = None
+  if (not calibrate and seed == 0 and length is None
+      and os.path.exists(os.path.join(bundled, "simulator.json"))):
     sim = load(bundled)
     how = f"loaded the bundled simulator ({os.path.relpath(bundled, os.path.dirname(data))})"
-  else:
+    if (sim.fit_info.distillation is not None) != teacher:  # not the simulator asked for
+      sim = None
+  if sim is None:
     t = time.perf_counter()
-    sim = _calibrated(frags, cal, seed=seed, length=length, progress=progress)
+    sim = _calibrated(frags, cal, seed=seed, length=length, teacher=teacher, progress=progress)
     how = f"calibrated and fitted its analytic tier in {time.perf_counter() - t:.0f} s"
   if save_sim:
     save(sim, save_sim)
@@ -151,6 +177,9 @@ def run_demo(n_orders: int | None = None, out: str = "surrogate-demo", seed: int
         f"{sim.model_cfg.length} tokens, {info.lr_scale:g} x the real rate): "
         f"gain {gain.common_gain:.2f} +- {gain.common_gain_sd:.2f}; leave-one-run-out "
         f"MSE {loo.mse:.4f} (order-agnostic mean {loo.order_agnostic_mse:.4f})")
+  if (d := info.distillation) is not None:
+    print(f"      distilled from the real base model ({d.teacher_model}) for {d.steps} steps "
+          f"per seed first: KL to its next tokens {d.kl_before:.2f} -> {d.kl_after:.2f} nats")
   ana = sim.analytic
   if ana is not None:
     print(f"      analytic tier ({ana.form} form) fitted on {ana.fit_orders} simulated orders; "

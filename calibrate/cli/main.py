@@ -266,6 +266,10 @@ def cmd_fit(args) -> int:
     d = info.distillation
     print(f"  distilled from the teacher ({d.teacher_model}) for {d.steps} steps: KL to its "
           f"next-token distributions {d.kl_before:.3f} -> {d.kl_after:.3f} nats")
+  else:
+    print("  not distilled from your base model: if it is a causal LM, `surrogate teach` and "
+          "`fit --teacher` ranked orders and fragments better on every such set measured "
+          "(docs/results.md)")
   if info.context is not None and info.context.examples_cut > 0:
     c = info.context
     worst = min(c.by_fragment, key=lambda r: r[2])
@@ -718,14 +722,17 @@ def cmd_demo(args) -> int:
   from calibrate.cli.demo import run_demo
   kw = dict(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
             length=args.length, calibrate=args.calibrate, check=args.check,
-            save_sim=args.save_sim, tier=args.tier)
-  if not args.json:
-    return run_demo(progress=not args.quiet, **kw)
+            save_sim=args.save_sim, tier=args.tier, teacher=not args.no_teacher)
   import contextlib
   import io
   import json
-  with contextlib.redirect_stdout(io.StringIO()):  # the narrative; the summary is the result
-    code = run_demo(progress=False, **kw)
+  try:
+    if not args.json:
+      return run_demo(progress=not args.quiet, **kw)
+    with contextlib.redirect_stdout(io.StringIO()):  # the narrative; the summary is the result
+      code = run_demo(progress=False, **kw)
+  except ImportError as e:  # torch, to distil the base model when calibrating here
+    raise UsageError(str(e)) from None
   with open(os.path.join(args.out, "summary.json"), encoding="utf-8") as f:
     _print_json(json.load(f))
   return code
@@ -951,10 +958,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "through the analytic tier, 128 through the transformer)")
   d.add_argument("--calibrate", action="store_true",
                  help="calibrate on the real runs and fit the analytic tier here instead of "
-                      "loading the bundled simulator (about 20 minutes on 2 cores)")
+                      "loading the bundled simulator (about 28 minutes on 2 cores)")
   d.add_argument("--check", type=_int_from(0, 100_000), default=8,
                  help="fresh orders the demo checks the analytic tier on, with every seed "
                       "(default 8; 0 keeps the stored check of 64)")
+  d.add_argument("--no-teacher", action="store_true",
+                 help="a surrogate not distilled from the real base model (the bundled one is; "
+                      "calibrates here; docs/results.md compares the two)")
   d.add_argument("--save-sim", default=None, metavar="DIR",
                  help="also save the simulator used, analytic tier included, in DIR")
   d.add_argument("--budget", type=_int_from(1, 1_000_000), default=8,
