@@ -6,6 +6,7 @@ data and plan, LoRA fine-tunes of the `lm` base through the Hugging Face Trainer
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from tokenizers import Tokenizer
@@ -68,6 +69,8 @@ def teacher_of(task: str, fragments, *, neutral: int = 200, progress: bool = Fal
   from surrogate.datasets import python_docs_neutral
   tok_file = os.path.join(base, "tokenizer.json")
   model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-  return teach(model, transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file), fragments,
-               tokenizer_file=tok_file, neutral_texts=python_docs_neutral()[:neutral], k=32,
-               length=128, progress=progress)
+  out = teach(model, transformers.PreTrainedTokenizerFast(tokenizer_file=tok_file), fragments,
+              tokenizer_file=tok_file, neutral_texts=python_docs_neutral()[:neutral], k=32,
+              length=128, progress=progress)
+  # Named as the package knows it, not by this machine's path (saved simulators record it).
+  return dataclasses.replace(out, model=f"calibrate/reference/data/{_CAUSAL_BASE[task]}/base")
