@@ -54,13 +54,17 @@ def bundled_simulator() -> str:
   return os.path.join(_data_dir(), "demo-simulator")
 
 
+class TorchMissing(ImportError):
+  """Calibrating with the teacher needs torch, which is an optional extra."""
+
+
 def _bundled_teacher(frags, progress: bool):
   """The bundled real base model's next-token distributions (`surrogate teach`)."""
   from calibrate.reference import teacher_of
   try:
     return teacher_of("lm", frags, progress=progress)
   except ImportError as e:
-    raise ImportError("surrogate demo --calibrate distils the bundled real base model into the "
+    raise TorchMissing("surrogate demo --calibrate distils the bundled real base model into the "
                       "surrogate, which runs it with torch: pip install 'surrogate-sim[torch]', "
                       f"or add --no-teacher ({e})") from None
 
@@ -80,12 +84,13 @@ def _calibrated(frags, cal, *, seed: int, length: int | None, teacher: bool, pro
 
   # Index 0 is unused (fit takes `key(seed)` itself, as before); 3 is the demo's re-check.
   _, k_fit, k_check, _ = jax.random.split(jax.random.key(seed), 4)
-  model_cfg = None if length is None else ModelConfig(length=length)
   the_teacher = tokenizer = None
   if teacher:
     the_teacher = _bundled_teacher(frags, progress)
     model_cfg, tokenizer = model_config_for(frags, length=length,
                                             real_tokenizer=real_tokenizer("lm"))
+  else:
+    model_cfg = None if length is None else ModelConfig(length=length)
   sim = fit(frags, cal, model_cfg=model_cfg, config=FitConfig(), key=jax.random.key(seed),
             tokenizer=tokenizer, teacher=the_teacher, progress=progress)
   tier = tier_lib.fit_tier(sim, [order_from_runlog(r, frags) for r in cal], key=k_fit,

@@ -719,7 +719,7 @@ def _held_out_validation(sim, runs, *, quiet: bool):
 
 
 def cmd_demo(args) -> int:
-  from calibrate.cli.demo import run_demo
+  from calibrate.cli.demo import TorchMissing, run_demo
   kw = dict(n_orders=args.orders, out=args.out, seed=args.seed, budget=args.budget,
             length=args.length, calibrate=args.calibrate, check=args.check,
             save_sim=args.save_sim, tier=args.tier, teacher=not args.no_teacher)
@@ -731,7 +731,7 @@ def cmd_demo(args) -> int:
       return run_demo(progress=not args.quiet, **kw)
     with contextlib.redirect_stdout(io.StringIO()):  # the narrative; the summary is the result
       code = run_demo(progress=False, **kw)
-  except ImportError as e:  # torch, to distil the base model when calibrating here
+  except TorchMissing as e:  # torch, to distil the base model when calibrating here
     raise UsageError(str(e)) from None
   with open(os.path.join(args.out, "summary.json"), encoding="utf-8") as f:
     _print_json(json.load(f))
